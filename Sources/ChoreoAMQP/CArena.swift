@@ -1,0 +1,187 @@
+import CRabbitMQ
+import Foundation
+
+/// Memory for the C structures of one call (tables, strings, properties), freed together in `deinit`.
+///
+/// rabbitmq-c keeps pointers into the bytes it is given until the call returns; an arena that lives
+/// for the call keeps them valid and frees them at once afterwards.
+final class CArena {
+    private let pool: UnsafeMutablePointer<amqp_pool_t>
+
+    init(pageSize: Int = 4096) {
+        pool = .allocate(capacity: 1)
+        init_amqp_pool(pool, pageSize)
+    }
+
+    deinit {
+        empty_amqp_pool(pool)
+        pool.deallocate()
+    }
+
+    func allocate<T>(_ type: T.Type, count: Int) throws -> UnsafeMutablePointer<T> {
+        guard count > 0 else { return UnsafeMutablePointer<T>.allocate(capacity: 0) }
+        guard let raw = amqp_pool_alloc(pool, MemoryLayout<T>.stride * count) else {
+            throw AMQPError(.protocolFailure, message: "out of memory", operation: "encode message")
+        }
+        return raw.bindMemory(to: T.self, capacity: count)
+    }
+
+    func bytes(_ string: String) throws -> amqp_bytes_t {
+        var utf8 = Array(string.utf8)
+        return try utf8.withUnsafeMutableBytes { try bytes($0) }
+    }
+
+    func bytes(_ array: [UInt8]) throws -> amqp_bytes_t {
+        var copy = array
+        return try copy.withUnsafeMutableBytes { try bytes($0) }
+    }
+
+    func bytes(_ buffer: UnsafeMutableRawBufferPointer) throws -> amqp_bytes_t {
+        if buffer.isEmpty { return amqp_bytes_t(len: 0, bytes: nil) }
+        let target = try allocate(UInt8.self, count: buffer.count)
+        target.update(from: buffer.bindMemory(to: UInt8.self).baseAddress!, count: buffer.count)
+        return amqp_bytes_t(len: buffer.count, bytes: UnsafeMutableRawPointer(target))
+    }
+
+    func table(_ table: AMQPTable?) throws -> amqp_table_t {
+        guard let table, !table.isEmpty else { return amqp_table_t(num_entries: 0, entries: nil) }
+        let entries = try allocate(amqp_table_entry_t.self, count: table.count)
+        // Sorted keys make the wire bytes deterministic, which helps tests and caches alike.
+        for (i, key) in table.keys.sorted().enumerated() {
+            guard key.utf8.count <= 255 else {
+                throw AMQPError(.invalidArgument, message: "header name longer than 255 bytes: \(key.prefix(40))...",
+                                operation: "encode headers")
+            }
+            entries[i] = amqp_table_entry_t(key: try bytes(key), value: try fieldValue(table[key]!))
+        }
+        return amqp_table_t(num_entries: Int32(table.count), entries: entries)
+    }
+
+    func fieldValue(_ value: AMQPFieldValue) throws -> amqp_field_value_t {
+        var v = amqp_field_value_t()
+        func kind(_ c: Character) -> UInt8 { c.asciiValue! }
+        switch value {
+        case .bool(let b): v.kind = kind("t"); v.value.boolean = b ? 1 : 0
+        case .int8(let x): v.kind = kind("b"); v.value.i8 = x
+        case .uint8(let x): v.kind = kind("B"); v.value.u8 = x
+        case .int16(let x): v.kind = kind("s"); v.value.i16 = x
+        case .uint16(let x): v.kind = kind("u"); v.value.u16 = x
+        case .int32(let x): v.kind = kind("I"); v.value.i32 = x
+        case .uint32(let x): v.kind = kind("i"); v.value.u32 = x
+        case .int64(let x): v.kind = kind("l"); v.value.i64 = x
+        case .float(let x): v.kind = kind("f"); v.value.f32 = x
+        case .double(let x): v.kind = kind("d"); v.value.f64 = x
+        case .decimal(let scale, let value):
+            v.kind = kind("D"); v.value.decimal = amqp_decimal_t(decimals: scale, value: value)
+        case .string(let s): v.kind = kind("S"); v.value.bytes = try bytes(s)
+        case .bytes(let b): v.kind = kind("x"); v.value.bytes = try bytes(b)
+        case .timestamp(let t): v.kind = kind("T"); v.value.u64 = t
+        case .table(let t): v.kind = kind("F"); v.value.table = try table(t)
+        case .array(let items):
+            v.kind = kind("A")
+            let entries = try allocate(amqp_field_value_t.self, count: items.count)
+            for (i, item) in items.enumerated() { entries[i] = try fieldValue(item) }
+            v.value.array = amqp_array_t(num_entries: Int32(items.count), entries: items.isEmpty ? nil : entries)
+        case .void: v.kind = kind("V")
+        }
+        return v
+    }
+
+    func properties(_ p: AMQPProperties) throws -> amqp_basic_properties_t {
+        var props = amqp_basic_properties_t()
+        var flags: amqp_flags_t = 0
+        if let x = p.contentType { props.content_type = try bytes(x); flags |= CHOREO_PROP_CONTENT_TYPE }
+        if let x = p.contentEncoding { props.content_encoding = try bytes(x); flags |= CHOREO_PROP_CONTENT_ENCODING }
+        if let x = p.headers { props.headers = try table(x); flags |= CHOREO_PROP_HEADERS }
+        if let x = p.deliveryMode { props.delivery_mode = x; flags |= CHOREO_PROP_DELIVERY_MODE }
+        if let x = p.priority { props.priority = x; flags |= CHOREO_PROP_PRIORITY }
+        if let x = p.correlationID { props.correlation_id = try bytes(x); flags |= CHOREO_PROP_CORRELATION_ID }
+        if let x = p.replyTo { props.reply_to = try bytes(x); flags |= CHOREO_PROP_REPLY_TO }
+        if let x = p.expiration { props.expiration = try bytes(x); flags |= CHOREO_PROP_EXPIRATION }
+        if let x = p.messageID { props.message_id = try bytes(x); flags |= CHOREO_PROP_MESSAGE_ID }
+        if let x = p.timestamp { props.timestamp = x; flags |= CHOREO_PROP_TIMESTAMP }
+        if let x = p.type { props.type = try bytes(x); flags |= CHOREO_PROP_TYPE }
+        if let x = p.userID { props.user_id = try bytes(x); flags |= CHOREO_PROP_USER_ID }
+        if let x = p.appID { props.app_id = try bytes(x); flags |= CHOREO_PROP_APP_ID }
+        props._flags = flags
+        return props
+    }
+}
+
+/// Decoding of C structures into Swift values; copies everything, so the C memory may be freed after.
+enum CDecode {
+    static func bytes(_ b: amqp_bytes_t) -> [UInt8] {
+        guard b.len > 0, let p = b.bytes else { return [] }
+        return Array(UnsafeRawBufferPointer(start: p, count: b.len))
+    }
+
+    static func data(_ b: amqp_bytes_t) -> Data {
+        guard b.len > 0, let p = b.bytes else { return Data() }
+        return Data(bytes: p, count: b.len)
+    }
+
+    static func string(_ b: amqp_bytes_t) -> String {
+        guard b.len > 0, let p = b.bytes else { return "" }
+        let buffer = UnsafeRawBufferPointer(start: p, count: b.len)
+        return String(decoding: buffer, as: UTF8.self)
+    }
+
+    static func table(_ t: amqp_table_t) -> AMQPTable {
+        var result = AMQPTable()
+        guard t.num_entries > 0, let entries = t.entries else { return result }
+        for i in 0..<Int(t.num_entries) {
+            let e = entries[i]
+            result[string(e.key)] = fieldValue(e.value)
+        }
+        return result
+    }
+
+    static func fieldValue(_ v: amqp_field_value_t) -> AMQPFieldValue {
+        switch Character(UnicodeScalar(v.kind)) {
+        case "t": return .bool(v.value.boolean != 0)
+        case "b": return .int8(v.value.i8)
+        case "B": return .uint8(v.value.u8)
+        case "s": return .int16(v.value.i16)
+        case "u": return .uint16(v.value.u16)
+        case "I": return .int32(v.value.i32)
+        case "i": return .uint32(v.value.u32)
+        case "l": return .int64(v.value.i64)
+        case "L": return v.value.u64 <= UInt64(Int64.max) ? .int64(Int64(v.value.u64)) : .bytes(withUnsafeBytes(of: v.value.u64.bigEndian, Array.init))
+        case "f": return .float(v.value.f32)
+        case "d": return .double(v.value.f64)
+        case "D": return .decimal(scale: v.value.decimal.decimals, value: v.value.decimal.value)
+        case "S":
+            // Headers from other clients may carry bytes that are not UTF-8: keep them as bytes, never lose them.
+            let raw = bytes(v.value.bytes)
+            if let s = String(validating: raw, as: UTF8.self) { return .string(s) }
+            return .bytes(raw)
+        case "x": return .bytes(bytes(v.value.bytes))
+        case "T": return .timestamp(v.value.u64)
+        case "F": return .table(table(v.value.table))
+        case "A":
+            let a = v.value.array
+            guard a.num_entries > 0, let entries = a.entries else { return .array([]) }
+            return .array((0..<Int(a.num_entries)).map { fieldValue(entries[$0]) })
+        default: return .void
+        }
+    }
+
+    static func properties(_ p: amqp_basic_properties_t) -> AMQPProperties {
+        let f = p._flags
+        var r = AMQPProperties()
+        if f & CHOREO_PROP_CONTENT_TYPE != 0 { r.contentType = string(p.content_type) }
+        if f & CHOREO_PROP_CONTENT_ENCODING != 0 { r.contentEncoding = string(p.content_encoding) }
+        if f & CHOREO_PROP_HEADERS != 0 { r.headers = table(p.headers) }
+        if f & CHOREO_PROP_DELIVERY_MODE != 0 { r.deliveryMode = p.delivery_mode }
+        if f & CHOREO_PROP_PRIORITY != 0 { r.priority = p.priority }
+        if f & CHOREO_PROP_CORRELATION_ID != 0 { r.correlationID = string(p.correlation_id) }
+        if f & CHOREO_PROP_REPLY_TO != 0 { r.replyTo = string(p.reply_to) }
+        if f & CHOREO_PROP_EXPIRATION != 0 { r.expiration = string(p.expiration) }
+        if f & CHOREO_PROP_MESSAGE_ID != 0 { r.messageID = string(p.message_id) }
+        if f & CHOREO_PROP_TIMESTAMP != 0 { r.timestamp = p.timestamp }
+        if f & CHOREO_PROP_TYPE != 0 { r.type = string(p.type) }
+        if f & CHOREO_PROP_USER_ID != 0 { r.userID = string(p.user_id) }
+        if f & CHOREO_PROP_APP_ID != 0 { r.appID = string(p.app_id) }
+        return r
+    }
+}

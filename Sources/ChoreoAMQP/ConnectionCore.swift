@@ -1,0 +1,518 @@
+import CRabbitMQ
+import Foundation
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Everything one connection's I/O thread owns: the rabbitmq-c state, its channels, pending confirms
+/// and consumers. Confined to that thread; nothing here is touched from anywhere else.
+final class ConnectionCore {
+    typealias Completion = @Sendable (Result<Void, AMQPError>) -> Void
+
+    /// A consumer's delivery sink and identity.
+    struct ConsumerSink {
+        var continuation: AsyncThrowingStream<AMQPDelivery, Error>.Continuation
+        var channel: AMQPChannel
+    }
+
+    final class ChannelState {
+        let id: UInt16
+        var open = false
+        /// Bumped on every reopen: delivery tags of an older generation are meaningless now.
+        var generation: UInt64 = 0
+        var confirmMode = false
+        var prefetch: UInt16?
+        var tracker = ConfirmTracker()
+        var completions: [UInt64: Completion] = [:]
+        var consumers: [String: ConsumerSink] = [:]
+        var closedByClient = false
+        let status: ChannelStatus
+
+        init(id: UInt16, status: ChannelStatus) {
+            self.id = id
+            self.status = status
+        }
+    }
+
+    let configuration: AMQPConfiguration
+    let logger: Logger
+    let loop: IOLoop
+    private(set) var state: amqp_connection_state_t?
+    private(set) var failure: AMQPError?
+    private var channels: [UInt16: ChannelState] = [:]
+    private var nextChannel: UInt16 = 1
+    private var channelMax: UInt16 = 2047
+    private var nextToken: UInt64 = 1
+    private(set) var negotiatedHeartbeat: Int32 = 0
+    /// Called once, on the I/O thread, when the connection ends for any reason.
+    var onClose: (@Sendable (AMQPError) -> Void)?
+    var blocked = false
+
+    init(configuration: AMQPConfiguration, logger: Logger, loop: IOLoop) {
+        self.configuration = configuration
+        self.logger = logger
+        self.loop = loop
+    }
+
+    // MARK: - Thread body
+
+    /// The I/O thread's body: run jobs, read frames, sleep, until the connection ends.
+    func run() {
+        while true {
+            for job in loop.takeJobs() { job(self) }
+            guard let state, failure == nil else { break }
+            readAvailableFrames()
+            if failure != nil { break }
+            if amqp_frames_enqueued(state) != 0 || amqp_data_in_buffer(state) != 0 { continue }
+            if loop.prepareToSleep() {
+                loop.sleep(socket: amqp_get_sockfd(state), timeoutMilliseconds: pollTimeout)
+            }
+        }
+        let reason = failure ?? AMQPError(.closed, message: "connection closed", operation: "connection")
+        // Anything still queued or racing in runs against the dead core and fails with the reason.
+        for job in loop.finish(reason: reason) { job(self) }
+    }
+
+    /// Wake often enough that rabbitmq-c sends heartbeats on time (it sends one only inside a call).
+    private var pollTimeout: Int32 {
+        negotiatedHeartbeat > 0 ? max(50, negotiatedHeartbeat * 1000 / 4) : 1000
+    }
+
+    private func readAvailableFrames() {
+        guard let state else { return }
+        var budget = 512 // bounded, so queued jobs (acks, publishes) are not starved by a flood of deliveries
+        while budget > 0, failure == nil {
+            budget -= 1
+            var frame = amqp_frame_t()
+            var immediately = timeval(tv_sec: 0, tv_usec: 0)
+            let status = amqp_simple_wait_frame_noblock(state, &frame, &immediately)
+            if status == AMQP_STATUS_TIMEOUT.rawValue { return }
+            if status != AMQP_STATUS_OK.rawValue {
+                fail(with: Self.error(status: status, operation: "read from \(configuration.address)"))
+                return
+            }
+            handle(frame: frame)
+            amqp_maybe_release_buffers_on_channel(state, frame.channel)
+        }
+    }
+
+    // MARK: - Connecting
+
+    func connect() throws(AMQPError) {
+        let config = configuration
+        guard let state = amqp_new_connection() else {
+            throw AMQPError(.protocolFailure, message: "out of memory", operation: "connect \(config.address)")
+        }
+        self.state = state
+        do throws(AMQPError) {
+            try openSocket(state)
+            try login(state)
+        } catch {
+            amqp_destroy_connection(state)
+            self.state = nil
+            failure = error
+            throw error
+        }
+        channelMax = UInt16(clamping: amqp_get_channel_max(state) == 0 ? 2047 : amqp_get_channel_max(state))
+        negotiatedHeartbeat = amqp_get_heartbeat(state)
+        logger.debug("connected", metadata: ["amqp.broker": "\(config)", "amqp.heartbeat": "\(negotiatedHeartbeat)"])
+    }
+
+    private func openSocket(_ state: amqp_connection_state_t) throws(AMQPError) {
+        let config = configuration
+        let operation = "connect \(config.address)"
+        let socket: OpaquePointer?
+        if let tls = config.tls {
+            socket = amqp_ssl_socket_new(state)
+            guard let socket else { throw AMQPError(.connectionFailed, message: "cannot create a TLS socket", operation: operation) }
+            if let ca = tls.caFile, amqp_ssl_socket_set_cacert(socket, ca) != AMQP_STATUS_OK.rawValue {
+                throw AMQPError(.connectionFailed, message: "cannot load CA file \(ca)", operation: operation)
+            }
+            if let cert = tls.certificateFile, let key = tls.keyFile,
+               amqp_ssl_socket_set_key(socket, cert, key) != AMQP_STATUS_OK.rawValue {
+                throw AMQPError(.connectionFailed, message: "cannot load client certificate \(cert) and key \(key)",
+                                operation: operation)
+            }
+            amqp_ssl_socket_set_verify_peer(socket, tls.verifyPeer ? 1 : 0)
+            amqp_ssl_socket_set_verify_hostname(socket, tls.verifyHostname ? 1 : 0)
+        } else {
+            socket = amqp_tcp_socket_new(state)
+        }
+        guard let socket else { throw AMQPError(.connectionFailed, message: "cannot create a socket", operation: operation) }
+        var timeout = Self.timeInterval(config.connectTimeout)
+        let status = amqp_socket_open_noblock(socket, config.host, Int32(config.port), &timeout)
+        if status != AMQP_STATUS_OK.rawValue {
+            let reason = ConnectDiagnosis.reason(host: config.host, port: config.port, timeout: config.connectTimeout)
+                ?? String(cString: amqp_error_string2(status))
+            let isTLS = status <= AMQP_STATUS_SSL_ERROR.rawValue && status >= AMQP_STATUS_SSL_CONNECTION_FAILED.rawValue
+            throw AMQPError(.connectionFailed, message: isTLS ? "TLS handshake failed: \(String(cString: amqp_error_string2(status)))" : reason,
+                            operation: "connect \(config.address)")
+        }
+    }
+
+    private func login(_ state: amqp_connection_state_t) throws(AMQPError) {
+        let config = configuration
+        var handshake = Self.timeInterval(config.connectTimeout)
+        _ = amqp_set_handshake_timeout(state, &handshake)
+        var rpc = Self.timeInterval(config.requestTimeout)
+        _ = amqp_set_rpc_timeout(state, &rpc)
+        let arena = CArena()
+        let capabilities: AMQPTable = [
+            "publisher_confirms": true, "consumer_cancel_notify": true, "connection.blocked": true,
+            "basic.nack": true, "authentication_failure_close": true, "exchange_exchange_bindings": true,
+        ]
+        var properties: AMQPTable = [
+            "product": "Choreo", "platform": "Swift", "capabilities": .table(capabilities),
+        ]
+        if let name = config.connectionName { properties["connection_name"] = .string(name) }
+        let table: amqp_table_t
+        do { table = try arena.table(properties) } catch { throw error as! AMQPError }
+        let heartbeat = Int32(config.heartbeat.components.seconds)
+        let reply = withUnsafePointer(to: table) { tablePointer in
+            choreo_amqp_login_plain(state, config.virtualHost, Int32(2047), Int32(config.frameMax), heartbeat, tablePointer,
+                                    config.username, config.password)
+        }
+        if var error = Self.error(reply: reply, operation: "log in to \(config) ") {
+            error.operation = "log in to \(config)"
+            if error.replyCode == AMQPError.ReplyCode.accessRefused {
+                error.code = .authenticationFailed
+                error.message = "ACCESS_REFUSED: the broker refused user '\(config.username)' (wrong user name or password)"
+            } else if error.replyCode == AMQPError.ReplyCode.invalidPath || error.replyCode == AMQPError.ReplyCode.notAllowed {
+                error.message = "\(error.message) (does vhost '\(config.virtualHost)' exist, and may '\(config.username)' use it?)"
+            } else if error.code == .connectionLost {
+                error.code = .authenticationFailed
+                error.message = "the broker closed the connection during login (wrong credentials or vhost?)"
+            }
+            if reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION { sendConnectionCloseOK() }
+            throw error
+        }
+    }
+
+    // MARK: - Channels
+
+    func channelState(_ id: UInt16) throws(AMQPError) -> ChannelState {
+        if let failure { throw failure }
+        guard let channel = channels[id], !channel.closedByClient else {
+            throw AMQPError(.closed, message: "channel \(id) is closed", operation: "channel \(id)")
+        }
+        if !channel.open { try reopen(channel) }
+        return channel
+    }
+
+    func openChannel(status: ChannelStatus) throws(AMQPError) -> UInt16 {
+        if let failure { throw failure }
+        var id = nextChannel
+        var tries = 0
+        while channels[id] != nil {
+            id = id >= channelMax ? 1 : id + 1
+            tries += 1
+            if tries > Int(channelMax) {
+                throw AMQPError(.protocolFailure, message: "all \(channelMax) channels are in use", operation: "channel.open")
+            }
+        }
+        nextChannel = id >= channelMax ? 1 : id + 1
+        let channel = ChannelState(id: id, status: status)
+        channels[id] = channel
+        do throws(AMQPError) {
+            try reopen(channel)
+        } catch {
+            channels[id] = nil
+            throw error
+        }
+        return id
+    }
+
+    /// Opens (or reopens after a broker-side close) the channel and restores its modes.
+    private func reopen(_ channel: ChannelState) throws(AMQPError) {
+        let state = try liveState()
+        _ = amqp_channel_open(state, channel.id)
+        try check("channel.open \(channel.id)", channel: channel.id)
+        channel.open = true
+        channel.generation += 1
+        channel.tracker = ConfirmTracker()
+        channel.status.opened(generation: channel.generation)
+        if channel.confirmMode {
+            _ = amqp_confirm_select(state, channel.id)
+            try check("confirm.select", channel: channel.id)
+        }
+        if let prefetch = channel.prefetch {
+            _ = amqp_basic_qos(state, channel.id, 0, prefetch, 0)
+            try check("basic.qos", channel: channel.id)
+        }
+    }
+
+    func closeChannel(_ id: UInt16) throws(AMQPError) {
+        guard let channel = channels[id] else { return }
+        channel.closedByClient = true
+        defer { channels[id] = nil }
+        let reason = AMQPError(.closed, message: "channel \(id) was closed", operation: "channel.close")
+        abandon(channel, reason: reason)
+        guard channel.open, let state, failure == nil else { return }
+        let reply = amqp_channel_close(state, id, Int32(AMQP_REPLY_SUCCESS))
+        if let error = Self.error(reply: reply, operation: "channel.close \(id)") {
+            if error.code == .connectionLost || error.code == .connectionClosed || error.code == .timeout { fail(with: error) }
+        }
+    }
+
+    func generation(of id: UInt16) -> UInt64 { channels[id]?.generation ?? 0 }
+
+    /// The channel when it exists and is open, without reopening it.
+    func channelStateIfOpen(_ id: UInt16) throws(AMQPError) -> ChannelState {
+        guard let channel = channels[id], channel.open else {
+            throw AMQPError(.closed, message: "channel \(id) is not open", operation: "channel \(id)")
+        }
+        return channel
+    }
+
+    /// Records a broker-side channel close: pending work fails, the next use reopens the channel.
+    func markChannelClosed(_ id: UInt16, reason: AMQPError) {
+        guard let channel = channels[id] else { return }
+        abandon(channel, reason: reason)
+    }
+
+    /// Sets confirm mode on the channel; it stays on across reopens.
+    func enableConfirms(_ id: UInt16) throws(AMQPError) {
+        let channel = try channelState(id)
+        guard !channel.confirmMode else { return }
+        _ = amqp_confirm_select(try liveState(), id)
+        try check("confirm.select", channel: id)
+        channel.confirmMode = true
+    }
+
+    func setPrefetch(_ id: UInt16, count: UInt16) throws(AMQPError) {
+        let channel = try channelState(id)
+        _ = amqp_basic_qos(try liveState(), id, 0, count, 0)
+        try check("basic.qos \(count)", channel: id)
+        channel.prefetch = count
+    }
+
+    // MARK: - Publishing
+
+    /// Publishes one message. With confirms on, `completion` runs when the broker settles it; else at once.
+    func publish(_ message: AMQPOutgoingMessage, channel id: UInt16, completion: @escaping Completion) {
+        let channel: ChannelState
+        let state: amqp_connection_state_t
+        do throws(AMQPError) {
+            channel = try channelState(id)
+            state = try liveState()
+        } catch {
+            completion(.failure(error))
+            return
+        }
+        let arena = CArena()
+        let status: Int32
+        do {
+            var props = try arena.properties(message.properties)
+            let exchange = try arena.bytes(message.exchange)
+            let routingKey = try arena.bytes(message.routingKey)
+            status = message.body.withUnsafeBytes { raw -> Int32 in
+                let body = amqp_bytes_t(len: raw.count, bytes: UnsafeMutableRawPointer(mutating: raw.baseAddress))
+                return amqp_basic_publish(state, id, exchange, routingKey, message.mandatory ? 1 : 0, 0, &props, body)
+            }
+        } catch {
+            completion(.failure(error as! AMQPError))
+            return
+        }
+        let operation = "basic.publish to exchange '\(message.exchange)' with routing key '\(message.routingKey)'"
+        guard status == AMQP_STATUS_OK.rawValue else {
+            let error = Self.error(status: status, operation: operation)
+            completion(.failure(error))
+            if status != AMQP_STATUS_TABLE_TOO_BIG.rawValue && status != AMQP_STATUS_BAD_AMQP_DATA.rawValue { fail(with: error) }
+            return
+        }
+        guard channel.confirmMode else {
+            completion(.success(()))
+            return
+        }
+        let token = nextToken
+        nextToken += 1
+        _ = channel.tracker.published(token: token, mandatory: message.mandatory,
+                                      exchange: message.exchange, routingKey: message.routingKey)
+        channel.completions[token] = { result in
+            completion(result.mapError { error in
+                var e = error
+                if e.operation.isEmpty { e.operation = operation }
+                return e
+            })
+        }
+    }
+
+    // MARK: - Synchronous requests
+
+    /// Runs a synchronous rabbitmq-c request on a channel and maps its reply.
+    func request<T>(_ operation: String, channel id: UInt16, _ body: (amqp_connection_state_t) -> T) throws(AMQPError) -> T {
+        _ = try channelState(id)
+        let result = body(try liveState())
+        try check(operation, channel: id)
+        return result
+    }
+
+    func addConsumer(tag: String, channel id: UInt16, sink: ConsumerSink) {
+        channels[id]?.consumers[tag] = sink
+    }
+
+    func removeConsumer(tag: String, channel id: UInt16) -> ConsumerSink? {
+        channels[id]?.consumers.removeValue(forKey: tag)
+    }
+
+    func ack(channel id: UInt16, generation: UInt64, deliveryTag: UInt64, multiple: Bool) throws(AMQPError) {
+        try settleDelivery(channel: id, generation: generation, operation: "basic.ack") { state in
+            amqp_basic_ack(state, id, deliveryTag, multiple ? 1 : 0)
+        }
+    }
+
+    func nack(channel id: UInt16, generation: UInt64, deliveryTag: UInt64, multiple: Bool, requeue: Bool) throws(AMQPError) {
+        try settleDelivery(channel: id, generation: generation, operation: "basic.nack") { state in
+            amqp_basic_nack(state, id, deliveryTag, multiple ? 1 : 0, requeue ? 1 : 0)
+        }
+    }
+
+    func reject(channel id: UInt16, generation: UInt64, deliveryTag: UInt64, requeue: Bool) throws(AMQPError) {
+        try settleDelivery(channel: id, generation: generation, operation: "basic.reject") { state in
+            amqp_basic_reject(state, id, deliveryTag, requeue ? 1 : 0)
+        }
+    }
+
+    private func settleDelivery(channel id: UInt16, generation: UInt64, operation: String,
+                                _ send: (amqp_connection_state_t) -> Int32) throws(AMQPError) {
+        if let failure { throw failure }
+        guard let channel = channels[id], channel.open, channel.generation == generation else {
+            throw AMQPError(.staleDelivery,
+                            message: "the delivery's channel was closed since; the broker redelivers the message",
+                            operation: operation)
+        }
+        let status = send(try liveState())
+        if status != AMQP_STATUS_OK.rawValue {
+            let error = Self.error(status: status, operation: operation)
+            fail(with: error)
+            throw error
+        }
+    }
+
+    // MARK: - Closing
+
+    func close() {
+        guard let state, failure == nil else { return }
+        let reason = AMQPError(.closed, message: "the connection was closed", operation: "connection")
+        for channel in channels.values { abandon(channel, reason: reason) }
+        let reply = amqp_connection_close(state, Int32(AMQP_REPLY_SUCCESS))
+        if let error = Self.error(reply: reply, operation: "connection.close") {
+            logger.debug("connection.close did not complete cleanly", metadata: ["amqp.error": "\(error)"])
+        }
+        finishFailure(reason)
+    }
+
+    /// Ends the connection with an error: every pending confirm and consumer fails with it.
+    func fail(with error: AMQPError) {
+        guard failure == nil else { return }
+        logger.debug("connection failed", metadata: ["amqp.error": "\(error)"])
+        for channel in channels.values { abandon(channel, reason: error) }
+        finishFailure(error)
+    }
+
+    private func finishFailure(_ error: AMQPError) {
+        failure = error
+        channels.removeAll()
+        if let state {
+            amqp_destroy_connection(state)
+            self.state = nil
+        }
+        onClose?(error)
+        onClose = nil
+    }
+
+    private func abandon(_ channel: ChannelState, reason: AMQPError) {
+        for token in channel.tracker.abandonAll() {
+            channel.completions.removeValue(forKey: token)?(.failure(reason))
+        }
+        for completion in channel.completions.values { completion(.failure(reason)) }
+        channel.completions.removeAll()
+        for sink in channel.consumers.values { sink.continuation.finish(throwing: reason) }
+        channel.consumers.removeAll()
+        channel.open = false
+        channel.status.closed()
+    }
+
+    // MARK: - Helpers
+
+    func liveState() throws(AMQPError) -> amqp_connection_state_t {
+        if let failure { throw failure }
+        guard let state else { throw AMQPError(.closed, message: "not connected", operation: "connection") }
+        return state
+    }
+
+    /// Checks the reply of the last synchronous request; a channel error recovers the channel,
+    /// a connection error ends the connection.
+    private func check(_ operation: String, channel id: UInt16) throws(AMQPError) {
+        let state = try liveState()
+        let reply = amqp_get_rpc_reply(state)
+        guard let error = Self.error(reply: reply, operation: operation) else { return }
+        if error.code == .channelClosed {
+            sendChannelCloseOK(id)
+            if let channel = channels[id] { abandon(channel, reason: error) }
+        } else {
+            if reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION { sendConnectionCloseOK() }
+            fail(with: error)
+        }
+        throw error
+    }
+
+    private func sendChannelCloseOK(_ id: UInt16) {
+        guard let state else { return }
+        var ok = amqp_channel_close_ok_t(dummy: 0)
+        _ = amqp_send_method(state, id, CHOREO_CHANNEL_CLOSE_OK, &ok)
+    }
+
+    private func sendConnectionCloseOK() {
+        guard let state else { return }
+        var ok = amqp_connection_close_ok_t(dummy: 0)
+        _ = amqp_send_method(state, 0, CHOREO_CONNECTION_CLOSE_OK, &ok)
+    }
+
+    static func timeInterval(_ d: Duration) -> timeval {
+        let (s, atto) = d.components
+        return Glibc.timeval(tv_sec: Int(s), tv_usec: Int(atto / 1_000_000_000_000))
+    }
+
+    static func error(status: Int32, operation: String) -> AMQPError {
+        let text = String(cString: amqp_error_string2(status))
+        switch status {
+        case AMQP_STATUS_TIMEOUT.rawValue:
+            return AMQPError(.timeout, message: "the broker did not answer in time", operation: operation)
+        case AMQP_STATUS_HEARTBEAT_TIMEOUT.rawValue:
+            return AMQPError(.connectionLost, message: "heartbeat timeout: the broker stopped answering", operation: operation)
+        case AMQP_STATUS_CONNECTION_CLOSED.rawValue, AMQP_STATUS_SOCKET_ERROR.rawValue, AMQP_STATUS_SOCKET_CLOSED.rawValue,
+             AMQP_STATUS_SSL_ERROR.rawValue:
+            return AMQPError(.connectionLost, message: "connection lost (\(text))", operation: operation)
+        case AMQP_STATUS_TABLE_TOO_BIG.rawValue:
+            return AMQPError(.invalidArgument, message: "headers too large for one frame", operation: operation)
+        default:
+            return AMQPError(.protocolFailure, message: text, operation: operation)
+        }
+    }
+
+    static func error(reply: amqp_rpc_reply_t, operation: String) -> AMQPError? {
+        switch reply.reply_type {
+        case AMQP_RESPONSE_NORMAL:
+            return nil
+        case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+            return error(status: reply.library_error, operation: operation)
+        case AMQP_RESPONSE_SERVER_EXCEPTION:
+            let method = reply.reply
+            if method.id == CHOREO_CONNECTION_CLOSE, let decoded = method.decoded {
+                let close = decoded.assumingMemoryBound(to: amqp_connection_close_t.self).pointee
+                return AMQPError(.connectionClosed, replyCode: close.reply_code, message: CDecode.string(close.reply_text),
+                                 operation: operation)
+            }
+            if method.id == CHOREO_CHANNEL_CLOSE, let decoded = method.decoded {
+                let close = decoded.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
+                return AMQPError(.channelClosed, replyCode: close.reply_code, message: CDecode.string(close.reply_text),
+                                 operation: operation)
+            }
+            return AMQPError(.protocolFailure, message: "unexpected reply method \(method.id)", operation: operation)
+        default:
+            return AMQPError(.protocolFailure, message: "missing reply", operation: operation)
+        }
+    }
+}

@@ -1,0 +1,127 @@
+import CRabbitMQ
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The one thread that owns a connection's C state, and the queue of jobs other threads hand it.
+///
+/// Jobs run in submission order on that thread and nowhere else, which is how every rabbitmq-c call
+/// stays confined to one thread. Between jobs the thread reads frames, and when there is nothing to
+/// do it sleeps in `poll` on the socket and an eventfd that ``submit(_:)`` writes to wake it.
+final class IOLoop: Sendable {
+    typealias Job = @Sendable (ConnectionCore) -> Void
+
+    private struct Queue {
+        var jobs: [Job] = []
+        var sleeping = false
+        var finished: AMQPError?
+    }
+
+    private let queue = Mutex(Queue())
+    private let wakeFD: Int32
+
+    init() throws(AMQPError) {
+        let fd = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        guard fd >= 0 else {
+            throw AMQPError(.protocolFailure, message: String(cString: strerror(errno)), operation: "eventfd")
+        }
+        wakeFD = fd
+    }
+
+    deinit {
+        close(wakeFD)
+    }
+
+    /// Hands a job to the I/O thread. Returns the reason instead when the loop has ended.
+    @discardableResult
+    func submit(_ job: @escaping Job) -> AMQPError? {
+        let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
+            if let finished = q.finished { return (finished, false) }
+            q.jobs.append(job)
+            let wake = q.sleeping
+            q.sleeping = false
+            return (nil, wake)
+        }
+        if wake {
+            var one: UInt64 = 1
+            _ = write(wakeFD, &one, 8)
+        }
+        return ended
+    }
+
+    /// Runs a job on the I/O thread and returns its result.
+    func perform<T: Sendable>(_ body: @escaping @Sendable (ConnectionCore) throws(AMQPError) -> T) async throws(AMQPError) -> T {
+        let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
+            let ended = submit { core in
+                do throws(AMQPError) {
+                    continuation.resume(returning: .success(try body(core)))
+                } catch {
+                    continuation.resume(returning: .failure(error))
+                }
+            }
+            if let ended { continuation.resume(returning: .failure(ended)) }
+        }
+        return try result.get()
+    }
+
+    /// Runs a job whose completion the core signals later (a publish waiting for its confirm).
+    func performDeferred<T: Sendable>(
+        _ body: @escaping @Sendable (ConnectionCore, @escaping @Sendable (Result<T, AMQPError>) -> Void) -> Void
+    ) async throws(AMQPError) -> T {
+        let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
+            let ended = submit { core in
+                body(core) { continuation.resume(returning: $0) }
+            }
+            if let ended { continuation.resume(returning: .failure(ended)) }
+        }
+        return try result.get()
+    }
+
+    /// Takes every queued job; called by the I/O thread.
+    func takeJobs() -> [Job] {
+        queue.withLock { q in
+            let jobs = q.jobs
+            q.jobs.removeAll(keepingCapacity: true)
+            return jobs
+        }
+    }
+
+    /// Marks the thread as about to sleep; returns false when jobs arrived meanwhile (do not sleep).
+    func prepareToSleep() -> Bool {
+        queue.withLock { q in
+            if !q.jobs.isEmpty { return false }
+            q.sleeping = true
+            return true
+        }
+    }
+
+    func wokeUp() {
+        queue.withLock { $0.sleeping = false }
+        var value: UInt64 = 0
+        _ = read(wakeFD, &value, 8)
+    }
+
+    /// Sleeps until the socket is readable, a job is submitted, or the timeout passes.
+    func sleep(socket: Int32, timeoutMilliseconds: Int32) {
+        var fds = [
+            pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: socket, events: Int16(POLLIN), revents: 0),
+        ]
+        _ = poll(&fds, socket >= 0 ? 2 : 1, timeoutMilliseconds)
+        wokeUp()
+    }
+
+    /// Ends the loop for good: later submissions fail with `reason`; returns jobs still queued.
+    func finish(reason: AMQPError) -> [Job] {
+        queue.withLock { q in
+            q.finished = q.finished ?? reason
+            let jobs = q.jobs
+            q.jobs.removeAll()
+            return jobs
+        }
+    }
+
+    var finishedReason: AMQPError? { queue.withLock { $0.finished } }
+}
