@@ -9,6 +9,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
         .systemLibrary(
@@ -22,6 +23,20 @@ let package = Package(
                 "CRabbitMQ",
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        .target(
+            name: "CRabbitMQBaseline",
+            path: "Benchmarks/CRabbitMQBaseline",
+            linkerSettings: [.linkedLibrary("rabbitmq")]
+        ),
+        .executableTarget(
+            name: "AMQPBenchmark",
+            dependencies: [
+                "ChoreoAMQP",
+                "CRabbitMQBaseline",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Benchmarks/AMQPBenchmark"
         ),
         .testTarget(
             name: "ChoreoAMQPTests",

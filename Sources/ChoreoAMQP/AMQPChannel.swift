@@ -160,7 +160,7 @@ public final class AMQPChannel: Sendable {
     public func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
         let id = number
         try await loop.performDeferred { (core: ConnectionCore, done: @escaping @Sendable (Result<Void, AMQPError>) -> Void) in
-            core.publish(message, channel: id, completion: done)
+            core.publish(message, channel: id, arena: CArena(), completion: done)
         }
     }
 
@@ -241,38 +241,23 @@ public final class AMQPChannel: Sendable {
     }
 
     func ack(deliveryTag: UInt64, generation: UInt64?, multiple: Bool) throws(AMQPError) {
-        try settle("basic.ack", generation) { core, id, g throws(AMQPError) in
-            try core.ack(channel: id, generation: g, deliveryTag: deliveryTag, multiple: multiple)
-        }
+        try settle(.init(deliveryTag: deliveryTag, multiple: multiple, kind: .ack), generation, "basic.ack")
     }
 
     func nack(deliveryTag: UInt64, generation: UInt64?, multiple: Bool, requeue: Bool) throws(AMQPError) {
-        try settle("basic.nack", generation) { core, id, g throws(AMQPError) in
-            try core.nack(channel: id, generation: g, deliveryTag: deliveryTag, multiple: multiple, requeue: requeue)
-        }
+        try settle(.init(deliveryTag: deliveryTag, multiple: multiple, kind: .nack(requeue: requeue)), generation, "basic.nack")
     }
 
     func reject(deliveryTag: UInt64, generation: UInt64?, requeue: Bool) throws(AMQPError) {
-        try settle("basic.reject", generation) { core, id, g throws(AMQPError) in
-            try core.reject(channel: id, generation: g, deliveryTag: deliveryTag, requeue: requeue)
-        }
+        try settle(.init(deliveryTag: deliveryTag, multiple: false, kind: .reject(requeue: requeue)), generation, "basic.reject")
     }
 
-    private func settle(_ operation: String, _ generation: UInt64?,
-                        _ body: @escaping @Sendable (ConnectionCore, UInt16, UInt64) throws(AMQPError) -> Void) throws(AMQPError) {
-        let id = number
+    private func settle(_ settlement: AckCoalescer.Settlement, _ generation: UInt64?, _ operation: String) throws(AMQPError) {
         if let generation, !status.isCurrent(generation) {
             throw AMQPError(.staleDelivery, message: "the delivery's channel was closed since; the broker redelivers the message",
                             operation: operation)
         }
-        let logger = connection.logger
-        if let ended = loop.submit({ core in
-            do throws(AMQPError) {
-                try body(core, id, generation ?? core.generation(of: id))
-            } catch {
-                logger.debug("settling a delivery failed", metadata: ["amqp.error": "\(error)"])
-            }
-        }) {
+        if let ended = loop.submit(IOLoop.PendingSettlement(channel: number, generation: generation, settlement: settlement)) {
             throw ended
         }
     }
@@ -299,8 +284,9 @@ private final class PublishBatch: @unchecked Sendable {
 
     func publish(_ messages: [AMQPOutgoingMessage], from start: Int, channel: UInt16, core: ConnectionCore) {
         let end = min(start + Self.chunk, messages.count)
+        let arena = CArena(pageSize: 16_384)
         for i in start..<end {
-            core.publish(messages[i], channel: channel) { [self] result in self.settled(i, result) }
+            core.publish(messages[i], channel: channel, arena: arena) { [self] result in self.settled(i, result) }
         }
         guard end < messages.count else { return }
         // Let the loop read confirms (and serve other jobs) before the next chunk.

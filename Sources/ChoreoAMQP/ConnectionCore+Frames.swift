@@ -118,6 +118,7 @@ extension ConnectionCore {
             body: body, properties: properties, deliveryTag: deliveryTag, redelivered: redelivered,
             exchange: exchange, routingKey: routingKey, consumerTag: consumerTag,
             channel: sink.channel, generation: channel.generation)
+        channel.deliveries.delivered(deliveryTag)
         sink.continuation.yield(delivery)
     }
 

@@ -24,6 +24,7 @@ final class ConnectionCore {
         var confirmMode = false
         var prefetch: UInt16?
         var tracker = ConfirmTracker()
+        var deliveries = AckCoalescer()
         var completions: [UInt64: Completion] = [:]
         var consumers: [String: ConsumerSink] = [:]
         var closedByClient = false
@@ -60,7 +61,9 @@ final class ConnectionCore {
     /// The I/O thread's body: run jobs, read frames, sleep, until the connection ends.
     func run() {
         while true {
-            for job in loop.takeJobs() { job(self) }
+            let work = loop.takeWork()
+            for job in work.jobs { job(self) }
+            if !work.settlements.isEmpty { apply(work.settlements) }
             guard let state, failure == nil else { break }
             readAvailableFrames()
             if failure != nil { break }
@@ -231,6 +234,7 @@ final class ConnectionCore {
         channel.open = true
         channel.generation += 1
         channel.tracker = ConfirmTracker()
+        channel.deliveries.reset()
         channel.status.opened(generation: channel.generation)
         if channel.confirmMode {
             _ = amqp_confirm_select(state, channel.id)
@@ -290,7 +294,9 @@ final class ConnectionCore {
     // MARK: - Publishing
 
     /// Publishes one message. With confirms on, `completion` runs when the broker settles it; else at once.
-    func publish(_ message: AMQPOutgoingMessage, channel id: UInt16, completion: @escaping Completion) {
+    ///
+    /// `arena` holds the encoded properties until the call returns; a batch shares one per chunk.
+    func publish(_ message: AMQPOutgoingMessage, channel id: UInt16, arena: CArena, completion: @escaping Completion) {
         let channel: ChannelState
         let state: amqp_connection_state_t
         do throws(AMQPError) {
@@ -300,7 +306,6 @@ final class ConnectionCore {
             completion(.failure(error))
             return
         }
-        let arena = CArena()
         let status: Int32
         do {
             var props = try arena.properties(message.properties)
@@ -314,9 +319,8 @@ final class ConnectionCore {
             completion(.failure(error as! AMQPError))
             return
         }
-        let operation = "basic.publish to exchange '\(message.exchange)' with routing key '\(message.routingKey)'"
         guard status == AMQP_STATUS_OK.rawValue else {
-            let error = Self.error(status: status, operation: operation)
+            let error = Self.error(status: status, operation: Self.publishOperation(message))
             completion(.failure(error))
             if status != AMQP_STATUS_TABLE_TOO_BIG.rawValue && status != AMQP_STATUS_BAD_AMQP_DATA.rawValue { fail(with: error) }
             return
@@ -332,10 +336,14 @@ final class ConnectionCore {
         channel.completions[token] = { result in
             completion(result.mapError { error in
                 var e = error
-                if e.operation.isEmpty { e.operation = operation }
+                if e.operation.isEmpty { e.operation = Self.publishOperation(message) }
                 return e
             })
         }
+    }
+
+    private static func publishOperation(_ message: AMQPOutgoingMessage) -> String {
+        "basic.publish to exchange '\(message.exchange)' with routing key '\(message.routingKey)'"
     }
 
     // MARK: - Synchronous requests
@@ -356,37 +364,34 @@ final class ConnectionCore {
         channels[id]?.consumers.removeValue(forKey: tag)
     }
 
-    func ack(channel id: UInt16, generation: UInt64, deliveryTag: UInt64, multiple: Bool) throws(AMQPError) {
-        try settleDelivery(channel: id, generation: generation, operation: "basic.ack") { state in
-            amqp_basic_ack(state, id, deliveryTag, multiple ? 1 : 0)
+    /// Sends the acks, nacks and rejects that arrived since the last wake-up, coalesced per channel.
+    private func apply(_ settlements: [IOLoop.PendingSettlement]) {
+        guard let state, failure == nil else { return }
+        var order: [UInt16] = []
+        var byChannel: [UInt16: [AckCoalescer.Settlement]] = [:]
+        for p in settlements {
+            guard let channel = channels[p.channel], channel.open else { continue }
+            if let g = p.generation, g != channel.generation { continue } // stale: the broker requeued it already
+            if byChannel[p.channel] == nil { order.append(p.channel) }
+            byChannel[p.channel, default: []].append(p.settlement)
         }
-    }
-
-    func nack(channel id: UInt16, generation: UInt64, deliveryTag: UInt64, multiple: Bool, requeue: Bool) throws(AMQPError) {
-        try settleDelivery(channel: id, generation: generation, operation: "basic.nack") { state in
-            amqp_basic_nack(state, id, deliveryTag, multiple ? 1 : 0, requeue ? 1 : 0)
-        }
-    }
-
-    func reject(channel id: UInt16, generation: UInt64, deliveryTag: UInt64, requeue: Bool) throws(AMQPError) {
-        try settleDelivery(channel: id, generation: generation, operation: "basic.reject") { state in
-            amqp_basic_reject(state, id, deliveryTag, requeue ? 1 : 0)
-        }
-    }
-
-    private func settleDelivery(channel id: UInt16, generation: UInt64, operation: String,
-                                _ send: (amqp_connection_state_t) -> Int32) throws(AMQPError) {
-        if let failure { throw failure }
-        guard let channel = channels[id], channel.open, channel.generation == generation else {
-            throw AMQPError(.staleDelivery,
-                            message: "the delivery's channel was closed since; the broker redelivers the message",
-                            operation: operation)
-        }
-        let status = send(try liveState())
-        if status != AMQP_STATUS_OK.rawValue {
-            let error = Self.error(status: status, operation: operation)
-            fail(with: error)
-            throw error
+        for id in order {
+            guard let channel = channels[id] else { continue }
+            for frame in channel.deliveries.settle(byChannel[id]!) {
+                let status: Int32
+                switch frame {
+                case .ack(let tag, let multiple):
+                    status = amqp_basic_ack(state, id, tag, multiple ? 1 : 0)
+                case .nack(let tag, let multiple, let requeue):
+                    status = amqp_basic_nack(state, id, tag, multiple ? 1 : 0, requeue ? 1 : 0)
+                case .reject(let tag, let requeue):
+                    status = amqp_basic_reject(state, id, tag, requeue ? 1 : 0)
+                }
+                if status != AMQP_STATUS_OK.rawValue {
+                    fail(with: Self.error(status: status, operation: "settle delivery \(frame)"))
+                    return
+                }
+            }
         }
     }
 

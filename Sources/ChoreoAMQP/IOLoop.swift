@@ -13,8 +13,16 @@ import Glibc
 final class IOLoop: Sendable {
     typealias Job = @Sendable (ConnectionCore) -> Void
 
+    /// An ack, nack or reject for a delivery; `generation` nil means the channel's current one.
+    struct PendingSettlement: Sendable {
+        var channel: UInt16
+        var generation: UInt64?
+        var settlement: AckCoalescer.Settlement
+    }
+
     private struct Queue {
         var jobs: [Job] = []
+        var settlements: [PendingSettlement] = []
         var sleeping = false
         var finished: AMQPError?
     }
@@ -40,6 +48,22 @@ final class IOLoop: Sendable {
         let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
             if let finished = q.finished { return (finished, false) }
             q.jobs.append(job)
+            let wake = q.sleeping
+            q.sleeping = false
+            return (nil, wake)
+        }
+        if wake {
+            var one: UInt64 = 1
+            _ = write(wakeFD, &one, 8)
+        }
+        return ended
+    }
+
+    /// Hands an ack, nack or reject to the I/O thread, which coalesces them into as few frames as it can.
+    func submit(_ settlement: PendingSettlement) -> AMQPError? {
+        let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
+            if let finished = q.finished { return (finished, false) }
+            q.settlements.append(settlement)
             let wake = q.sleeping
             q.sleeping = false
             return (nil, wake)
@@ -79,19 +103,21 @@ final class IOLoop: Sendable {
         return try result.get()
     }
 
-    /// Takes every queued job; called by the I/O thread.
-    func takeJobs() -> [Job] {
+    /// Takes every queued job and settlement; called by the I/O thread.
+    func takeWork() -> (jobs: [Job], settlements: [PendingSettlement]) {
         queue.withLock { q in
-            let jobs = q.jobs
-            q.jobs.removeAll(keepingCapacity: true)
-            return jobs
+            defer {
+                q.jobs.removeAll(keepingCapacity: true)
+                q.settlements.removeAll(keepingCapacity: true)
+            }
+            return (q.jobs, q.settlements)
         }
     }
 
     /// Marks the thread as about to sleep; returns false when jobs arrived meanwhile (do not sleep).
     func prepareToSleep() -> Bool {
         queue.withLock { q in
-            if !q.jobs.isEmpty { return false }
+            if !q.jobs.isEmpty || !q.settlements.isEmpty { return false }
             q.sleeping = true
             return true
         }
@@ -119,6 +145,7 @@ final class IOLoop: Sendable {
             q.finished = q.finished ?? reason
             let jobs = q.jobs
             q.jobs.removeAll()
+            q.settlements.removeAll()
             return jobs
         }
     }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Release-mode benchmarks against a private broker (port 5675) that this script starts and stops.
+#   scripts/bench.sh amqp [options]   ChoreoAMQP vs raw rabbitmq-c: publish with confirms, consume with ack
+# Options go to the benchmark executable (--count, --size, --batch, --prefetch, --rounds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+which=${1:-amqp}
+shift || true
+name=choreo-bench
+port=${CHOREO_BENCH_PORT:-5675}
+
+scripts/install-deps.sh
+scripts/broker.sh start "$name" "$port"
+trap 'scripts/broker.sh stop "$name"' EXIT
+export CHOREO_URL="amqp://guest:guest@127.0.0.1:$port/"
+
+case "$which" in
+amqp)
+    swift build -c release --product AMQPBenchmark
+    .build/release/AMQPBenchmark "$@"
+    ;;
+*)
+    echo "unknown benchmark '$which' (expected: amqp)" >&2
+    exit 2
+    ;;
+esac
