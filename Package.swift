@@ -38,6 +38,11 @@ let package = Package(
             ],
             path: "Benchmarks/AMQPBenchmark"
         ),
+        .executableTarget(
+            name: "AMQPHello",
+            dependencies: ["ChoreoAMQP"],
+            path: "Samples/AMQPHello"
+        ),
         .testTarget(
             name: "ChoreoAMQPTests",
             dependencies: ["ChoreoAMQP"]
