@@ -6,10 +6,14 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "ChoreoAMQP", targets: ["ChoreoAMQP"]),
+        .library(name: "Choreo", targets: ["Choreo"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
     ],
     targets: [
         .systemLibrary(
@@ -22,6 +26,17 @@ let package = Package(
             dependencies: [
                 "CRabbitMQ",
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "Choreo",
+            dependencies: [
+                "ChoreoAMQP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .target(
@@ -43,9 +58,18 @@ let package = Package(
             dependencies: ["ChoreoAMQP"],
             path: "Samples/AMQPHello"
         ),
+        .executableTarget(
+            name: "ChoreoTestService",
+            dependencies: ["Choreo", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Tests/Fixtures/ChoreoTestService"
+        ),
         .testTarget(
             name: "ChoreoAMQPTests",
             dependencies: ["ChoreoAMQP"]
+        ),
+        .testTarget(
+            name: "ChoreoTests",
+            dependencies: ["Choreo", "ChoreoAMQP", "ChoreoTestService", .product(name: "GRDB", package: "GRDB.swift")]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,118 @@
+import ArgumentParser
+import ChoreoAMQP
+import Foundation
+import Logging
+import ServiceLifecycle
+
+/// Entry point of a handler executable.
+///
+/// ```swift
+/// @main struct Inventory {
+///     static func main() async {
+///         await Choreo.run(service: "inventory", handlers: [ReserveStock(), ReleaseStock()])
+///     }
+/// }
+/// ```
+///
+/// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
+/// `--concurrency`, `--prefetch`, `--exchange`, `--delivery-limit`, `--log-level`, `--manifest` (print the
+/// handler manifest as JSON and exit), `--check` (test broker and ledger reachability and exit) and `--help`.
+/// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0.
+public enum Choreo {
+    public static func run(service: String, handlers: [any EventHandler],
+                           arguments: [String] = Array(CommandLine.arguments.dropFirst())) async {
+        let options: RunnerOptions
+        do {
+            options = try RunnerOptions.parse(arguments)
+        } catch {
+            RunnerOptions.exit(withError: error)
+        }
+        let code = await options.run(service: service, handlers: handlers)
+        exit(code)
+    }
+}
+
+/// The standard command line of a handler executable.
+struct RunnerOptions: ParsableArguments {
+    static var configuration: CommandConfiguration {
+        CommandConfiguration(
+            commandName: URL(fileURLWithPath: CommandLine.arguments.first ?? "handler").lastPathComponent,
+            abstract: "A Choreo handler service: consumes its events from RabbitMQ and emits new ones.")
+    }
+
+    @Option(help: "Broker URL, amqp://user:password@host:port/vhost (env CHOREO_URL).")
+    var url: String?
+    @Option(help: "SQLite ledger file (env CHOREO_LEDGER; default ./<service>.ledger.sqlite).")
+    var ledger: String?
+    @Option(help: "Concurrent invocations per handler (default 16).")
+    var concurrency: Int?
+    @Option(help: "Unacknowledged deliveries per handler (default 2 x concurrency).")
+    var prefetch: Int?
+    @Option(help: "The mesh's topic exchange (default choreo.events).")
+    var exchange: String?
+    @Option(help: "Deliveries after which the broker dead-letters a message that keeps crashing the process (default 10).")
+    var deliveryLimit: Int?
+    @Option(help: "trace, debug, info, notice, warning, error or critical (env CHOREO_LOG_LEVEL; default info).")
+    var logLevel: String?
+    @Flag(help: "Print the handler manifest as JSON and exit.")
+    var manifest = false
+    @Flag(help: "Check that the broker and the ledger are reachable, then exit.")
+    var check = false
+
+    func configuration(service: String) throws -> RunnerConfiguration {
+        let env = ProcessInfo.processInfo.environment
+        var c = RunnerConfiguration(service: service)
+        if let u = url ?? env["CHOREO_URL"] { c.url = u }
+        c.ledgerPath = ledger ?? env["CHOREO_LEDGER"]
+        if let concurrency { c.concurrency = concurrency }
+        c.prefetch = prefetch
+        if let exchange { c.exchange = exchange }
+        if let deliveryLimit { c.deliveryLimit = deliveryLimit }
+        try c.validate()
+        return c
+    }
+
+    func run(service: String, handlers: [any EventHandler]) async -> Int32 {
+        let env = ProcessInfo.processInfo.environment
+        let levelText = logLevel ?? env["CHOREO_LOG_LEVEL"] ?? "info"
+        guard let level = Logger.Level(rawValue: levelText) else {
+            FileHandle.standardError.write(Data("error: unknown --log-level '\(levelText)'\n".utf8))
+            return 2
+        }
+        var logger = Logger(label: "choreo.\(service)") { StreamLogHandler.standardError(label: $0) }
+        logger.logLevel = level
+        let runtime: ChoreoRuntime
+        do {
+            let config = try configuration(service: service)
+            if manifest {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                encoder.dateEncodingStrategy = .iso8601
+                let manifests = try ChoreoRuntime.manifests(configuration: config, handlers: handlers.map { HandlerDescriptor($0) })
+                print(String(decoding: try encoder.encode(manifests), as: UTF8.self))
+                return 0
+            }
+            runtime = try ChoreoRuntime(configuration: config, handlers: handlers, logger: logger)
+            if check {
+                let amqp = try AMQPConfiguration(url: config.url)
+                let connection = try await AMQPConnection.connect(to: amqp)
+                await connection.close()
+                try await runtime.ledger.check()
+                print("ok: broker \(amqp) reachable, ledger \(config.resolvedLedgerPath) writable")
+                return 0
+            }
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            return 1
+        }
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: runtime)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        do {
+            try await group.run()
+            return 0
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            return 1
+        }
+    }
+}

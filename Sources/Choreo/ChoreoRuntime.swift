@@ -1,0 +1,217 @@
+import ChoreoAMQP
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// A service's handlers running against the broker: a swift-service-lifecycle `Service`.
+///
+/// `run()` connects (one connection consuming, one publishing), declares each handler's topology,
+/// appends the manifests to the registry stream and consumes until graceful shutdown. When the broker
+/// or the network goes away it reconnects with exponential backoff and full jitter and declares
+/// everything again; deliveries in flight at that moment are redelivered and the ledger drops the
+/// copies. On graceful shutdown (SIGTERM/SIGINT through a `ServiceGroup`) it stops consuming, lets
+/// in-flight invocations finish and publish and ack (bounded by `shutdownTimeout`), and returns.
+public final class ChoreoRuntime: Service, Sendable {
+    public let configuration: RunnerConfiguration
+    let handlers: [HandlerDescriptor]
+    let ledger: any IdempotencyLedger
+    let logger: Logger
+    private let shuttingDown = Mutex(false)
+    private let consumers = Mutex<[AMQPConsumer]>([])
+    /// Resumed every time the runtime has declared its topology and started consuming.
+    private let readiness = Mutex<[CheckedContinuation<Void, Never>]>([])
+    private let ready = Mutex(false)
+
+    public init(configuration: RunnerConfiguration, handlers: [any EventHandler], ledger: (any IdempotencyLedger)? = nil,
+                logger: Logger = Logger(label: "choreo")) throws {
+        try configuration.validate()
+        self.configuration = configuration
+        self.handlers = handlers.map { HandlerDescriptor($0) }
+        for h in self.handlers { try h.validate() }
+        let names = self.handlers.map(\.name)
+        guard Set(names).count == names.count else { throw ConfigurationError("handler names must be unique: \(names)") }
+        self.ledger = try ledger ?? SQLiteLedger(path: configuration.resolvedLedgerPath)
+        self.logger = logger
+    }
+
+    /// The manifests this runtime appends to the registry.
+    public var manifests: [HandlerManifest] {
+        (try? Self.manifests(configuration: configuration, handlers: handlers)) ?? []
+    }
+
+    static func manifests(configuration: RunnerConfiguration, handlers: [HandlerDescriptor]) throws -> [HandlerManifest] {
+        for h in handlers { try h.validate() }
+        return handlers.map { h in
+            let q = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
+            return HandlerManifest(
+                service: configuration.service, handler: h.name, queue: q.main, deadLetterQueue: q.deadLetter,
+                retryQueues: h.retryPolicy.tiers.map { q.retry(delay: $0) }, exchange: configuration.exchange,
+                consumes: h.inputType, acceptedVersions: h.acceptedVersions.sorted(), emits: h.emitTypes,
+                maxAttempts: h.retryPolicy.maxAttempts, host: ProcessInfo.processInfo.hostName,
+                pid: ProcessInfo.processInfo.processIdentifier, startedAt: Date())
+        }
+    }
+
+    public func run() async throws {
+        // One replica per SQLite ledger: leases left by an earlier incarnation of this process are void.
+        for h in handlers { try await ledger.releaseAllLeases(handler: h.name) }
+        _ = try? await ledger.prune(completedBefore: Date().addingTimeInterval(-configuration.retention.seconds))
+        var backoff = configuration.reconnectBackoff.initial
+        try await withGracefulShutdownHandler {
+            while !isShuttingDown {
+                do {
+                    try await runConnected()
+                    backoff = configuration.reconnectBackoff.initial
+                } catch is CancellationError {
+                    break
+                } catch {
+                    if isShuttingDown { break }
+                    logger.warning("broker connection lost; reconnecting", metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                    let jittered = Double.random(in: 0...backoff.seconds)
+                    try? await Task.sleep(for: .seconds(max(0.05, jittered)))
+                    backoff = min(backoff * 2, configuration.reconnectBackoff.maximum)
+                }
+            }
+        } onGracefulShutdown: {
+            self.beginShutdown()
+        }
+    }
+
+    /// Waits until the runtime consumes (after each reconnect, too). For tests and readiness probes.
+    public func waitUntilReady() async {
+        await withCheckedContinuation { continuation in
+            let isReady = ready.withLock { $0 }
+            if isReady { continuation.resume(); return }
+            readiness.withLock { $0.append(continuation) }
+        }
+    }
+
+    /// Stops consuming and lets in-flight work finish; `run()` then returns.
+    public func beginShutdown() {
+        shuttingDown.withLock { $0 = true }
+        let current = consumers.withLock { $0 }
+        Task { for c in current { try? await c.cancel() } }
+    }
+
+    private var isShuttingDown: Bool { shuttingDown.withLock { $0 } }
+
+    private func runConnected() async throws {
+        var amqp = try AMQPConfiguration(url: configuration.url)
+        amqp.connectionName = "\(configuration.service) consumer"
+        let consumerConnection = try await AMQPConnection.connect(to: amqp, logger: logger)
+        amqp.connectionName = "\(configuration.service) publisher"
+        let publisherConnection: AMQPConnection
+        do { publisherConnection = try await AMQPConnection.connect(to: amqp, logger: logger) } catch {
+            await consumerConnection.close()
+            throw error
+        }
+        defer {
+            ready.withLock { $0 = false }
+            Task {
+                await consumerConnection.close()
+                await publisherConnection.close()
+            }
+        }
+        let publisher = try await publisherConnection.openChannel()
+        try await publisher.enableConfirms()
+        let topology = Topology(exchange: configuration.exchange, deliveryLimit: configuration.deliveryLimit)
+        for h in handlers {
+            try await topology.declare(h, queues: .init(service: configuration.service, handler: h.name), on: publisher)
+        }
+        try await Topology.declareRegistry(on: publisher)
+        try await appendManifests(publisher)
+
+        let owner = "\(ProcessInfo.processInfo.hostName)/\(ProcessInfo.processInfo.processIdentifier)/\(UUID().uuidString.prefix(8))"
+        var started: [(HandlerRunner, AMQPConsumer, Int)] = []
+        for h in handlers {
+            let queues = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
+            let channel = try await consumerConnection.openChannel()
+            let concurrency = h.concurrency ?? configuration.concurrency
+            try await channel.setPrefetch(UInt16(clamping: max(configuration.resolvedPrefetch, concurrency)))
+            let consumer = try await channel.consume(queue: queues.main)
+            let runner = HandlerRunner(service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
+                                       ledger: ledger, publisher: publisher, owner: owner,
+                                       leaseDuration: configuration.leaseDuration, logger: logger)
+            started.append((runner, consumer, concurrency))
+        }
+        consumers.withLock { $0 = started.map(\.1) }
+        if isShuttingDown { for (_, c, _) in started { try? await c.cancel() } }
+        ready.withLock { $0 = true }
+        for waiter in readiness.withLock({ w -> [CheckedContinuation<Void, Never>] in defer { w = [] }; return w }) { waiter.resume() }
+        logger.info("consuming", metadata: ["service": "\(configuration.service)", "handlers": "\(handlers.map(\.name))"])
+
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (runner, consumer, concurrency) in started {
+                group.addTask { try await self.consume(consumer, with: runner, concurrency: concurrency) }
+            }
+            // Either connection ending ends this incarnation; the loop in run() reconnects.
+            group.addTask {
+                let reason = await publisherConnection.closed()
+                if !self.isShuttingDown { throw reason }
+            }
+            group.addTask {
+                let reason = await consumerConnection.closed()
+                if !self.isShuttingDown { throw reason }
+            }
+            // Consumers end on shutdown (cancel) or on connection loss (throw).
+            for _ in started { try await group.next() }
+            group.cancelAll()
+        }
+    }
+
+    private func consume(_ consumer: AMQPConsumer, with runner: HandlerRunner, concurrency: Int) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var inFlight = 0
+            do {
+                for try await delivery in consumer {
+                    if isShuttingDown { break } // never started: the broker requeues it when the channel closes
+                    if inFlight >= concurrency {
+                        try await group.next()
+                        inFlight -= 1
+                    }
+                    inFlight += 1
+                    group.addTask { await runner.process(delivery) }
+                }
+            } catch {
+                await drain(&group, inFlight: inFlight)
+                throw error
+            }
+            await drain(&group, inFlight: inFlight)
+        }
+    }
+
+    /// Waits for in-flight invocations to publish and ack, at most `shutdownTimeout`; then cancels the rest.
+    private func drain(_ group: inout ThrowingTaskGroup<Void, Error>, inFlight: Int) async {
+        let timeout = configuration.shutdownTimeout
+        group.addTask {
+            try await Task.sleep(for: timeout)
+            throw CancellationError()
+        }
+        var remaining = inFlight
+        while remaining > 0 {
+            do {
+                try await group.next()
+                remaining -= 1
+            } catch {
+                logger.warning("shutdown timeout: \(remaining) invocations did not finish; their events will be redelivered")
+                break
+            }
+        }
+        group.cancelAll()
+    }
+
+    private func appendManifests(_ channel: AMQPChannel) async throws {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        let messages = try manifests.map { m in
+            AMQPOutgoingMessage(
+                exchange: "", routingKey: WireNames.registryStream, body: try encoder.encode(m),
+                properties: AMQPProperties(contentType: "application/json", headers: [
+                    "choreo-manifest-service": .string(m.service), "choreo-manifest-handler": .string(m.handler),
+                ], deliveryMode: 2, timestamp: UInt64(Date().timeIntervalSince1970), type: "choreo.manifest"))
+        }
+        for result in await channel.publish(contentsOf: messages) { try result.get() }
+    }
+}

@@ -1,0 +1,184 @@
+import ChoreoAMQP
+import Foundation
+
+/// Why an incoming message is not a usable CloudEvent. Never retried: retrying cannot fix it.
+public struct EnvelopeDecodingError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
+}
+
+/// CloudEvents 1.0 over AMQP 0-9-1: binary mode out, binary or structured mode in.
+///
+/// Binary mode: body = `data`, `content_type` = `datacontenttype`, every other attribute a string
+/// header with the `cloudEvents_` prefix (`cloudEvents:` accepted on input); `message_id` mirrors
+/// `id`, `type` mirrors `type`, `timestamp` mirrors `time`; persistent delivery.
+/// Structured mode (`application/cloudevents+json`) is accepted on input.
+public enum EnvelopeCodec {
+    /// The AMQP message for an envelope. `extraHeaders` (retry and dead-letter metadata) are added as they are.
+    public static func encode(_ e: EventEnvelope, exchange: String, routingKey: String? = nil,
+                              extraHeaders: [String: String] = [:]) -> AMQPOutgoingMessage {
+        typealias CE = WireNames.CloudEvents
+        var headers = AMQPTable()
+        func put(_ name: String, _ value: String?) {
+            if let value { headers[CE.prefix + name] = .string(value) }
+        }
+        put(CE.id, e.id)
+        put(CE.source, e.source)
+        put(CE.specVersion, e.specVersion)
+        put(CE.type, e.type)
+        put(CE.time, e.time.map(Timestamps.format))
+        put(CE.subject, e.subject)
+        put(CE.dataSchema, e.dataSchema)
+        put(CE.dataVersion, String(e.dataVersion))
+        put(CE.correlationID, e.correlationID)
+        put(CE.causationID, e.causationID)
+        put(CE.traceparent, e.traceparent)
+        put(CE.idempotencyKey, e.idempotencyKey)
+        for (k, v) in e.extensions { put(k, v) }
+        for (k, v) in extraHeaders { headers[k] = .string(v) }
+        let properties = AMQPProperties(
+            contentType: e.dataContentType, headers: headers, deliveryMode: 2, messageID: e.id,
+            timestamp: e.time.map { UInt64(max(0, $0.timeIntervalSince1970)) }, type: e.type)
+        return AMQPOutgoingMessage(exchange: exchange, routingKey: routingKey ?? e.type, body: e.data, properties: properties)
+    }
+
+    /// Reads a delivery as a CloudEvent. - Throws: ``EnvelopeDecodingError`` with a reason a person can act on.
+    public static func decode(_ delivery: AMQPDelivery) throws(EnvelopeDecodingError) -> EventEnvelope {
+        try decode(body: delivery.body, properties: delivery.properties)
+    }
+
+    public static func decode(body: Data, properties: AMQPProperties) throws(EnvelopeDecodingError) -> EventEnvelope {
+        let contentType = properties.contentType?.lowercased()
+        if let contentType, contentType.hasPrefix(WireNames.CloudEvents.structuredContentType) {
+            return try decodeStructured(body)
+        }
+        return try decodeBinary(body: body, properties: properties)
+    }
+
+    private static func decodeBinary(body: Data, properties: AMQPProperties) throws(EnvelopeDecodingError) -> EventEnvelope {
+        typealias CE = WireNames.CloudEvents
+        var attributes: [String: String] = [:]
+        for (name, value) in properties.headers ?? [:] {
+            let attribute: String
+            if name.hasPrefix(CE.prefix) { attribute = String(name.dropFirst(CE.prefix.count)) }
+            else if name.hasPrefix(CE.legacyPrefix) { attribute = String(name.dropFirst(CE.legacyPrefix.count)) }
+            else { continue }
+            guard let text = stringValue(value) else {
+                throw EnvelopeDecodingError("header '\(name)' has AMQP type \(typeName(value)), expected a string")
+            }
+            attributes[attribute.lowercased()] = text
+        }
+        // message_id and type mirror the attributes; accept them when a plain AMQP client sent only those.
+        if attributes[CE.id] == nil, let id = properties.messageID, !id.isEmpty { attributes[CE.id] = id }
+        if attributes[CE.type] == nil, let type = properties.type, !type.isEmpty { attributes[CE.type] = type }
+        return try envelope(from: attributes, data: body, contentType: properties.contentType)
+    }
+
+    private static func decodeStructured(_ body: Data) throws(EnvelopeDecodingError) -> EventEnvelope {
+        let object: [String: Any]
+        do {
+            guard let o = try JSONSerialization.jsonObject(with: body) as? [String: Any] else {
+                throw EnvelopeDecodingError("structured CloudEvent is not a JSON object")
+            }
+            object = o
+        } catch let e as EnvelopeDecodingError {
+            throw e
+        } catch {
+            throw EnvelopeDecodingError("structured CloudEvent is not valid JSON")
+        }
+        var attributes: [String: String] = [:]
+        for (k, v) in object where k != "data" && k != "data_base64" {
+            switch v {
+            case let s as String: attributes[k.lowercased()] = s
+            case let n as NSNumber: attributes[k.lowercased()] = n.stringValue
+            default: throw EnvelopeDecodingError("structured CloudEvent attribute '\(k)' is not a string")
+            }
+        }
+        var data = Data()
+        if let b64 = object["data_base64"] as? String {
+            guard let d = Data(base64Encoded: b64) else { throw EnvelopeDecodingError("data_base64 is not valid base64") }
+            data = d
+        } else if let value = object["data"] {
+            if let s = value as? String, let ct = attributes[WireNames.CloudEvents.dataContentType], !isJSON(ct) {
+                data = Data(s.utf8)
+            } else {
+                do { data = try JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .sortedKeys]) }
+                catch { throw EnvelopeDecodingError("structured CloudEvent data cannot be re-encoded") }
+            }
+        }
+        return try envelope(from: attributes, data: data, contentType: attributes[WireNames.CloudEvents.dataContentType] ?? "application/json")
+    }
+
+    private static func envelope(from a: [String: String], data: Data, contentType: String?) throws(EnvelopeDecodingError) -> EventEnvelope {
+        typealias CE = WireNames.CloudEvents
+        func required(_ name: String) throws(EnvelopeDecodingError) -> String {
+            guard let v = a[name], !v.isEmpty else { throw EnvelopeDecodingError("missing required CloudEvents attribute '\(name)'") }
+            return v
+        }
+        let id = try required(CE.id)
+        let type = try required(CE.type)
+        let source = a[CE.source] ?? "unknown"
+        let spec = a[CE.specVersion] ?? "1.0"
+        guard spec == "1.0" else { throw EnvelopeDecodingError("unsupported CloudEvents specversion '\(spec)', expected 1.0") }
+        var time: Date?
+        if let t = a[CE.time] {
+            guard let parsed = Timestamps.parse(t) else { throw EnvelopeDecodingError("attribute 'time' is not an RFC 3339 timestamp: '\(t)'") }
+            time = parsed
+        }
+        var version = 1
+        if let v = a[CE.dataVersion] {
+            guard let n = Int(v), n > 0 else { throw EnvelopeDecodingError("attribute 'dataversion' is not a positive integer: '\(v)'") }
+            version = n
+        }
+        let known: Set<String> = [CE.id, CE.type, CE.source, CE.specVersion, CE.time, CE.subject, CE.dataContentType,
+                                  CE.dataSchema, CE.dataVersion, CE.correlationID, CE.causationID, CE.traceparent,
+                                  CE.idempotencyKey]
+        var e = EventEnvelope(
+            id: id, source: source, type: type, time: time, subject: a[CE.subject], dataContentType: contentType,
+            dataSchema: a[CE.dataSchema], dataVersion: version, correlationID: a[CE.correlationID],
+            causationID: a[CE.causationID], traceparent: a[CE.traceparent], idempotencyKey: a[CE.idempotencyKey],
+            extensions: a.filter { !known.contains($0.key) }, data: data)
+        e.specVersion = spec
+        return e
+    }
+
+    static func isJSON(_ contentType: String) -> Bool {
+        let base = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        return base == "application/json" || base.hasSuffix("+json") || base == "text/json"
+    }
+
+    private static func stringValue(_ v: AMQPFieldValue) -> String? {
+        switch v {
+        case .string(let s): return s
+        case .bytes(let b): return String(validating: b, as: UTF8.self)
+        default: return nil
+        }
+    }
+
+    static func typeName(_ v: AMQPFieldValue) -> String {
+        switch v {
+        case .bool: return "boolean"
+        case .int8, .uint8, .int16, .uint16, .int32, .uint32, .int64: return "integer"
+        case .float, .double, .decimal: return "number"
+        case .string: return "string"
+        case .bytes: return "byte array"
+        case .timestamp: return "timestamp"
+        case .table: return "table"
+        case .array: return "array"
+        case .void: return "void"
+        }
+    }
+}
+
+/// RFC 3339 timestamps as CloudEvents writes them.
+public enum Timestamps {
+    public static func format(_ date: Date) -> String {
+        date.formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
+    }
+
+    public static func parse(_ text: String) -> Date? {
+        if let d = try? Date(text, strategy: Date.ISO8601FormatStyle(includingFractionalSeconds: true)) { return d }
+        return try? Date(text, strategy: Date.ISO8601FormatStyle())
+    }
+}

@@ -1,0 +1,76 @@
+import Crypto
+import Foundation
+import Logging
+import Synchronization
+
+/// What a handler invocation knows about its event, and where it emits new ones.
+///
+/// Emitted events are buffered: they are recorded in the ledger together with the completion of
+/// this event and published after the commit, so they go out exactly when the effect counts. Their
+/// ids derive from the input's id, the handler and the emit index: a re-run emits the same ids.
+public final class HandlerContext: Sendable {
+    /// The input event's envelope.
+    public let envelope: EventEnvelope
+    /// 1 for the first attempt, 2 for the first retry, ...
+    public let attempt: Int
+    /// The key this invocation is deduplicated by; pass it to external APIs as their idempotency key.
+    public let idempotencyKey: String
+    /// Carries `event.id`, `event.type` and `handler` as metadata.
+    public let logger: Logger
+    let handlerName: String
+    let source: String
+    let exchange: String
+    let allowedTypes: Set<String>
+    private let buffer = Mutex<[OutboxMessage]>([])
+
+    init(envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
+         source: String, exchange: String, allowedTypes: Set<String>) {
+        self.envelope = envelope
+        self.attempt = attempt
+        self.idempotencyKey = idempotencyKey
+        self.logger = logger
+        self.handlerName = handlerName
+        self.source = source
+        self.exchange = exchange
+        self.allowedTypes = allowedTypes
+    }
+
+    public var eventID: String { envelope.id }
+    /// The correlation id of the flow (the first event's id when nobody set one).
+    public var correlationID: String { envelope.correlationID ?? envelope.id }
+
+    /// Buffers an event to publish once this invocation commits.
+    ///
+    /// - Parameters:
+    ///   - idempotencyKey: a key downstream handlers deduplicate by instead of the event id.
+    ///   - subject: the CloudEvents `subject` (e.g. the order id).
+    /// - Throws: ``ConfigurationError`` when the handler did not declare this type in `emits`.
+    public func emit<E: Event>(_ event: E, idempotencyKey: String? = nil, subject: String? = nil) throws {
+        guard allowedTypes.contains(E.eventType) else {
+            throw NonRetryable(ConfigurationError(
+                "handler \(handlerName) emitted '\(E.eventType)', which it does not declare in `emits`"))
+        }
+        let data = try JSONCoding.encoder.encode(event)
+        buffer.withLock { buffer in
+            let index = buffer.count
+            var e = EventEnvelope(
+                id: Self.derivedID(input: envelope.id, handler: handlerName, index: index), source: source, type: E.eventType,
+                subject: subject, dataVersion: E.schemaVersion, correlationID: correlationID, causationID: envelope.id,
+                traceparent: envelope.traceparent, idempotencyKey: idempotencyKey, data: data)
+            e.time = Date()
+            buffer.append(OutboxMessage(index: index, envelope: e, exchange: exchange, routingKey: E.eventType))
+        }
+    }
+
+    var emitted: [OutboxMessage] { buffer.withLock { $0 } }
+
+    /// A UUID-shaped id from SHA-256 of (input id, handler, index): the same inputs give the same id.
+    static func derivedID(input: String, handler: String, index: Int) -> String {
+        var bytes = Array(SHA256.hash(data: Data("\(input)\u{0}\(handler)\u{0}\(index)".utf8)).prefix(16))
+        bytes[6] = (bytes[6] & 0x0F) | 0x50 // version 5 layout (name-based, SHA)
+        bytes[8] = (bytes[8] & 0x3F) | 0x80
+        let hex = bytes.map { String(format: "%02x", $0) }.joined()
+        let p = Array(hex)
+        return "\(String(p[0..<8]))-\(String(p[8..<12]))-\(String(p[12..<16]))-\(String(p[16..<20]))-\(String(p[20..<32]))"
+    }
+}

@@ -1,0 +1,94 @@
+import Foundation
+
+/// A handler with its input type erased, as the runner drives it.
+struct HandlerDescriptor: Sendable {
+    /// A decoded input, ready to run.
+    struct Prepared: Sendable {
+        var key: String?
+        var run: @Sendable (HandlerContext) async throws -> Void
+    }
+
+    let name: String
+    let inputType: String
+    let inputVersion: Int
+    let acceptedVersions: Set<Int>
+    let emitTypes: [String]
+    let retryPolicy: RetryPolicy
+    let concurrency: Int?
+    /// Decodes (upcasting when needed) and binds the handler. Throws ``EventRejection`` for input no retry can fix.
+    let prepare: @Sendable (EventEnvelope) throws(EventRejection) -> Prepared
+
+    init<H: EventHandler>(_ handler: H) {
+        name = handler.name
+        inputType = H.Input.eventType
+        inputVersion = H.Input.schemaVersion
+        acceptedVersions = handler.acceptedVersions
+        emitTypes = handler.emits.map { $0.eventType }
+        retryPolicy = handler.retryPolicy
+        concurrency = handler.concurrency
+        prepare = { envelope throws(EventRejection) in
+            guard envelope.type == H.Input.eventType else {
+                throw EventRejection(errorType: "UnknownEventType",
+                                     message: "event type '\(envelope.type)' is not handled by \(handler.name) (it handles '\(H.Input.eventType)')")
+            }
+            if let ct = envelope.dataContentType, !EnvelopeCodec.isJSON(ct) {
+                throw EventRejection(errorType: "UnsupportedContentType",
+                                     message: "content type '\(ct)' is not JSON; \(handler.name) decodes application/json")
+            }
+            var data = envelope.data
+            if !handler.acceptedVersions.contains(envelope.dataVersion) {
+                do {
+                    data = try handler.upcast(data, from: envelope.dataVersion)
+                } catch {
+                    throw EventRejection(errorType: "UnsupportedVersion", message: String(describing: error))
+                }
+            }
+            if data.isEmpty {
+                throw EventRejection(errorType: "DecodingError", message: "empty body: expected a JSON '\(H.Input.eventType)' event")
+            }
+            let event: H.Input
+            do {
+                event = try JSONCoding.decoder.decode(H.Input.self, from: data)
+            } catch let error as DecodingError {
+                throw EventRejection(errorType: "DecodingError", message: Self.describe(error, type: H.Input.eventType))
+            } catch {
+                throw EventRejection(errorType: "DecodingError", message: "body is not valid JSON: \(error)")
+            }
+            return Prepared(key: handler.idempotencyKey(for: event, envelope: envelope)) { context in
+                try await handler.handle(event, context: context)
+            }
+        }
+    }
+
+    func validate() throws {
+        let allowed = Set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+        guard !name.isEmpty, name.allSatisfy({ allowed.contains($0) }) else {
+            throw ConfigurationError("handler name '\(name)' must be lowercase letters, digits, '-' or '_'")
+        }
+        try retryPolicy.validate(handler: name)
+    }
+
+    static func describe(_ error: DecodingError, type: String) -> String {
+        func path(_ c: [CodingKey]) -> String { c.isEmpty ? "the top level" : c.map(\.stringValue).joined(separator: ".") }
+        switch error {
+        case .dataCorrupted(let c):
+            if c.codingPath.isEmpty { return "body is not valid JSON (or not UTF-8): \(c.debugDescription)" }
+            return "invalid value at \(path(c.codingPath)) in '\(type)': \(c.debugDescription)"
+        case .keyNotFound(let key, let c):
+            return "JSON does not match '\(type)': missing key '\(path(c.codingPath + [key]))'"
+        case .typeMismatch(let t, let c):
+            return "JSON does not match '\(type)': expected \(t) at \(path(c.codingPath))"
+        case .valueNotFound(let t, let c):
+            return "JSON does not match '\(type)': null where \(t) is required at \(path(c.codingPath))"
+        @unknown default:
+            return "JSON does not match '\(type)': \(error)"
+        }
+    }
+}
+
+/// Input that no retry can fix; dead-lettered at once.
+struct EventRejection: Error, CustomStringConvertible {
+    var errorType: String
+    var message: String
+    var description: String { message }
+}

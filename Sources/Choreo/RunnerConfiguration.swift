@@ -1,0 +1,48 @@
+import ChoreoAMQP
+import Foundation
+
+/// Settings of a handler service, with documented defaults; filled from flags and environment by
+/// ``Choreo/run(service:handlers:arguments:)`` or set in code.
+public struct RunnerConfiguration: Sendable {
+    /// The service name, part of queue names (`choreo.<service>.<handler>`).
+    public var service: String
+    /// Broker URL; default `amqp://guest:guest@127.0.0.1:5672/` (`CHOREO_URL`).
+    public var url: String = "amqp://guest:guest@127.0.0.1:5672/"
+    /// SQLite ledger file; default `./<service>.ledger.sqlite` (`CHOREO_LEDGER`).
+    public var ledgerPath: String?
+    /// Concurrent handler invocations per handler, unless the handler sets its own. Default 16.
+    public var concurrency: Int = 16
+    /// Unacknowledged deliveries per handler; default twice the concurrency.
+    public var prefetch: Int?
+    /// The mesh's topic exchange. Default `choreo.events`.
+    public var exchange: String = WireNames.defaultExchange
+    /// Broker-side delivery limit of each handler queue (process crashes included). Default 10.
+    public var deliveryLimit: Int = 10
+    /// How long a claim stays valid without renewal. Default 60 s.
+    public var leaseDuration: Duration = .seconds(60)
+    /// Completed keys older than this are pruned. Default 7 days.
+    public var retention: Duration = .seconds(7 * 24 * 3600)
+    /// Bound on finishing in-flight work at shutdown. Default 30 s.
+    public var shutdownTimeout: Duration = .seconds(30)
+    /// First and largest pause between reconnect attempts (with full jitter). Default 0.5 s and 30 s.
+    public var reconnectBackoff: (initial: Duration, maximum: Duration) = (.milliseconds(500), .seconds(30))
+
+    public init(service: String) {
+        self.service = service
+    }
+
+    public var resolvedLedgerPath: String { ledgerPath ?? "./\(service).ledger.sqlite" }
+    public var resolvedPrefetch: Int { prefetch ?? max(1, concurrency * 2) }
+
+    public func validate() throws {
+        let allowed = Set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+        guard !service.isEmpty, service.allSatisfy({ allowed.contains($0) }) else {
+            throw ConfigurationError("service name '\(service)' must be lowercase letters, digits, '-' or '_'")
+        }
+        guard (1...10_000).contains(concurrency) else { throw ConfigurationError("--concurrency must be 1 to 10000") }
+        if let prefetch, !(1...65_535).contains(prefetch) { throw ConfigurationError("--prefetch must be 1 to 65535") }
+        guard deliveryLimit >= 1 else { throw ConfigurationError("--delivery-limit must be at least 1") }
+        guard leaseDuration >= .seconds(1) else { throw ConfigurationError("the lease must be at least 1 s") }
+        do { try AMQPConfiguration(url: url).validate() } catch { throw ConfigurationError("--url: \(error)") }
+    }
+}

@@ -1,0 +1,88 @@
+@testable import Choreo
+import ChoreoAMQP
+import Foundation
+import Testing
+
+@Suite("Delivery protocol with real handler processes", .serialized, .timeLimit(.minutes(5)))
+struct DeliveryProtocolTests {
+    @Test("events flow through a handler to a downstream handler, each effect once; a duplicate publish gives one effect")
+    func happyPathAndDuplicate() async throws {
+        let mesh = try Mesh()
+        let connection = try await Broker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let ping = try mesh.start("ping")
+        let sink = try mesh.start("sink")
+        defer { ping.terminate(); sink.terminate() }
+        // The services declare their queues on start; wait until the ping queue has its consumer.
+        try await waitForConsumer(mesh.pingQueues.main, channel: channel)
+        try await waitForConsumer("choreo.\(mesh.sinkService).sink", channel: channel)
+
+        let ids = try await mesh.publishPings((0..<20).map { Ping(n: $0) }, on: channel)
+        // The same event (same id) published again: a broker-level duplicate.
+        try await mesh.publishPings([Ping(n: 0)], on: channel, ids: [ids[0]])
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("sink") }, until: { $0 >= 20 })
+        #expect(gateway.effects("ping") == 20)
+        #expect(gateway.requests("ping") == 20, "the duplicate must not run the handler again")
+        #expect(gateway.effectKeys("ping") == Set(ids))
+        // Downstream: each emitted pong has the deterministic id and ran the sink once.
+        let expectedPongs = Set(ids.map { HandlerContext.derivedID(input: $0, handler: "ping", index: 0) })
+        #expect(gateway.effectKeys("sink") == expectedPongs)
+        #expect(gateway.requests("sink") == 20)
+    }
+
+    @Test("a handler that fails twice then succeeds runs three times and takes effect once")
+    func failsTwiceThenSucceeds() async throws {
+        let mesh = try Mesh()
+        let connection = try await Broker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await mesh.declare(on: channel)
+        let ids = try await mesh.publishPings([Ping(n: 1, failTimes: 2)], on: channel)
+        let ping = try mesh.start("ping")
+        defer { ping.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 1 })
+        #expect(gateway.attempts("ping", key: ids[0]) == [3])
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+    }
+
+    @Test("retries exhausted end in the dead-letter queue with the failure metadata")
+    func retriesExhausted() async throws {
+        let mesh = try Mesh()
+        let connection = try await Broker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await mesh.declare(on: channel)
+        let ids = try await mesh.publishPings([Ping(n: 7, failTimes: 99)], on: channel)
+        let ping = try mesh.start("ping")
+        defer { ping.terminate() }
+        await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 1 })
+        let letters = try await peek(queue: mesh.pingQueues.deadLetter, expecting: 1, connection: connection)
+        #expect(letters.count == 1)
+        let h = letters.first?.properties.headers ?? [:]
+        typealias W = WireNames.Headers
+        #expect(h[W.deadLetterHandler] == .string("ping"))
+        #expect(h[W.deadLetterService] == .string(mesh.pingService))
+        #expect(h[W.deadLetterErrorType] == .string("GatewayError"))
+        #expect(h[W.deadLetterErrorMessage] == .string("gateway unavailable (attempt 3)"))
+        #expect(h[W.deadLetterAttempts] == .string("3"))
+        #expect(h[W.deadLetterOriginalExchange] == .string(mesh.exchange))
+        #expect(h[W.deadLetterOriginalRoutingKey] == .string("test.ping"))
+        let first = h[W.deadLetterFirstFailure]?.stringValue.flatMap(Timestamps.parse)
+        let last = h[W.deadLetterLastFailure]?.stringValue.flatMap(Timestamps.parse)
+        #expect(first != nil && last != nil && first! <= last!)
+        #expect(h["cloudEvents_id"] == .string(ids[0]))
+        #expect(try mesh.gateway().effects("ping") == 0)
+    }
+
+    /// Waits until a queue exists and has a consumer.
+    private func waitForConsumer(_ queue: String, channel: AMQPChannel) async throws {
+        let info = await eventually({ try? await channel.declareQueuePassive(queue) }, until: { ($0?.consumerCount ?? 0) > 0 })
+        try #require((info?.consumerCount ?? 0) > 0, "no consumer on \(queue)")
+    }
+}

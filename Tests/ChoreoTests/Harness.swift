@@ -1,0 +1,219 @@
+@testable import Choreo
+import ChoreoAMQP
+import Foundation
+import GRDB
+import Testing
+
+/// The broker the integration tests use (started by scripts/test.sh).
+enum Broker {
+    static var url: String { ProcessInfo.processInfo.environment["CHOREO_TEST_URL"] ?? "amqp://guest:guest@127.0.0.1:5673/" }
+    static var nodeName: String { ProcessInfo.processInfo.environment["CHOREO_TEST_BROKER_NAME"] ?? "choreo-test" }
+
+    static func connect() async throws -> AMQPConnection {
+        do { return try await AMQPConnection.connect(to: try AMQPConfiguration(url: url)) } catch {
+            Issue.record("the test broker at \(url) is not reachable (scripts/test.sh starts it): \(error)")
+            throw error
+        }
+    }
+
+    /// Runs `scripts/broker.sh ctl <node> ARGS` (stop_app, start_app).
+    static func ctl(_ args: String...) throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let p = Process()
+        p.executableURL = root.appendingPathComponent("scripts/broker.sh")
+        p.arguments = ["ctl", nodeName] + args
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw ConfigurationError("broker.sh ctl \(args) exited \(p.terminationStatus)") }
+    }
+}
+
+/// One isolated mesh per test: its own exchange, service names and files.
+struct Mesh {
+    let id = UUID().uuidString.prefix(8).lowercased()
+    let directory: URL
+    var exchange: String { "test.mesh.\(id)" }
+    var pingService: String { "ping-\(id)" }
+    var sinkService: String { "sink-\(id)" }
+    var gatewayPath: String { directory.appendingPathComponent("gateway.sqlite").path }
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("choreo-test-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    var pingQueues: WireNames.HandlerQueues { .init(service: pingService, handler: "ping") }
+
+    /// Starts the fixture service as a real process.
+    func start(_ role: String, environment extra: [String: String] = [:]) throws -> ServiceProcess {
+        let service = role == "sink" ? sinkService : pingService
+        var env = ProcessInfo.processInfo.environment
+        env["FIXTURE_ROLE"] = role
+        env["FIXTURE_SERVICE"] = service
+        env["FIXTURE_GATEWAY"] = gatewayPath
+        env["FIXTURE_RETRY_MS"] = "200"
+        env["CHOREO_LOG_LEVEL"] = "warning"
+        for (k, v) in extra { env[k] = v }
+        let log = directory.appendingPathComponent("\(role).log")
+        return try ServiceProcess(arguments: [
+            "--url", Broker.url, "--exchange", exchange, "--ledger", directory.appendingPathComponent("\(role).ledger.sqlite").path,
+            "--concurrency", "8",
+        ], environment: env, log: log)
+    }
+
+    /// Publishes test.ping events through the mesh's exchange, with confirms; returns their ids.
+    @discardableResult
+    func publishPings(_ pings: [Ping], on channel: AMQPChannel, ids: [String]? = nil) async throws -> [String] {
+        var out: [String] = []
+        var messages: [AMQPOutgoingMessage] = []
+        for (i, ping) in pings.enumerated() {
+            let envelope = try EventEnvelope(ping, source: "test", id: ids?[i] ?? UUID().uuidString.lowercased())
+            out.append(envelope.id)
+            messages.append(EnvelopeCodec.encode(envelope, exchange: exchange))
+        }
+        for r in await channel.publish(contentsOf: messages) { try r.get() }
+        return out
+    }
+
+    /// Declares the topology the services would, so events published before they start are kept.
+    func declare(on channel: AMQPChannel) async throws {
+        let topology = Topology(exchange: exchange, deliveryLimit: 10)
+        try await topology.declare(HandlerDescriptor(PingTestHandler()), queues: pingQueues, on: channel)
+    }
+
+    func gateway() throws -> GatewayView { try GatewayView(path: gatewayPath) }
+}
+
+/// The fixture's payload types, mirrored for publishing.
+struct Ping: Event {
+    static let eventType = "test.ping"
+    var n: Int
+    var failTimes: Int?
+    var poison: Bool?
+    var workMilliseconds: Int?
+}
+
+struct Pong: Event {
+    static let eventType = "test.pong"
+    var n: Int
+}
+
+/// Same name, input and retry policy as the fixture's ping handler, for declaring its topology from tests.
+struct PingTestHandler: EventHandler {
+    let name = "ping"
+    var retryPolicy: RetryPolicy { RetryPolicy(maxAttempts: 3, delays: [.milliseconds(200)]) }
+    func handle(_ event: Ping, context: HandlerContext) async throws {}
+}
+
+/// Reads what the fixture recorded in its fake gateway.
+struct GatewayView {
+    let path: String
+    init(path: String) throws { self.path = path }
+
+    private func read<T>(_ body: (Database) throws -> T) throws -> T {
+        guard FileManager.default.fileExists(atPath: path) else { throw ConfigurationError("no gateway yet") }
+        let q = try DatabaseQueue(path: path)
+        return try q.read(body)
+    }
+
+    func effects(_ handler: String) -> Int {
+        (try? read { try Int.fetchOne($0, sql: "SELECT count(*) FROM effects WHERE handler = ?", arguments: [handler]) ?? 0 }) ?? 0
+    }
+
+    func requests(_ handler: String) -> Int {
+        (try? read { try Int.fetchOne($0, sql: "SELECT count(*) FROM requests WHERE handler = ?", arguments: [handler]) ?? 0 }) ?? 0
+    }
+
+    func effectKeys(_ handler: String) -> Set<String> {
+        Set((try? read { try String.fetchAll($0, sql: "SELECT key FROM effects WHERE handler = ?", arguments: [handler]) }) ?? [])
+    }
+
+    func attempts(_ handler: String, key: String) -> [Int] {
+        (try? read { try Int.fetchAll($0, sql: "SELECT attempt FROM requests WHERE handler = ? AND key = ? ORDER BY attempt",
+                                      arguments: [handler, key]) }) ?? []
+    }
+}
+
+/// A fixture service running as a child process.
+final class ServiceProcess: @unchecked Sendable {
+    let process = Process()
+    let log: URL
+
+    init(arguments: [String], environment: [String: String], log: URL) throws {
+        self.log = log
+        let binary = Self.productsDirectory.appendingPathComponent("ChoreoTestService")
+        process.executableURL = binary
+        process.arguments = arguments
+        process.environment = environment
+        FileManager.default.createFile(atPath: log.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: log)
+        handle.seekToEndOfFile()
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+    }
+
+    static var productsDirectory: URL {
+        // The test bundle sits in the products directory next to the fixture executable.
+        for bundle in Bundle.allBundles where bundle.bundlePath.hasSuffix(".xctest") {
+            return bundle.bundleURL.deletingLastPathComponent()
+        }
+        return URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    }
+
+    var isRunning: Bool { process.isRunning }
+    var exitStatus: Int32 { process.terminationStatus }
+    var output: String { (try? String(contentsOf: log, encoding: .utf8)) ?? "" }
+
+    func terminate() { if process.isRunning { process.terminate() } }
+    func kill9() { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+
+    /// Waits for the process to exit, up to `seconds`; returns whether it did.
+    func waitForExit(seconds: Double) async -> Bool {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while process.isRunning && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+        return !process.isRunning
+    }
+
+    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+}
+
+/// Polls a condition until it holds or `seconds` pass; returns the last value seen.
+@discardableResult
+func eventually<T>(within seconds: Double = 30, _ what: () async throws -> T, until done: (T) -> Bool) async rethrows -> T {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    var value = try await what()
+    while !done(value) && ContinuousClock.now < deadline {
+        try? await Task.sleep(for: .milliseconds(100))
+        value = try await what()
+    }
+    return value
+}
+
+/// Reads every message in a queue without removing it (consume, collect, then close the channel to requeue).
+func peek(queue: String, expecting count: Int, connection: AMQPConnection, seconds: Double = 20) async throws -> [AMQPDelivery] {
+    let channel = try await connection.openChannel()
+    try await channel.setPrefetch(UInt16(clamping: max(count, 1) + 10))
+    let consumer = try await channel.consume(queue: queue)
+    var collected: [AMQPDelivery] = []
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    let box = Collected()
+    let reader = Task {
+        for try await d in consumer { box.append(d) }
+    }
+    while box.count < count && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+    collected = box.items
+    reader.cancel()
+    await channel.close()
+    return collected
+}
+
+final class Collected: @unchecked Sendable {
+    private let lock = NSLock()
+    private var storage: [AMQPDelivery] = []
+    func append(_ d: AMQPDelivery) { lock.lock(); storage.append(d); lock.unlock() }
+    var items: [AMQPDelivery] { lock.lock(); defer { lock.unlock() }; return storage }
+    var count: Int { items.count }
+}
