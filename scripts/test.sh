@@ -15,4 +15,5 @@ trap 'scripts/broker.sh stop "$name"' EXIT
 export CHOREO_TEST_URL="amqp://guest:guest@127.0.0.1:$port/"
 export CHOREO_TEST_BROKER_NAME="$name"
 swift build --build-tests
-swift test --skip-build "$@"
+# --no-parallel: some tests restart the broker or close all its connections.
+swift test --skip-build --no-parallel "$@"

@@ -52,6 +52,8 @@ struct RunnerOptions: ParsableArguments {
     var exchange: String?
     @Option(help: "Deliveries after which the broker dead-letters a message that keeps crashing the process (default 10).")
     var deliveryLimit: Int?
+    @Option(help: "Larger bodies are dead-lettered unread (default 4194304).")
+    var maxBodyBytes: Int?
     @Option(help: "trace, debug, info, notice, warning, error or critical (env CHOREO_LOG_LEVEL; default info).")
     var logLevel: String?
     @Flag(help: "Print the handler manifest as JSON and exit.")
@@ -68,6 +70,7 @@ struct RunnerOptions: ParsableArguments {
         c.prefetch = prefetch
         if let exchange { c.exchange = exchange }
         if let deliveryLimit { c.deliveryLimit = deliveryLimit }
+        if let maxBodyBytes { c.maxBodyBytes = maxBodyBytes }
         try c.validate()
         return c
     }

@@ -54,8 +54,6 @@ public final class ChoreoRuntime: Service, Sendable {
     }
 
     public func run() async throws {
-        // One replica per SQLite ledger: leases left by an earlier incarnation of this process are void.
-        for h in handlers { try await ledger.releaseAllLeases(handler: h.name) }
         _ = try? await ledger.prune(completedBefore: Date().addingTimeInterval(-configuration.retention.seconds))
         var backoff = configuration.reconnectBackoff.initial
         try await withGracefulShutdownHandler {
@@ -97,6 +95,11 @@ public final class ChoreoRuntime: Service, Sendable {
     private var isShuttingDown: Bool { shuttingDown.withLock { $0 } }
 
     private func runConnected() async throws {
+        // Every invocation of an earlier connection has ended by now (the task groups below wait for them),
+        // so with a single-process ledger any lease still held belongs to a dead incarnation: void it.
+        if ledger.isExclusiveToOneProcess {
+            for h in handlers { try await ledger.releaseAllLeases(handler: h.name) }
+        }
         var amqp = try AMQPConfiguration(url: configuration.url)
         amqp.connectionName = "\(configuration.service) consumer"
         let consumerConnection = try await AMQPConnection.connect(to: amqp, logger: logger)
@@ -132,7 +135,8 @@ public final class ChoreoRuntime: Service, Sendable {
             let consumer = try await channel.consume(queue: queues.main)
             let runner = HandlerRunner(service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
                                        ledger: ledger, publisher: publisher, owner: owner,
-                                       leaseDuration: configuration.leaseDuration, logger: logger)
+                                       leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
+                                       logger: logger)
             started.append((runner, consumer, concurrency))
         }
         consumers.withLock { $0 = started.map(\.1) }
@@ -154,9 +158,20 @@ public final class ChoreoRuntime: Service, Sendable {
                 let reason = await consumerConnection.closed()
                 if !self.isShuttingDown { throw reason }
             }
-            // Consumers end on shutdown (cancel) or on connection loss (throw).
-            for _ in started { try await group.next() }
-            group.cancelAll()
+            // Consumers end on shutdown (cancel, then in-flight work drained) or on connection loss (throw).
+            // Closing the connections then also ends the two watchers above.
+            do {
+                for _ in started { try await group.next() }
+            } catch {
+                await consumerConnection.close()
+                await publisherConnection.close()
+                throw error
+            }
+            await consumerConnection.close()
+            await publisherConnection.close()
+            if !isShuttingDown {
+                throw ConfigurationError("the broker cancelled the consumers (were the queues deleted?)")
+            }
         }
     }
 
@@ -194,7 +209,9 @@ public final class ChoreoRuntime: Service, Sendable {
                 try await group.next()
                 remaining -= 1
             } catch {
-                logger.warning("shutdown timeout: \(remaining) invocations did not finish; their events will be redelivered")
+                if !Task.isCancelled {
+                    logger.warning("shutdown timeout: \(remaining) invocations did not finish; their events will be redelivered")
+                }
                 break
             }
         }

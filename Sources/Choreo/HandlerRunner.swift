@@ -16,6 +16,7 @@ struct HandlerRunner: Sendable {
     let publisher: AMQPChannel
     let owner: String
     let leaseDuration: Duration
+    let maxBodyBytes: Int
     let logger: Logger
 
     func process(_ delivery: AMQPDelivery) async {
@@ -24,6 +25,12 @@ struct HandlerRunner: Sendable {
         let attempt = Int(delivery.properties.headers?[WireNames.Headers.attempt]?.stringValue ?? "") ?? 1
 
         // 1. Decode: anything unusable is dead-lettered at once, with the reason.
+        if delivery.body.count > maxBodyBytes {
+            await deadLetter(delivery, errorType: "BodyTooLarge",
+                             message: "body of \(delivery.body.count) bytes exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)",
+                             attempts: attempt, logger: logger)
+            return
+        }
         let envelope: EventEnvelope
         let prepared: HandlerDescriptor.Prepared
         do throws(EnvelopeDecodingError) {

@@ -53,6 +53,9 @@ public protocol IdempotencyLedger: Sendable {
     /// Drops every lease of the handler not completed: for a single replica starting up, whose earlier
     /// incarnation died holding them (their deliveries are redelivered).
     func releaseAllLeases(handler: String) async throws
+    /// True when only one process uses this ledger (SQLite): the runtime then voids leases left by an
+    /// earlier incarnation or connection instead of waiting for them to expire.
+    var isExclusiveToOneProcess: Bool { get }
     /// Deletes completed keys whose outbox is fully published and that completed before `date`.
     func prune(completedBefore date: Date) async throws -> Int
     /// Checks that the store is reachable and writable.

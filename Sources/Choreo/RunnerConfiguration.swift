@@ -18,6 +18,8 @@ public struct RunnerConfiguration: Sendable {
     public var exchange: String = WireNames.defaultExchange
     /// Broker-side delivery limit of each handler queue (process crashes included). Default 10.
     public var deliveryLimit: Int = 10
+    /// Larger bodies are dead-lettered unread (a guard against runaway producers). Default 4 MiB.
+    public var maxBodyBytes: Int = 4 * 1024 * 1024
     /// How long a claim stays valid without renewal. Default 60 s.
     public var leaseDuration: Duration = .seconds(60)
     /// Completed keys older than this are pruned. Default 7 days.
@@ -41,6 +43,7 @@ public struct RunnerConfiguration: Sendable {
         }
         guard (1...10_000).contains(concurrency) else { throw ConfigurationError("--concurrency must be 1 to 10000") }
         if let prefetch, !(1...65_535).contains(prefetch) { throw ConfigurationError("--prefetch must be 1 to 65535") }
+        guard maxBodyBytes >= 1 else { throw ConfigurationError("--max-body-bytes must be positive") }
         guard deliveryLimit >= 1 else { throw ConfigurationError("--delivery-limit must be at least 1") }
         guard leaseDuration >= .seconds(1) else { throw ConfigurationError("the lease must be at least 1 s") }
         do { try AMQPConfiguration(url: url).validate() } catch { throw ConfigurationError("--url: \(error)") }

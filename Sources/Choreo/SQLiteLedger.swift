@@ -130,6 +130,8 @@ public final class SQLiteLedger: IdempotencyLedger {
         }
     }
 
+    public var isExclusiveToOneProcess: Bool { true }
+
     public func releaseAllLeases(handler: String) async throws {
         try await pool.write { db in
             try db.execute(sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND state = 'claimed'",

@@ -64,9 +64,9 @@ final class ConnectionCore {
             let work = loop.takeWork()
             for job in work.jobs { job(self) }
             if !work.settlements.isEmpty { apply(work.settlements) }
-            guard let state, failure == nil else { break }
+            guard self.state != nil, failure == nil else { break }
             readAvailableFrames()
-            if failure != nil { break }
+            guard failure == nil, let state = self.state else { break }
             if amqp_frames_enqueued(state) != 0 || amqp_data_in_buffer(state) != 0 { continue }
             if loop.prepareToSleep() {
                 loop.sleep(socket: amqp_get_sockfd(state), timeoutMilliseconds: pollTimeout)
@@ -83,7 +83,8 @@ final class ConnectionCore {
     }
 
     private func readAvailableFrames() {
-        guard let state else { return }
+        guard let current = state else { return }
+        var state = current
         var budget = 512 // bounded, so queued jobs (acks, publishes) are not starved by a flood of deliveries
         while budget > 0, failure == nil {
             budget -= 1
@@ -96,6 +97,9 @@ final class ConnectionCore {
                 return
             }
             handle(frame: frame)
+            // Handling may have ended the connection (connection.close from the broker) and freed the state.
+            guard failure == nil, let live = self.state else { return }
+            state = live
             amqp_maybe_release_buffers_on_channel(state, frame.channel)
         }
     }

@@ -309,6 +309,33 @@ struct BrokerIntegrationTests {
         let error = await #expect(throws: AMQPError.self) { _ = try await nextDelivery(&iterator) }
         #expect(error?.code == .consumerCancelled)
     }
+
+    @Test("a broker-side connection.close (320 CONNECTION_FORCED) ends the connection and its consumers with the reason")
+    func connectionForced() async throws {
+        let connection = try await TestBroker.connect()
+        var config = try TestBroker.configuration
+        config.connectionName = "forced-\(UUID().uuidString.prefix(6))"
+        let victim = try await AMQPConnection.connect(to: config)
+        let channel = try await victim.openChannel()
+        let queue = TestBroker.uniqueName("forced")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false))
+        let consumer = try await channel.consume(queue: queue)
+        try TestBroker.ctl("close_all_connections", "closed by the test")
+        var iterator = consumer.makeAsyncIterator()
+        let error = await #expect(throws: AMQPError.self) { _ = try await nextDelivery(&iterator) }
+        #expect(error?.code == .connectionClosed)
+        #expect(error?.replyCode == AMQPError.ReplyCode.connectionForced)
+        let reason = await victim.closed()
+        #expect(reason.description == "connection failed: 320 CONNECTION_FORCED - closed by the test")
+        #expect(!victim.isOpen)
+        let late = await #expect(throws: AMQPError.self) { _ = try await victim.openChannel() }
+        #expect(late?.replyCode == AMQPError.ReplyCode.connectionForced)
+        _ = connection
+        let fresh = try await TestBroker.connect()
+        let cleanup = try await fresh.openChannel()
+        try await cleanup.deleteQueue(queue)
+        await fresh.close()
+    }
 }
 
 /// Blocks the calling thread outright, as badly written application code would.

@@ -23,6 +23,21 @@ enum TestBroker {
         }
     }
 
+    /// Runs `rabbitmqctl` against the test broker through scripts/broker.sh.
+    static func ctl(_ args: String...) throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let p = Process()
+        p.executableURL = root.appendingPathComponent("scripts/broker.sh")
+        p.arguments = ["ctl", ProcessInfo.processInfo.environment["CHOREO_TEST_BROKER_NAME"] ?? "choreo-test"] + args
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            throw AMQPError(.protocolFailure, message: "exit \(p.terminationStatus)", operation: "broker.sh ctl \(args)")
+        }
+    }
+
     static func uniqueName(_ prefix: String) -> String {
         "test.\(prefix).\(UUID().uuidString.prefix(8).lowercased())"
     }

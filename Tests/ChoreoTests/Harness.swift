@@ -47,7 +47,7 @@ struct Mesh {
     var pingQueues: WireNames.HandlerQueues { .init(service: pingService, handler: "ping") }
 
     /// Starts the fixture service as a real process.
-    func start(_ role: String, environment extra: [String: String] = [:]) throws -> ServiceProcess {
+    func start(_ role: String, concurrency: Int = 8, environment extra: [String: String] = [:]) throws -> ServiceProcess {
         let service = role == "sink" ? sinkService : pingService
         var env = ProcessInfo.processInfo.environment
         env["FIXTURE_ROLE"] = role
@@ -59,7 +59,7 @@ struct Mesh {
         let log = directory.appendingPathComponent("\(role).log")
         return try ServiceProcess(arguments: [
             "--url", Broker.url, "--exchange", exchange, "--ledger", directory.appendingPathComponent("\(role).ledger.sqlite").path,
-            "--concurrency", "8",
+            "--concurrency", String(concurrency),
         ], environment: env, log: log)
     }
 

@@ -1,0 +1,108 @@
+@testable import Choreo
+import ChoreoAMQP
+import Foundation
+import Testing
+
+@Suite("Crashes, shutdowns and broker restarts lose nothing and double nothing", .serialized, .timeLimit(.minutes(5)))
+struct CrashTests {
+    /// Starts the sink and waits until it consumes, so no pong is published before its queue exists.
+    private func startSink(_ mesh: Mesh, channel: AMQPChannel) async throws -> ServiceProcess {
+        let sink = try mesh.start("sink")
+        let info = await eventually({ try? await channel.declareQueuePassive("choreo.\(mesh.sinkService).sink") },
+                                    until: { ($0?.consumerCount ?? 0) > 0 })
+        try #require((info?.consumerCount ?? 0) > 0, "the sink did not start: \(sink.output)")
+        return sink
+    }
+
+    @Test("a handler process killed between two protocol steps, then restarted, applies each effect exactly once",
+          arguments: FaultInjection.points)
+    func crashBetweenSteps(point: String) async throws {
+        let mesh = try Mesh()
+        let connection = try await Broker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let sink = try await startSink(mesh, channel: channel)
+        defer { sink.terminate() }
+        try await mesh.declare(on: channel)
+        let n = 30
+        let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0) }, on: channel)
+
+        let marker = mesh.directory.appendingPathComponent("crashed-\(point)").path
+        let crashing = try mesh.start("ping", concurrency: 1,
+                                      environment: ["CHOREO_FAULT_POINT": point, "CHOREO_FAULT_MARKER": marker])
+        #expect(await crashing.waitForExit(seconds: 60), "the handler did not reach \(point)")
+        #expect(crashing.process.terminationReason == .uncaughtSignal && crashing.exitStatus == SIGKILL)
+        #expect(FileManager.default.fileExists(atPath: marker))
+
+        let restarted = try mesh.start("ping", concurrency: 1)
+        defer { restarted.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually(within: 60, { gateway.effects("sink") }, until: { $0 >= n })
+
+        #expect(gateway.effectKeys("ping") == Set(ids), "each event's effect applied once")
+        // The handler body re-runs only when the crash came after it ran and before the commit.
+        #expect(gateway.requests("ping") == (point == "after-handler" ? n + 1 : n))
+        let pongs = Set(ids.map { HandlerContext.derivedID(input: $0, handler: "ping", index: 0) })
+        #expect(gateway.effectKeys("sink") == pongs, "each output delivered downstream once after deduplication")
+        #expect(gateway.requests("sink") == n, "the downstream ledger drops republished copies")
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+    }
+
+    @Test("graceful shutdown under load finishes in-flight work, exits 0, and loses nothing")
+    func gracefulShutdownUnderLoad() async throws {
+        let mesh = try Mesh()
+        let connection = try await Broker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await mesh.declare(on: channel)
+        let n = 200
+        let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 20) }, on: channel)
+        let first = try mesh.start("ping")
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 40 })
+        first.terminate() // SIGTERM
+        #expect(await first.waitForExit(seconds: 30))
+        #expect(first.process.terminationReason == .exit && first.exitStatus == 0, "\(first.output)")
+        let stoppedAt = gateway.effects("ping")
+        #expect(stoppedAt < n, "the shutdown came while work was left")
+
+        let second = try mesh.start("ping")
+        defer { second.terminate() }
+        await eventually(within: 60, { gateway.effects("ping") }, until: { $0 >= n })
+        #expect(gateway.effectKeys("ping") == Set(ids))
+        #expect(gateway.requests("ping") == n, "in-flight invocations finished and committed before exit: none ran twice")
+    }
+
+    @Test("a broker restart mid-stream is survived and the stream completes")
+    func brokerRestartMidStream() async throws {
+        let mesh = try Mesh()
+        var connection = try await Broker.connect()
+        var channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let sink = try await startSink(mesh, channel: channel)
+        defer { sink.terminate() }
+        try await mesh.declare(on: channel)
+        let n = 300
+        let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 5) }, on: channel)
+        let ping = try mesh.start("ping", concurrency: 4)
+        defer { ping.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 30 })
+        try Broker.ctl("stop_app")
+        try await Task.sleep(for: .seconds(1))
+        try Broker.ctl("start_app")
+        try Broker.ctl("await_startup")
+        #expect(gateway.effects("ping") < n, "the restart came mid-stream")
+
+        await eventually(within: 90, { gateway.effects("sink") }, until: { $0 >= n })
+        #expect(ping.isRunning && sink.isRunning)
+        #expect(gateway.effectKeys("ping") == Set(ids))
+        #expect(gateway.effects("sink") == n)
+        connection = try await Broker.connect()
+        channel = try await connection.openChannel()
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+        await connection.close()
+    }
+}
