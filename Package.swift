@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "ChoreoAMQP", targets: ["ChoreoAMQP"]),
         .library(name: "Choreo", targets: ["Choreo"]),
+        .library(name: "ChoreoTesting", targets: ["ChoreoTesting"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -40,6 +41,10 @@ let package = Package(
             ]
         ),
         .target(
+            name: "ChoreoTesting",
+            dependencies: ["Choreo", "ChoreoAMQP", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
             name: "CRabbitMQBaseline",
             path: "Benchmarks/CRabbitMQBaseline",
             linkerSettings: [.linkedLibrary("rabbitmq")]
@@ -68,8 +73,12 @@ let package = Package(
             dependencies: ["ChoreoAMQP"]
         ),
         .testTarget(
+            name: "ChoreoTestingTests",
+            dependencies: ["Choreo", "ChoreoAMQP", "ChoreoTesting"]
+        ),
+        .testTarget(
             name: "ChoreoTests",
-            dependencies: ["Choreo", "ChoreoAMQP", "ChoreoTestService", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: ["Choreo", "ChoreoAMQP", "ChoreoTesting", "ChoreoTestService", .product(name: "GRDB", package: "GRDB.swift")]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -91,6 +91,11 @@ public struct UnsupportedVersion: Error, CustomStringConvertible {
     public var type: String
     public var version: Int
     public var accepted: Set<Int>
+    public init(type: String, version: Int, accepted: Set<Int>) {
+        self.type = type
+        self.version = version
+        self.accepted = accepted
+    }
     public var description: String {
         "unsupported version \(version) of '\(type)' (this handler accepts \(accepted.sorted().map(String.init).joined(separator: ", ")))"
     }

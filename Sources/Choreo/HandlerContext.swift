@@ -23,7 +23,7 @@ public final class HandlerContext: Sendable {
     let allowedTypes: Set<String>
     private let buffer = Mutex<[OutboxMessage]>([])
 
-    init(envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
+    package init(envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
          source: String, exchange: String, allowedTypes: Set<String>) {
         self.envelope = envelope
         self.attempt = attempt
@@ -62,10 +62,10 @@ public final class HandlerContext: Sendable {
         }
     }
 
-    var emitted: [OutboxMessage] { buffer.withLock { $0 } }
+    package var emitted: [OutboxMessage] { buffer.withLock { $0 } }
 
     /// A UUID-shaped id from SHA-256 of (input id, handler, index): the same inputs give the same id.
-    static func derivedID(input: String, handler: String, index: Int) -> String {
+    package static func derivedID(input: String, handler: String, index: Int) -> String {
         var bytes = Array(SHA256.hash(data: Data("\(input)\u{0}\(handler)\u{0}\(index)".utf8)).prefix(16))
         bytes[6] = (bytes[6] & 0x0F) | 0x50 // version 5 layout (name-based, SHA)
         bytes[8] = (bytes[8] & 0x3F) | 0x80

@@ -1,24 +1,24 @@
 import Foundation
 
 /// A handler with its input type erased, as the runner drives it.
-struct HandlerDescriptor: Sendable {
+package struct HandlerDescriptor: Sendable {
     /// A decoded input, ready to run.
-    struct Prepared: Sendable {
-        var key: String?
-        var run: @Sendable (HandlerContext) async throws -> Void
+    package struct Prepared: Sendable {
+        package var key: String?
+        package var run: @Sendable (HandlerContext) async throws -> Void
     }
 
-    let name: String
-    let inputType: String
-    let inputVersion: Int
-    let acceptedVersions: Set<Int>
-    let emitTypes: [String]
-    let retryPolicy: RetryPolicy
-    let concurrency: Int?
+    package let name: String
+    package let inputType: String
+    package let inputVersion: Int
+    package let acceptedVersions: Set<Int>
+    package let emitTypes: [String]
+    package let retryPolicy: RetryPolicy
+    package let concurrency: Int?
     /// Decodes (upcasting when needed) and binds the handler. Throws ``EventRejection`` for input no retry can fix.
-    let prepare: @Sendable (EventEnvelope) throws(EventRejection) -> Prepared
+    package let prepare: @Sendable (EventEnvelope) throws(EventRejection) -> Prepared
 
-    init<H: EventHandler>(_ handler: H) {
+    package init<H: EventHandler>(_ handler: H) {
         name = handler.name
         inputType = H.Input.eventType
         inputVersion = H.Input.schemaVersion
@@ -60,7 +60,7 @@ struct HandlerDescriptor: Sendable {
         }
     }
 
-    func validate() throws {
+    package func validate() throws {
         let allowed = Set("abcdefghijklmnopqrstuvwxyz0123456789-_")
         guard !name.isEmpty, name.allSatisfy({ allowed.contains($0) }) else {
             throw ConfigurationError("handler name '\(name)' must be lowercase letters, digits, '-' or '_'")
@@ -87,8 +87,8 @@ struct HandlerDescriptor: Sendable {
 }
 
 /// Input that no retry can fix; dead-lettered at once.
-struct EventRejection: Error, CustomStringConvertible {
-    var errorType: String
-    var message: String
-    var description: String { message }
+package struct EventRejection: Error, CustomStringConvertible {
+    package var errorType: String
+    package var message: String
+    package var description: String { message }
 }

@@ -105,4 +105,34 @@ struct CrashTests {
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
         await connection.close()
     }
+
+    @Test("a message that kills the process on every delivery is dead-lettered by the broker's delivery limit")
+    func poisonMessageHitsDeliveryLimit() async throws {
+        let mesh = try Mesh()
+        let connection = try await Broker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await mesh.declare(on: channel, deliveryLimit: 2)
+        let ids = try await mesh.publishPings([Ping(n: 1, crash: true), Ping(n: 2)], on: channel)
+        var restarts = 0
+        while restarts < 8, (try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount) == 0 {
+            // Prefetch 1: only the poison is in flight when the process dies, so only its delivery count grows.
+            let p = try mesh.start("ping", concurrency: 1, arguments: ["--delivery-limit", "2", "--prefetch", "1"])
+            _ = await p.waitForExit(seconds: 5)
+            p.kill9()
+            restarts += 1
+        }
+        #expect(restarts >= 3, "it took \(restarts) crashes")
+        let letters = try await peek(queue: mesh.pingQueues.deadLetter, expecting: 1, connection: connection)
+        #expect(letters.count == 1)
+        #expect(letters.first?.properties.messageID == ids[0])
+        #expect(letters.first?.properties.headers?["x-first-death-reason"] == .string("delivery_limit"))
+        // The healthy event behind it is handled once the poison is gone.
+        let survivor = try mesh.start("ping", concurrency: 1, arguments: ["--delivery-limit", "2"])
+        defer { survivor.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 1 })
+        #expect(gateway.effectKeys("ping") == [ids[1]])
+    }
 }

@@ -47,7 +47,8 @@ struct Mesh {
     var pingQueues: WireNames.HandlerQueues { .init(service: pingService, handler: "ping") }
 
     /// Starts the fixture service as a real process.
-    func start(_ role: String, concurrency: Int = 8, environment extra: [String: String] = [:]) throws -> ServiceProcess {
+    func start(_ role: String, concurrency: Int = 8, arguments: [String] = [],
+               environment extra: [String: String] = [:]) throws -> ServiceProcess {
         let service = role == "sink" ? sinkService : pingService
         var env = ProcessInfo.processInfo.environment
         env["FIXTURE_ROLE"] = role
@@ -60,7 +61,7 @@ struct Mesh {
         return try ServiceProcess(arguments: [
             "--url", Broker.url, "--exchange", exchange, "--ledger", directory.appendingPathComponent("\(role).ledger.sqlite").path,
             "--concurrency", String(concurrency),
-        ], environment: env, log: log)
+        ] + arguments, environment: env, log: log)
     }
 
     /// Publishes test.ping events through the mesh's exchange, with confirms; returns their ids.
@@ -78,8 +79,8 @@ struct Mesh {
     }
 
     /// Declares the topology the services would, so events published before they start are kept.
-    func declare(on channel: AMQPChannel) async throws {
-        let topology = Topology(exchange: exchange, deliveryLimit: 10)
+    func declare(on channel: AMQPChannel, deliveryLimit: Int = 10) async throws {
+        let topology = Topology(exchange: exchange, deliveryLimit: deliveryLimit)
         try await topology.declare(HandlerDescriptor(PingTestHandler()), queues: pingQueues, on: channel)
     }
 
@@ -93,6 +94,7 @@ struct Ping: Event {
     var failTimes: Int?
     var poison: Bool?
     var workMilliseconds: Int?
+    var crash: Bool?
 }
 
 struct Pong: Event {

@@ -16,6 +16,8 @@ struct Ping: Event {
     var poison: Bool?
     /// Work this long before returning.
     var workMilliseconds: Int?
+    /// Kill the whole process, every time (a poison message).
+    var crash: Bool?
 }
 
 struct Pong: Event {
@@ -62,6 +64,7 @@ struct PingHandler: EventHandler {
 
     func handle(_ ping: Ping, context: HandlerContext) async throws {
         if let ms = ping.workMilliseconds { try await Task.sleep(for: .milliseconds(ms)) }
+        if ping.crash == true { kill(getpid(), SIGKILL) }
         if ping.poison == true { throw NonRetryable(GatewayError(description: "poison ping \(ping.n)")) }
         if let failTimes = ping.failTimes, context.attempt <= failTimes {
             throw GatewayError(description: "gateway unavailable (attempt \(context.attempt))")

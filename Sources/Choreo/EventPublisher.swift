@@ -1,0 +1,73 @@
+import ChoreoAMQP
+import Foundation
+import Logging
+
+/// Publishes events into the mesh with publisher confirms: for code that starts a flow (an HTTP
+/// endpoint placing an order, a scheduler, a test).
+///
+/// `publish` returns once the broker has the event on disk. Safe to call from many tasks at once;
+/// their publishes are pipelined on one connection.
+///
+/// ```swift
+/// let publisher = try await EventPublisher.connect(url: "amqp://127.0.0.1", source: "checkout")
+/// let id = try await publisher.publish(OrderPlaced(orderID: "A-1", items: ["sku-1": 2]))
+/// ```
+public final class EventPublisher: Sendable {
+    public let exchange: String
+    public let source: String
+    private let connection: AMQPConnection
+    private let channel: AMQPChannel
+
+    private init(connection: AMQPConnection, channel: AMQPChannel, exchange: String, source: String) {
+        self.connection = connection
+        self.channel = channel
+        self.exchange = exchange
+        self.source = source
+    }
+
+    /// Connects and declares the mesh's exchange (idempotent).
+    public static func connect(url: String, exchange: String = WireNames.defaultExchange, source: String,
+                               logger: Logger = Logger(label: "choreo.publisher")) async throws -> EventPublisher {
+        var config = try AMQPConfiguration(url: url)
+        config.connectionName = config.connectionName ?? "\(source) publisher"
+        let connection = try await AMQPConnection.connect(to: config, logger: logger)
+        do {
+            let channel = try await connection.openChannel()
+            try await channel.enableConfirms()
+            try await channel.declareExchange(exchange, type: .topic, durable: true)
+            return EventPublisher(connection: connection, channel: channel, exchange: exchange, source: source)
+        } catch {
+            await connection.close()
+            throw error
+        }
+    }
+
+    /// Publishes a typed event and returns its id once the broker confirmed it.
+    ///
+    /// - Parameters:
+    ///   - id: the event id; a new UUID by default. Publishing the same id twice is deduplicated by handlers.
+    ///   - idempotencyKey: a key handlers deduplicate by instead of the id.
+    @discardableResult
+    public func publish<E: Event>(_ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
+                                  idempotencyKey: String? = nil, subject: String? = nil) async throws -> String {
+        let envelope = try EventEnvelope(event, source: source, id: id, correlationID: correlationID,
+                                         idempotencyKey: idempotencyKey, subject: subject)
+        try await publish(envelope)
+        return envelope.id
+    }
+
+    /// Publishes a prepared envelope (routing key = its type).
+    public func publish(_ envelope: EventEnvelope) async throws {
+        try await channel.publish(EnvelopeCodec.encode(envelope, exchange: exchange))
+    }
+
+    /// Publishes envelopes back to back and waits for all confirms; throws the first failure.
+    public func publish(contentsOf envelopes: [EventEnvelope]) async throws {
+        let results = await channel.publish(contentsOf: envelopes.map { EnvelopeCodec.encode($0, exchange: exchange) })
+        for r in results { try r.get() }
+    }
+
+    public func close() async {
+        await connection.close()
+    }
+}
