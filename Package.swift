@@ -8,6 +8,8 @@ let package = Package(
         .library(name: "ChoreoAMQP", targets: ["ChoreoAMQP"]),
         .library(name: "Choreo", targets: ["Choreo"]),
         .library(name: "ChoreoTesting", targets: ["ChoreoTesting"]),
+        .library(name: "ChoreoOps", targets: ["ChoreoOps"]),
+        .executable(name: "choreo", targets: ["ChoreoCLI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -39,6 +41,18 @@ let package = Package(
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
+        ),
+        .target(
+            name: "ChoreoOps",
+            dependencies: ["Choreo", "ChoreoAMQP"]
+        ),
+        .executableTarget(
+            name: "ChoreoCLI",
+            dependencies: [
+                "Choreo", "ChoreoAMQP", "ChoreoOps",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/choreo"
         ),
         .target(
             name: "ChoreoTesting",

@@ -10,10 +10,10 @@ import Glibc
 /// With `CHOREO_FAULT_POINT=<point>` and `CHOREO_FAULT_MARKER=<file>`, the process kills itself with
 /// SIGKILL the first time it reaches that point (it creates the marker file first, so the restarted
 /// process goes on). The crash tests use this to prove that no step boundary loses or doubles anything.
-enum FaultInjection {
-    static let points = ["after-claim", "after-handler", "after-commit", "after-publish", "before-ack"]
+package enum FaultInjection {
+    package static let points = ["after-claim", "after-handler", "after-commit", "after-publish", "before-ack"]
 
-    static func reached(_ point: String) {
+    package static func reached(_ point: String) {
         #if DEBUG
         let env = ProcessInfo.processInfo.environment
         guard env["CHOREO_FAULT_POINT"] == point, let marker = env["CHOREO_FAULT_MARKER"] else { return }

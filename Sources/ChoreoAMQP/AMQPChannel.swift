@@ -257,6 +257,10 @@ public final class AMQPChannel: Sendable {
             throw AMQPError(.staleDelivery, message: "the delivery's channel was closed since; the broker redelivers the message",
                             operation: operation)
         }
+        if generation == nil, !status.isOpen {
+            throw AMQPError(.closed, message: "channel \(number) is closed; its deliveries went back to the queue",
+                            operation: operation)
+        }
         if let ended = loop.submit(IOLoop.PendingSettlement(channel: number, generation: generation, settlement: settlement)) {
             throw ended
         }

@@ -117,4 +117,5 @@ final class ChannelStatus: Sendable {
     func opened(generation: UInt64) { state.withLock { $0 = (generation, true) } }
     func closed() { state.withLock { $0.open = false } }
     func isCurrent(_ generation: UInt64) -> Bool { state.withLock { $0.open && $0.generation == generation } }
+    var isOpen: Bool { state.withLock { $0.open } }
 }

@@ -110,8 +110,9 @@ extension ConnectionCore {
         guard let (properties, body) = readContent(channel: id, operation: "basic.deliver") else { return }
         guard let channel = channels(id) else { return }
         guard let sink = channel.consumers[consumerTag] else {
-            // A delivery that raced a cancel: give it back to the queue rather than leave it unacked.
-            if let state { _ = amqp_basic_reject(state, id, deliveryTag, 1) }
+            // A delivery that raced a cancel. It stays unacknowledged and goes back to the queue when the
+            // channel closes; rejecting it here would be a connection error on a stream (540 NOT_IMPLEMENTED).
+            logger.debug("delivery for a cancelled consumer left to requeue at channel close", metadata: ["amqp.consumer": "\(consumerTag)"])
             return
         }
         let delivery = AMQPDelivery(

@@ -62,8 +62,9 @@ final class ConnectionCore {
     func run() {
         while true {
             let work = loop.takeWork()
-            for job in work.jobs { job(self) }
+            // Settlements first: an ack handed over before a close job must reach the broker before the close.
             if !work.settlements.isEmpty { apply(work.settlements) }
+            for job in work.jobs { job(self) }
             guard self.state != nil, failure == nil else { break }
             readAvailableFrames()
             guard failure == nil, let state = self.state else { break }
@@ -255,8 +256,9 @@ final class ConnectionCore {
         channel.closedByClient = true
         defer { channels[id] = nil }
         let reason = AMQPError(.closed, message: "channel \(id) was closed", operation: "channel.close")
+        let wasOpen = channel.open
         abandon(channel, reason: reason)
-        guard channel.open, let state, failure == nil else { return }
+        guard wasOpen, let state, failure == nil else { return }
         let reply = amqp_channel_close(state, id, Int32(AMQP_REPLY_SUCCESS))
         if let error = Self.error(reply: reply, operation: "channel.close \(id)") {
             if error.code == .connectionLost || error.code == .connectionClosed || error.code == .timeout { fail(with: error) }

@@ -295,6 +295,27 @@ struct BrokerIntegrationTests {
         #expect(error?.description.contains("does vhost 'no-such-vhost' exist") == true)
     }
 
+    @Test("closing a channel gives its unacknowledged deliveries back to the queue")
+    func channelCloseRequeues() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let publisher = try await connection.openChannel()
+        try await publisher.enableConfirms()
+        let queue = TestBroker.uniqueName("requeue")
+        try await publisher.declareQueue(queue, options: QueueOptions(durable: false))
+        defer { Task { _ = try? await publisher.deleteQueue(queue) } }
+        _ = await publisher.publish(contentsOf: [.toQueue(queue, "a"), .toQueue(queue, "b")])
+        let channel = try await connection.openChannel()
+        let consumer = try await channel.consume(queue: queue)
+        var iterator = consumer.makeAsyncIterator()
+        _ = try await nextDelivery(&iterator)
+        _ = try await nextDelivery(&iterator)
+        #expect(try await publisher.declareQueuePassive(queue).messageCount == 0)
+        await channel.close()
+        #expect(try await publisher.declareQueuePassive(queue).messageCount == 2)
+        #expect(throws: AMQPError.self) { try channel.ack(deliveryTag: 1) }
+    }
+
     @Test("a consumer ends with consumerCancelled when its queue is deleted")
     func brokerCancelsConsumer() async throws {
         let connection = try await TestBroker.connect()

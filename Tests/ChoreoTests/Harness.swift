@@ -16,6 +16,33 @@ enum Broker {
         }
     }
 
+    /// Runs the `choreo` CLI binary and returns its exit code, standard output and standard error.
+    static func choreo(_ args: [String], environment extra: [String: String] = [:], stdin: FileHandle? = nil,
+                       timeout: Double = 120) async throws -> (code: Int32, out: String, err: String) {
+        let p = Process()
+        p.executableURL = ServiceProcess.productsDirectory.appendingPathComponent("choreo")
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        env["CHOREO_URL"] = url
+        for (k, v) in extra { env[k] = v }
+        p.environment = env
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cli-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let outURL = dir.appendingPathComponent("out"), errURL = dir.appendingPathComponent("err")
+        FileManager.default.createFile(atPath: outURL.path, contents: nil)
+        FileManager.default.createFile(atPath: errURL.path, contents: nil)
+        p.standardOutput = try FileHandle(forWritingTo: outURL)
+        p.standardError = try FileHandle(forWritingTo: errURL)
+        p.standardInput = stdin ?? FileHandle.nullDevice
+        try p.run()
+        let deadline = ContinuousClock.now + .seconds(timeout)
+        while p.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        if p.isRunning { kill(p.processIdentifier, SIGKILL); Issue.record("choreo \(args) did not finish in \(timeout) s") }
+        p.waitUntilExit()
+        let code = p.terminationReason == .uncaughtSignal ? -p.terminationStatus : p.terminationStatus
+        return (code, (try? String(contentsOf: outURL, encoding: .utf8)) ?? "", (try? String(contentsOf: errURL, encoding: .utf8)) ?? "")
+    }
+
     /// Runs `scripts/broker.sh ctl <node> ARGS` (stop_app, start_app).
     static func ctl(_ args: String...) throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -49,7 +76,7 @@ struct Mesh {
     /// Starts the fixture service as a real process.
     func start(_ role: String, concurrency: Int = 8, arguments: [String] = [],
                environment extra: [String: String] = [:]) throws -> ServiceProcess {
-        let service = role == "sink" ? sinkService : pingService
+        let service = role == "sink" ? sinkService : role == "audit" ? "audit-\(id)" : pingService
         var env = ProcessInfo.processInfo.environment
         env["FIXTURE_ROLE"] = role
         env["FIXTURE_SERVICE"] = service

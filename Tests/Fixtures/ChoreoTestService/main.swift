@@ -66,11 +66,19 @@ struct PingHandler: EventHandler {
         if let ms = ping.workMilliseconds { try await Task.sleep(for: .milliseconds(ms)) }
         if ping.crash == true { kill(getpid(), SIGKILL) }
         if ping.poison == true { throw NonRetryable(GatewayError(description: "poison ping \(ping.n)")) }
-        if let failTimes = ping.failTimes, context.attempt <= failTimes {
+        if let failTimes = ping.failTimes, context.attempt <= failTimes, env["FIXTURE_FIXED"] != "1" {
             throw GatewayError(description: "gateway unavailable (attempt \(context.attempt))")
         }
         try gateway.apply(handler: name, key: context.idempotencyKey, attempt: context.attempt)
         try context.emit(Pong(n: ping.n))
+    }
+}
+
+/// Another subscriber of test.ping, in its own service: a replay aimed at `ping` must not reach it.
+struct AuditHandler: EventHandler {
+    let name = "audit"
+    func handle(_ ping: Ping, context: HandlerContext) async throws {
+        try gateway.apply(handler: name, key: context.idempotencyKey, attempt: context.attempt)
     }
 }
 
@@ -83,5 +91,6 @@ struct SinkHandler: EventHandler {
 
 switch env["FIXTURE_ROLE"] ?? "ping" {
 case "sink": await Choreo.run(service: env["FIXTURE_SERVICE"] ?? "fixture-sink", handlers: [SinkHandler()])
+case "audit": await Choreo.run(service: env["FIXTURE_SERVICE"] ?? "fixture-audit", handlers: [AuditHandler()])
 default: await Choreo.run(service: env["FIXTURE_SERVICE"] ?? "fixture", handlers: [PingHandler()])
 }

@@ -1,0 +1,243 @@
+import Choreo
+import ChoreoAMQP
+import Foundation
+import Synchronization
+
+/// Dead-letter operations over AMQP alone: list, show, replay, purge, export, import.
+///
+/// Reading a dead-letter queue is non-destructive: the store consumes a snapshot of it without
+/// acknowledging, and closing the channel gives every message back. Removing a letter is an ack, done
+/// only after whatever replaces it (a replayed copy) was confirmed by the broker: a crash at any point
+/// leaves the letter in place, and the idempotency ledger drops a second replayed copy.
+public struct DeadLetterStore: Sendable {
+    public struct ReplaySummary: Sendable, Equatable {
+        public var replayed = 0
+        public var skipped = 0
+        public var failed = 0
+        public var failures: [String] = []
+    }
+
+    public let connection: AMQPConnection
+    public let manifests: [HandlerManifest]
+
+    public init(connection: AMQPConnection, manifests: [HandlerManifest]) {
+        self.connection = connection
+        self.manifests = manifests
+    }
+
+    /// The handlers a filter names; an unknown handler is an error that lists the known ones.
+    public func handlers(for filter: DeadLetterFilter) throws -> [HandlerManifest] {
+        let selected = manifests.filter { filter.matches($0) }
+        if selected.isEmpty {
+            if let h = filter.handler {
+                let known = manifests.map { "\($0.service).\($0.handler)" }
+                throw OperationError("no handler named '\(h)' in the registry (known: \(known.isEmpty ? "none" : known.joined(separator: ", ")))")
+            }
+            throw OperationError("no handlers in the registry: has any handler service started on this broker?")
+        }
+        return selected
+    }
+
+    /// Dead letters matching the filter; nothing is removed.
+    public func list(_ filter: DeadLetterFilter) async throws -> [DeadLetter] {
+        var out: [DeadLetter] = []
+        for m in try handlers(for: filter) {
+            try await withSnapshot(of: m) { letters, _ in
+                out += letters.map(\.1).filter { filter.matches($0) }
+            }
+        }
+        out.sort { ($0.lastFailure ?? .distantPast) < ($1.lastFailure ?? .distantPast) }
+        if let limit = filter.limit { out = Array(out.prefix(limit)) }
+        return out
+    }
+
+    /// The dead letter with this event id.
+    public func show(id: String, handler: String? = nil) async throws -> DeadLetter {
+        let found = try await list(DeadLetterFilter(handler: handler, ids: [id]))
+        guard let letter = found.first else { throw OperationError("no dead letter with id '\(id)'") }
+        return letter
+    }
+
+    /// Sends matching dead letters back to the handler that failed them, through its own queue, and
+    /// removes each only after the broker confirmed its copy.
+    ///
+    /// - Parameters:
+    ///   - rate: at most this many letters per second (nil: as fast as confirms allow).
+    ///   - progress: called after each step with (done, total).
+    public func replay(_ filter: DeadLetterFilter, dryRun: Bool = false, rate: Double? = nil,
+                       progress: @Sendable (Int, Int) -> Void = { _, _ in }) async throws -> ReplaySummary {
+        var summary = ReplaySummary()
+        var remaining = filter.limit ?? Int.max
+        for m in try handlers(for: filter) {
+            // A broker hands one consumer at most a few thousand unacknowledged messages (quorum queues: 2,000),
+            // so a large queue is worked through in rounds; each round removes what it replayed.
+            var round = 0
+            while true {
+                round += 1
+                var progressed = 0
+                var truncated = false
+                let expected = try await depth(of: m)
+                try await withSnapshot(of: m) { letters, complete in
+                    truncated = !complete
+                    let matching = letters.filter { filter.matches($0.1) }
+                    let selected = Array(matching.prefix(max(remaining, 0)))
+                    if round == 1 || dryRun { summary.skipped += matching.count - selected.count }
+                    if dryRun {
+                        summary.replayed += selected.count
+                        progress(summary.replayed, summary.replayed)
+                        return
+                    }
+                    let publisher = try await connection.openChannel()
+                    defer { Task { await publisher.close() } }
+                    try await publisher.enableConfirms()
+                    let chunk = rate == nil ? 500 : 1
+                    for start in stride(from: 0, to: selected.count, by: chunk) {
+                        let started = ContinuousClock.now
+                        let part = selected[start..<min(start + chunk, selected.count)]
+                        let results = await publisher.publish(contentsOf: part.map { $0.1.replayMessage })
+                        for ((delivery, letter), result) in zip(part, results) {
+                            switch result {
+                            case .success:
+                                FaultInjection.reached("replay-after-publish")
+                                try delivery.ack()
+                                summary.replayed += 1
+                                remaining -= 1
+                                progressed += 1
+                            case .failure(let error):
+                                summary.failed += 1
+                                summary.failures.append("\(letter.id): \(error)")
+                            }
+                        }
+                        progress(summary.replayed, summary.replayed + max(0, min(remaining, Int(expected) - progressed)))
+                        if let rate, rate > 0 {
+                            let wait = Duration.seconds(Double(part.count) / rate) - (ContinuousClock.now - started)
+                            if wait > .zero { try await Task.sleep(for: wait) }
+                        }
+                    }
+                }
+                if dryRun || !truncated || progressed == 0 || remaining <= 0 { break }
+            }
+        }
+        return summary
+    }
+
+    /// Removes matching dead letters; returns how many.
+    public func purge(_ filter: DeadLetterFilter) async throws -> Int {
+        var removed = 0
+        var remaining = filter.limit ?? Int.max
+        for m in try handlers(for: filter) {
+            while remaining > 0 {
+                var progressed = 0
+                var truncated = false
+                try await withSnapshot(of: m) { letters, complete in
+                    truncated = !complete
+                    for (delivery, _) in letters.filter({ filter.matches($0.1) }).prefix(remaining) {
+                        try delivery.ack()
+                        removed += 1
+                        remaining -= 1
+                        progressed += 1
+                    }
+                }
+                if !truncated || progressed == 0 { break }
+            }
+        }
+        return removed
+    }
+
+    /// Writes matching dead letters as JSON lines; nothing is removed.
+    public func export(_ filter: DeadLetterFilter, to output: URL) async throws -> Int {
+        let letters = try await list(filter)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var text = Data()
+        for letter in letters {
+            text.append(try encoder.encode(ExportedLetter(letter)))
+            text.append(0x0A)
+        }
+        try text.write(to: output, options: .atomic)
+        return letters.count
+    }
+
+    /// Restores exported dead letters into their dead-letter queues, body bytes and headers intact.
+    public func importLetters(from input: URL) async throws -> Int {
+        let data = try Data(contentsOf: input)
+        let decoder = JSONDecoder()
+        var messages: [AMQPOutgoingMessage] = []
+        for (n, line) in data.split(separator: 0x0A).enumerated() where !line.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) {
+            do {
+                messages.append(try decoder.decode(ExportedLetter.self, from: Data(line)).message())
+            } catch {
+                throw OperationError("\(input.path):\(n + 1): not an exported dead letter (\(error))")
+            }
+        }
+        let channel = try await connection.openChannel()
+        defer { Task { await channel.close() } }
+        for queue in Set(messages.map(\.routingKey)) {
+            do { _ = try await channel.declareQueuePassive(queue) } catch {
+                if error.replyCode == AMQPError.ReplyCode.notFound {
+                    throw OperationError("dead-letter queue '\(queue)' does not exist on this broker (start its handler once to declare it)")
+                }
+                throw error
+            }
+        }
+        try await channel.enableConfirms()
+        for result in await channel.publish(contentsOf: messages) { try result.get() }
+        return messages.count
+    }
+
+    private func depth(of manifest: HandlerManifest) async throws -> UInt32 {
+        let channel = try await connection.openChannel()
+        defer { Task { await channel.close() } }
+        return (try? await channel.declareQueuePassive(manifest.deadLetterQueue).messageCount) ?? 0
+    }
+
+    /// Consumes a snapshot of a dead-letter queue without acknowledging; closing the channel gives back
+    /// whatever `body` did not ack. `body` learns whether the snapshot holds the whole queue: the broker
+    /// caps one consumer's unacknowledged messages (2,000 for quorum queues), so it may not.
+    private func withSnapshot(of manifest: HandlerManifest,
+                              _ body: ([(AMQPDelivery, DeadLetter)], Bool) async throws -> Void) async throws {
+        let channel = try await connection.openChannel()
+        defer { Task { await channel.close() } }
+        let expected: UInt32
+        do {
+            expected = try await channel.declareQueuePassive(manifest.deadLetterQueue).messageCount
+        } catch {
+            if error.replyCode == AMQPError.ReplyCode.notFound {
+                throw OperationError("dead-letter queue '\(manifest.deadLetterQueue)' does not exist")
+            }
+            throw error
+        }
+        try await channel.setPrefetch(0) // no limit: the whole snapshot is held unacknowledged
+        let consumer = try await channel.consume(queue: manifest.deadLetterQueue)
+        let collected = DeliveryBuffer()
+        let reader = Task {
+            for try await d in consumer { collected.append(d) }
+        }
+        // The queue said how many it held; stop when all arrived, or when none arrived for 1 s (the broker's
+        // per-consumer cap was reached, or another client took some).
+        var last = 0
+        var lastProgress = ContinuousClock.now
+        while true {
+            let count = collected.count
+            if expected > 0 && count >= Int(expected) { break }
+            if count != last { last = count; lastProgress = .now }
+            // An empty count may be a snapshot taken while another client's messages were being returned.
+            if ContinuousClock.now - lastProgress > (expected == 0 && count == 0 ? .milliseconds(250) : .seconds(1)) { break }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        // The consumer stays until the channel closes: settling deliveries of a cancelled quorum-queue
+        // consumer is not something to rely on. Whatever arrives from now on goes back at the close.
+        reader.cancel()
+        let deliveries = collected.items
+        try await body(deliveries.map { ($0, DeadLetter(delivery: $0, manifest: manifest)) }, deliveries.count >= Int(expected))
+        await channel.close()
+    }
+}
+
+/// Deliveries collected by a reader task, read by the task that started it.
+final class DeliveryBuffer: Sendable {
+    private let storage = Mutex<[AMQPDelivery]>([])
+    func append(_ d: AMQPDelivery) { storage.withLock { $0.append(d) } }
+    var count: Int { storage.withLock { $0.count } }
+    var items: [AMQPDelivery] { storage.withLock { $0 } }
+}

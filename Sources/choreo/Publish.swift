@@ -1,0 +1,64 @@
+import ArgumentParser
+import Choreo
+import ChoreoOps
+import Foundation
+
+struct Publish: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Publish a CloudEvent into the mesh, with a publisher confirm, and print its id.")
+
+    @OptionGroup var connection: ConnectionOptions
+    @Argument(help: "The event type, e.g. order.placed (also the routing key).")
+    var type: String
+    @Option(help: "The event data: JSON text, or @FILE to read it from a file.")
+    var data: String
+    @Option(help: "Idempotency key handlers deduplicate by (default: the event id).")
+    var key: String?
+    @Option(help: "Correlation id (default: the event id).")
+    var correlationId: String?
+    @Option(help: "Event id (default: a new UUID).")
+    var id: String?
+    @Option(help: "CloudEvents source.")
+    var source = "choreo-cli"
+    @Option(help: "Schema version of the data.")
+    var dataVersion = 1
+    @Option(help: "The mesh's topic exchange.")
+    var exchange = WireNames.defaultExchange
+
+    func validate() throws {
+        if type.isEmpty || type.contains(" ") { throw ValidationError("the event type must be a non-empty word such as order.placed") }
+        if dataVersion < 1 { throw ValidationError("--data-version must be at least 1") }
+    }
+
+    func run() async throws {
+        var bytes: Data
+        if data.hasPrefix("@") {
+            let path = String(data.dropFirst())
+            guard let d = FileManager.default.contents(atPath: path) else { throw ValidationError("cannot read --data file '\(path)'") }
+            bytes = d
+        } else {
+            bytes = Data(data.utf8)
+        }
+        guard (try? JSONSerialization.jsonObject(with: bytes, options: [.fragmentsAllowed])) != nil else {
+            throw ValidationError("--data is not valid JSON")
+        }
+        let eventID = id ?? UUID().uuidString.lowercased()
+        let envelope = EventEnvelope(id: eventID, source: source, type: type, dataVersion: dataVersion,
+                                     correlationID: correlationId ?? eventID, idempotencyKey: key, data: bytes)
+        let amqp = try await connection.connect()
+        let channel = try await amqp.openChannel()
+        try await channel.enableConfirms()
+        try await channel.declareExchange(exchange, type: .topic, durable: true)
+        var message = EnvelopeCodec.encode(envelope, exchange: exchange)
+        message.mandatory = true
+        do {
+            try await channel.publish(message)
+        } catch {
+            if error.code == .unroutable {
+                throw OperationError("no handler consumes '\(type)': no queue is bound to it on exchange '\(exchange)', so the event was not published")
+            }
+            throw error
+        }
+        print(eventID)
+    }
+}

@@ -1,0 +1,214 @@
+@testable import Choreo
+import ChoreoAMQP
+import Foundation
+import Testing
+
+@Suite("The choreo CLI, run as a binary against a real broker", .serialized, .timeLimit(.minutes(5)))
+struct CLITests {
+    /// Fails one event into the ping handler's dead-letter queue (three failed attempts) and returns its id.
+    private func deadLetterOne(_ mesh: Mesh, channel: AMQPChannel, ping: Ping = Ping(n: 1, failTimes: 99)) async throws -> String {
+        let ids = try await mesh.publishPings([ping], on: channel)
+        let n = await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 1 })
+        try #require(n == 1, "the event did not reach the dead-letter queue")
+        return ids[0]
+    }
+
+    private func setUp(_ mesh: Mesh) async throws -> (AMQPConnection, AMQPChannel) {
+        let connection = try await Broker.connect()
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await mesh.declare(on: channel)
+        return (connection, channel)
+    }
+
+    @Test("list is non-destructive, show explains, replay reaches only the failed handler, exactly once")
+    func listShowReplay() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await setUp(mesh)
+        defer { Task { await connection.close() } }
+        let audit = try mesh.start("audit")
+        defer { audit.terminate() }
+        var ping = try mesh.start("ping")
+        defer { ping.terminate() }
+        let info = await eventually({ try? await channel.declareQueuePassive("choreo.audit-\(mesh.id).audit") }, until: { ($0?.consumerCount ?? 0) > 0 })
+        try #require((info?.consumerCount ?? 0) > 0)
+        let id = try await deadLetterOne(mesh, channel: channel)
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("audit") }, until: { $0 >= 1 })
+        #expect(gateway.effects("audit") == 1)
+
+        let handler = "\(mesh.pingService).ping"
+        let first = try await Broker.choreo(["dlq", "list", "--handler", handler, "--json"])
+        let second = try await Broker.choreo(["dlq", "list", "--handler", handler, "--json"])
+        #expect(first.code == 0 && second.code == 0, "\(first.err)")
+        #expect(first.out == second.out, "listing twice shows the same letters")
+        let rows = first.out.split(separator: "\n")
+        #expect(rows.count == 1)
+        #expect(rows.first?.contains("\"id\":\"\(id)\"") == true)
+        #expect(rows.first?.contains("\"error\":\"gateway unavailable (attempt 3)\"") == true)
+
+        let show = try await Broker.choreo(["dlq", "show", id])
+        #expect(show.code == 0)
+        #expect(show.out.contains("error type:    GatewayError"))
+        #expect(show.out.contains("error:         gateway unavailable (attempt 3)"))
+        #expect(show.out.contains("attempts:      3"))
+        #expect(show.out.contains("\"failTimes\" : 99"))
+
+        // Fix the handler, then replay.
+        ping.terminate()
+        _ = await ping.waitForExit(seconds: 30)
+        ping = try mesh.start("ping", environment: ["FIXTURE_FIXED": "1"])
+        let replay = try await Broker.choreo(["dlq", "replay", "--id", id])
+        #expect(replay.code == 0, "\(replay.err)")
+        #expect(replay.out == "replayed 1, skipped 0, failed 0\n")
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 1 })
+        #expect(gateway.effectKeys("ping") == [id])
+        #expect(gateway.requests("ping") == 1)
+        #expect(gateway.effects("audit") == 1 && gateway.requests("audit") == 1, "other subscribers do not see it again")
+        let after = try await Broker.choreo(["dlq", "list", "--handler", handler])
+        #expect(after.out == "no dead letters\n")
+    }
+
+    @Test("killing the CLI between the replayed publish and the removal loses nothing; a second replay gives no second effect")
+    func killedMidReplay() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await setUp(mesh)
+        defer { Task { await connection.close() } }
+        var ping = try mesh.start("ping", concurrency: 1)
+        defer { ping.terminate() }
+        let id = try await deadLetterOne(mesh, channel: channel)
+        ping.terminate()
+        _ = await ping.waitForExit(seconds: 30)
+        ping = try mesh.start("ping", concurrency: 1, environment: ["FIXTURE_FIXED": "1"])
+
+        let marker = mesh.directory.appendingPathComponent("cli-crashed").path
+        let killed = try await Broker.choreo(["dlq", "replay", "--all", "--handler", "\(mesh.pingService).ping"],
+                                             environment: ["CHOREO_FAULT_POINT": "replay-after-publish", "CHOREO_FAULT_MARKER": marker])
+        #expect(killed.code == -SIGKILL, "the CLI was killed after the broker confirmed the copy")
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 1 })
+        // The letter is still there: it was never acknowledged.
+        let still = await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 1 })
+        #expect(still == 1)
+
+        let again = try await Broker.choreo(["dlq", "replay", "--all", "--handler", "\(mesh.pingService).ping"])
+        #expect(again.out == "replayed 1, skipped 0, failed 0\n", "\(again.err)")
+        // A marker event queued behind the second copy: once it is handled, so is the copy.
+        let markerID = try await mesh.publishPings([Ping(n: 999)], on: channel)[0]
+        await eventually({ gateway.effectKeys("ping") }, until: { $0.contains(markerID) })
+        #expect(gateway.effectKeys("ping") == [id, markerID])
+        #expect(gateway.requests("ping") == 2, "the ledger dropped the second replayed copy: one effect for \(id)")
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+    }
+
+    @Test("purge refuses without --yes off a terminal")
+    func purgeRefuses() async throws {
+        let purge = try await Broker.choreo(["dlq", "purge", "--all"])
+        #expect(purge.code == 2)
+        #expect(purge.err.hasPrefix("Error: refusing to purge without --yes when standard input is not a terminal"))
+    }
+
+    @Test("export, purge and import round-trip bodies byte for byte and headers exactly")
+    func exportPurgeImport() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await setUp(mesh)
+        defer { Task { await connection.close() } }
+        let ping = try mesh.start("ping")
+        defer { ping.terminate() }
+        _ = try await mesh.publishPings([Ping(n: 1, poison: true), Ping(n: 2, poison: true), Ping(n: 3, poison: true)], on: channel)
+        await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 3 })
+        let before = try await peek(queue: mesh.pingQueues.deadLetter, expecting: 3, connection: connection)
+        #expect(before.count == 3)
+
+        let file = mesh.directory.appendingPathComponent("letters.jsonl").path
+        let handler = "\(mesh.pingService).ping"
+        let export = try await Broker.choreo(["dlq", "export", "--out", file, "--handler", handler])
+        #expect(export.code == 0 && export.out == "exported 3 to \(file)\n", "\(export.out) \(export.err)")
+        let purge = try await Broker.choreo(["dlq", "purge", "--all", "--yes", "--handler", handler])
+        #expect(purge.out == "purged 3\n")
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+        let restore = try await Broker.choreo(["dlq", "import", file])
+        #expect(restore.out == "imported 3\n", "\(restore.err)")
+
+        let after = try await peek(queue: mesh.pingQueues.deadLetter, expecting: 3, connection: connection)
+        func byID(_ ds: [AMQPDelivery]) -> [String: AMQPDelivery] {
+            Dictionary(uniqueKeysWithValues: ds.map { ($0.properties.messageID ?? "", $0) })
+        }
+        let a = byID(before), b = byID(after)
+        #expect(Set(a.keys) == Set(b.keys))
+        // The broker numbers redeliveries in x-delivery-count; everything else must match exactly.
+        func content(_ p: AMQPProperties?) -> AMQPProperties? {
+            var p = p
+            p?.headers?["x-delivery-count"] = nil
+            return p
+        }
+        for (id, d) in a {
+            #expect(b[id]?.body == d.body)
+            #expect(content(b[id]?.properties) == content(d.properties), "headers and properties restored exactly for \(id)")
+        }
+    }
+
+    @Test("a bulk replay of 10,000 dead letters shows progress and each is processed once")
+    func bulkReplay() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await setUp(mesh)
+        defer { Task { await connection.close() } }
+        // Register the handler (its manifest and queues), then build 10,000 dead letters as the runtime writes them.
+        let first = try mesh.start("ping")
+        await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.main) }, until: { ($0?.consumerCount ?? 0) > 0 })
+        first.terminate()
+        _ = await first.waitForExit(seconds: 30)
+        let n = 10_000
+        var letters: [AMQPOutgoingMessage] = []
+        var ids: [String] = []
+        for i in 0..<n {
+            let e = try EventEnvelope(Ping(n: i), source: "test")
+            ids.append(e.id)
+            letters.append(EnvelopeCodec.encode(e, exchange: "", routingKey: mesh.pingQueues.deadLetter, extraHeaders: [
+                WireNames.Headers.deadLetterHandler: "ping", WireNames.Headers.deadLetterService: mesh.pingService,
+                WireNames.Headers.deadLetterErrorType: "GatewayError", WireNames.Headers.deadLetterErrorMessage: "down",
+                WireNames.Headers.deadLetterAttempts: "3", WireNames.Headers.deadLetterOriginalExchange: mesh.exchange,
+                WireNames.Headers.deadLetterOriginalRoutingKey: "test.ping",
+            ]))
+        }
+        for r in await channel.publish(contentsOf: letters) { try r.get() }
+        let ping = try mesh.start("ping", concurrency: 32)
+        defer { ping.terminate() }
+        let replay = try await Broker.choreo(["dlq", "replay", "--all", "--handler", "\(mesh.pingService).ping"], timeout: 240)
+        #expect(replay.code == 0, "\(replay.err)")
+        #expect(replay.out == "replayed 10000, skipped 0, failed 0\n")
+        #expect(replay.err.contains("replayed 5000/10000"))
+        #expect(replay.err.contains("replayed 10000/10000"))
+        let gateway = try mesh.gateway()
+        await eventually(within: 180, { gateway.effects("ping") }, until: { $0 >= n })
+        let keys = gateway.effectKeys("ping")
+        #expect(keys.count == n && keys == Set(ids), "each of the \(n) letters took effect (\(keys.count) did)")
+        #expect(gateway.requests("ping") == n)
+    }
+
+    @Test("every error path is one clear line with its exit code, and the password never shows")
+    func errorPaths() async throws {
+        let unreachable = try await Broker.choreo(["status"], environment: ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"])
+        #expect(unreachable.code == 1)
+        #expect(unreachable.err == "error: cannot reach the broker at amqp://guest@127.0.0.1:1/: connection refused\n")
+        let base = try AMQPConfiguration(url: Broker.url)
+        let badLogin = try await Broker.choreo(["dlq", "list"], environment: ["CHOREO_URL": "amqp://guest:s3cret@\(base.address)/"])
+        #expect(badLogin.code == 1)
+        #expect(badLogin.err == "error: cannot log in to amqp://guest@\(base.address)/: the broker refused user 'guest' (check the user name and password)\n")
+        let unknownHandler = try await Broker.choreo(["dlq", "list", "--handler", "no-such-handler"])
+        #expect(unknownHandler.code == 1)
+        #expect(unknownHandler.err.hasPrefix("error: no handler named 'no-such-handler' in the registry (known: "))
+        let unknownID = try await Broker.choreo(["dlq", "show", "no-such-id"])
+        #expect(unknownID.code == 1)
+        #expect(unknownID.err == "error: no dead letter with id 'no-such-id'\n")
+        let unknownReplay = try await Broker.choreo(["dlq", "replay", "--id", "no-such-id"])
+        #expect(unknownReplay.code == 1)
+        #expect(unknownReplay.err == "error: no dead letter with id 'no-such-id'\n")
+        let usage = try await Broker.choreo(["dlq", "replay"])
+        #expect(usage.code == 2)
+        #expect(usage.err.hasPrefix("Error: give either --id ID (repeatable) or --all"))
+        let help = try await Broker.choreo(["--help"], environment: ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"])
+        #expect(help.code == 0 && help.out.contains("USAGE: choreo <subcommand>") && !help.out.contains("s3cret"))
+        for r in [unreachable, badLogin] { #expect(!r.err.contains("s3cret") && !r.out.contains("s3cret")) }
+    }
+}
