@@ -10,6 +10,11 @@ let package = Package(
         .library(name: "ChoreoTesting", targets: ["ChoreoTesting"]),
         .library(name: "ChoreoOps", targets: ["ChoreoOps"]),
         .executable(name: "choreo", targets: ["ChoreoCLI"]),
+        .executable(name: "order-service", targets: ["OrderService"]),
+        .executable(name: "inventory", targets: ["Inventory"]),
+        .executable(name: "payment", targets: ["Payment"]),
+        .executable(name: "shipping", targets: ["Shipping"]),
+        .executable(name: "notifications", targets: ["Notifications"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -71,6 +76,36 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Benchmarks/AMQPBenchmark"
+        ),
+        .target(
+            name: "OrderFulfillmentShared",
+            dependencies: ["Choreo", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Samples/OrderFulfillment/Shared"
+        ),
+        .executableTarget(
+            name: "OrderService",
+            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Samples/OrderFulfillment/OrderService"
+        ),
+        .executableTarget(
+            name: "Inventory",
+            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Samples/OrderFulfillment/Inventory"
+        ),
+        .executableTarget(
+            name: "Payment",
+            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Samples/OrderFulfillment/Payment"
+        ),
+        .executableTarget(
+            name: "Shipping",
+            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Samples/OrderFulfillment/Shipping"
+        ),
+        .executableTarget(
+            name: "Notifications",
+            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            path: "Samples/OrderFulfillment/Notifications"
         ),
         .executableTarget(
             name: "AMQPHello",
