@@ -122,6 +122,13 @@ let package = Package(
             dependencies: ["ChoreoAMQP"]
         ),
         .testTarget(
+            name: "OrderFulfillmentTests",
+            dependencies: [
+                "Choreo", "ChoreoAMQP", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift"),
+                "OrderService", "Inventory", "Payment", "Shipping", "Notifications",
+            ]
+        ),
+        .testTarget(
             name: "ChoreoTestingTests",
             dependencies: ["Choreo", "ChoreoAMQP", "ChoreoTesting"]
         ),

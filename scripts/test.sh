@@ -9,6 +9,19 @@ name=${CHOREO_TEST_BROKER:-choreo-test}
 port=${CHOREO_TEST_PORT:-5673}
 
 scripts/install-deps.sh
+
+# No container engine runs here: check that the compose file is valid.
+if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
+fi
+if command -v docker-compose >/dev/null 2>&1; then
+    docker-compose -f docker/compose.yaml config -q
+    echo "docker/compose.yaml: valid (docker-compose config)"
+else
+    echo "docker-compose is not installed: skipped the compose file check (apt-get install docker-compose)" >&2
+fi
 scripts/broker.sh start "$name" "$port"
 trap 'scripts/broker.sh stop "$name"' EXIT
 
