@@ -56,6 +56,7 @@ let package = Package(
             dependencies: [
                 "Choreo", "ChoreoAMQP", "ChoreoOps",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Sources/choreo"
         ),
@@ -116,6 +117,16 @@ let package = Package(
             name: "ChoreoTestService",
             dependencies: ["Choreo", .product(name: "GRDB", package: "GRDB.swift")],
             path: "Tests/Fixtures/ChoreoTestService"
+        ),
+        .executableTarget(
+            name: "chain-baseline-c",
+            path: "Benchmarks/ChainBaselineC",
+            linkerSettings: [.linkedLibrary("rabbitmq"), .linkedLibrary("sqlite3")]
+        ),
+        .executableTarget(
+            name: "chain-benchmark",
+            dependencies: ["Choreo", "ChoreoAMQP"],
+            path: "Benchmarks/ChainBenchmark"
         ),
         .testTarget(
             name: "ChoreoAMQPTests",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Release-mode benchmarks against a private broker (port 5675) that this script starts and stops.
 #   scripts/bench.sh amqp [options]   ChoreoAMQP vs raw rabbitmq-c: publish with confirms, consume with ack
+#   scripts/bench.sh chain [options]  producer -> A -> B -> sink, Choreo vs a rabbitmq-c chain in C
 # Options go to the benchmark executable (--count, --size, --batch, --prefetch, --rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,12 @@ amqp)
     swift build -c release --product AMQPBenchmark
     .build/release/AMQPBenchmark "$@"
     ;;
+chain)
+    swift build -c release --product chain-benchmark --product chain-baseline-c
+    .build/release/chain-benchmark "$@"
+    ;;
 *)
-    echo "unknown benchmark '$which' (expected: amqp)" >&2
+    echo "unknown benchmark '$which' (expected: amqp or chain)" >&2
     exit 2
     ;;
 esac

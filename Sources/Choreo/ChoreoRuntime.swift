@@ -126,6 +126,7 @@ public final class ChoreoRuntime: Service, Sendable {
         try await appendManifests(publisher)
 
         let owner = "\(ProcessInfo.processInfo.hostName)/\(ProcessInfo.processInfo.processIdentifier)/\(UUID().uuidString.prefix(8))"
+        let leases = LeaseKeeper()
         var started: [(HandlerRunner, AMQPConsumer, Int)] = []
         for h in handlers {
             let queues = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
@@ -136,7 +137,7 @@ public final class ChoreoRuntime: Service, Sendable {
             let runner = HandlerRunner(service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
                                        ledger: ledger, publisher: publisher, owner: owner,
                                        leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
-                                       logger: logger)
+                                       leases: leases, logger: logger)
             started.append((runner, consumer, concurrency))
         }
         consumers.withLock { $0 = started.map(\.1) }
@@ -145,6 +146,10 @@ public final class ChoreoRuntime: Service, Sendable {
         for waiter in readiness.withLock({ w -> [CheckedContinuation<Void, Never>] in defer { w = [] }; return w }) { waiter.resume() }
         logger.info("consuming", metadata: ["service": "\(configuration.service)", "handlers": "\(handlers.map(\.name))"])
 
+        let keeper = Task { [ledger, logger, lease = configuration.leaseDuration] in
+            await leases.run(ledger: ledger, lease: lease, logger: logger)
+        }
+        defer { keeper.cancel() }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for (runner, consumer, concurrency) in started {
                 group.addTask { try await self.consume(consumer, with: runner, concurrency: concurrency) }

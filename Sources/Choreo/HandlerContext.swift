@@ -50,7 +50,7 @@ public final class HandlerContext: Sendable {
             throw NonRetryable(ConfigurationError(
                 "handler \(handlerName) emitted '\(E.eventType)', which it does not declare in `emits`"))
         }
-        let data = try JSONCoding.encoder.encode(event)
+        let data = try JSONCoding.sharedEncoder.encode(event)
         buffer.withLock { buffer in
             let index = buffer.count
             var e = EventEnvelope(
@@ -69,8 +69,14 @@ public final class HandlerContext: Sendable {
         var bytes = Array(SHA256.hash(data: Data("\(input)\u{0}\(handler)\u{0}\(index)".utf8)).prefix(16))
         bytes[6] = (bytes[6] & 0x0F) | 0x50 // version 5 layout (name-based, SHA)
         bytes[8] = (bytes[8] & 0x3F) | 0x80
-        let hex = bytes.map { String(format: "%02x", $0) }.joined()
-        let p = Array(hex)
-        return "\(String(p[0..<8]))-\(String(p[8..<12]))-\(String(p[12..<16]))-\(String(p[16..<20]))-\(String(p[20..<32]))"
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(36)
+        for (i, b) in bytes.enumerated() {
+            if i == 4 || i == 6 || i == 8 || i == 10 { out.append(UInt8(ascii: "-")) }
+            out.append(digits[Int(b >> 4)])
+            out.append(digits[Int(b & 0x0F)])
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 }

@@ -1,6 +1,7 @@
 import ChoreoAMQP
 import Foundation
 import Logging
+import Synchronization
 
 /// Runs DESIGN.md's delivery protocol for one handler, one delivery at a time per call.
 ///
@@ -17,6 +18,7 @@ struct HandlerRunner: Sendable {
     let owner: String
     let leaseDuration: Duration
     let maxBodyBytes: Int
+    let leases: LeaseKeeper
     let logger: Logger
 
     func process(_ delivery: AMQPDelivery) async {
@@ -209,21 +211,49 @@ struct HandlerRunner: Sendable {
     }
 
     private func withLeaseRenewal(key: String, owner: String, _ body: @Sendable () async throws -> Void) async throws {
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            let (ledger, name, lease) = (self.ledger, handler.name, leaseDuration)
-            group.addTask {
-                while true {
-                    try await Task.sleep(for: lease / 3)
-                    _ = try? await ledger.renew(handler: name, key: key, owner: owner, lease: lease)
-                }
-            }
-            defer { group.cancelAll() }
-            try await body()
-        }
+        leases.hold(handler: handler.name, key: key, owner: owner)
+        defer { leases.drop(owner: owner) }
+        try await body()
     }
 
     static func typeName(of error: any Error) -> String {
         if let n = error as? NonRetryable { return typeName(of: n.underlying) }
         return String(describing: type(of: error))
+    }
+}
+
+/// Keeps the leases of running invocations alive: one loop renews all of them every third of the lease,
+/// instead of a timer task per invocation.
+final class LeaseKeeper: Sendable {
+    private struct Held: Sendable {
+        var handler: String
+        var key: String
+    }
+
+    private let held = Mutex<[String: Held]>([:])
+
+    func hold(handler: String, key: String, owner: String) {
+        held.withLock { $0[owner] = Held(handler: handler, key: key) }
+    }
+
+    func drop(owner: String) {
+        _ = held.withLock { $0.removeValue(forKey: owner) }
+    }
+
+    /// Renews until cancelled.
+    func run(ledger: any IdempotencyLedger, lease: Duration, logger: Logger) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: lease / 3)
+            for (owner, h) in held.withLock({ $0 }) {
+                do {
+                    if try await !ledger.renew(handler: h.handler, key: h.key, owner: owner, lease: lease) {
+                        logger.warning("lost the lease on a running invocation; another one may run the same event",
+                                       metadata: ["handler": "\(h.handler)", "key": "\(h.key)"])
+                    }
+                } catch {
+                    logger.warning("could not renew a lease", metadata: ["error": "\(error)"])
+                }
+            }
+        }
     }
 }

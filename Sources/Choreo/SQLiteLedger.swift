@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 
 /// The embedded ledger: one SQLite file in WAL mode, for a handler that runs as a single replica.
 ///
@@ -12,6 +13,7 @@ import GRDB
 /// ```
 public final class SQLiteLedger: IdempotencyLedger {
     private let pool: DatabasePool
+    private let writes: GroupCommit
     public let path: String
 
     /// Opens (creating if needed) the ledger file and migrates its schema.
@@ -53,17 +55,17 @@ public final class SQLiteLedger: IdempotencyLedger {
                 """)
         }
         try migrator.migrate(pool)
+        writes = GroupCommit(pool: pool)
     }
 
     public func claim(handler: String, key: String, owner: String, lease: Duration) async throws -> LedgerClaim {
         let now = Date().timeIntervalSince1970
         let expires = now + lease.seconds
-        return try await pool.write { db -> LedgerClaim in
-            let row = try Row.fetchOne(db, sql: "SELECT state, owner, lease_expires, attempts FROM claim WHERE handler = ? AND key = ?",
+        return try await writes.run { db -> LedgerClaim in
+            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, owner, lease_expires, attempts FROM claim WHERE handler = ? AND key = ?"),
                                        arguments: [handler, key])
             guard let row else {
-                try db.execute(sql: "INSERT INTO claim (handler, key, state, owner, lease_expires, attempts) VALUES (?, ?, 'claimed', ?, ?, 1)",
-                               arguments: [handler, key, owner, expires])
+                try db.cachedStatement(sql: "INSERT INTO claim (handler, key, state, owner, lease_expires, attempts) VALUES (?, ?, 'claimed', ?, ?, 1)").execute(arguments: [handler, key, owner, expires])
                 return .claimed(attempts: 1)
             }
             let state: String = row["state"]
@@ -76,17 +78,15 @@ public final class SQLiteLedger: IdempotencyLedger {
                 return .heldElsewhere(until: Date(timeIntervalSince1970: until))
             }
             let attempts: Int = (row["attempts"] ?? 0) + 1
-            try db.execute(sql: "UPDATE claim SET owner = ?, lease_expires = ?, attempts = ? WHERE handler = ? AND key = ?",
-                           arguments: [owner, expires, attempts, handler, key])
+            try db.cachedStatement(sql: "UPDATE claim SET owner = ?, lease_expires = ?, attempts = ? WHERE handler = ? AND key = ?").execute(arguments: [owner, expires, attempts, handler, key])
             return .claimed(attempts: attempts)
         }
     }
 
     public func renew(handler: String, key: String, owner: String, lease: Duration) async throws -> Bool {
         let expires = Date().timeIntervalSince1970 + lease.seconds
-        return try await pool.write { db in
-            try db.execute(sql: "UPDATE claim SET lease_expires = ? WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'",
-                           arguments: [expires, handler, key, owner])
+        return try await writes.run { db in
+            try db.cachedStatement(sql: "UPDATE claim SET lease_expires = ? WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'").execute(arguments: [expires, handler, key, owner])
             return db.changesCount == 1
         }
     }
@@ -94,20 +94,19 @@ public final class SQLiteLedger: IdempotencyLedger {
     public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws -> LedgerCompletion {
         let now = Date().timeIntervalSince1970
         let encoded = try outbox.map { ($0, try Self.encodeAttributes($0.envelope)) }
-        return try await pool.write { db -> LedgerCompletion in
-            let row = try Row.fetchOne(db, sql: "SELECT state, owner FROM claim WHERE handler = ? AND key = ?", arguments: [handler, key])
+        return try await writes.run { db -> LedgerCompletion in
+            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, owner FROM claim WHERE handler = ? AND key = ?"), arguments: [handler, key])
             let state: String? = row?["state"]
             if state == "completed" {
                 return .alreadyCompleted(unpublished: try Self.outbox(db, handler: handler, key: key, unpublishedOnly: true))
             }
             let holder: String? = row?["owner"]
             guard holder == owner else { return .leaseLost }
-            try db.execute(sql: "UPDATE claim SET state = 'completed', owner = NULL, lease_expires = NULL, completed_at = ? WHERE handler = ? AND key = ?",
-                           arguments: [now, handler, key])
+            try db.cachedStatement(sql: "UPDATE claim SET state = 'completed', owner = NULL, lease_expires = NULL, completed_at = ? WHERE handler = ? AND key = ?").execute(arguments: [now, handler, key])
             for (message, attributes) in encoded {
-                try db.execute(sql: """
+                try db.cachedStatement(sql: """
                     INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data) VALUES (?, ?, ?, ?, ?, ?, ?)
-                    """, arguments: [handler, key, message.index, message.exchange, message.routingKey, attributes, message.envelope.data])
+                    """).execute(arguments: [handler, key, message.index, message.exchange, message.routingKey, attributes, message.envelope.data])
             }
             return .committed
         }
@@ -115,18 +114,16 @@ public final class SQLiteLedger: IdempotencyLedger {
 
     public func markPublished(handler: String, key: String, indexes: [Int]) async throws {
         guard !indexes.isEmpty else { return }
-        try await pool.write { db in
+        try await writes.run { db in
             for index in indexes {
-                try db.execute(sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ?",
-                               arguments: [handler, key, index])
+                try db.cachedStatement(sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ?").execute(arguments: [handler, key, index])
             }
         }
     }
 
     public func release(handler: String, key: String, owner: String) async throws {
-        try await pool.write { db in
-            try db.execute(sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'",
-                           arguments: [handler, key, owner])
+        try await writes.run { db in
+            try db.cachedStatement(sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'").execute(arguments: [handler, key, owner])
         }
     }
 
@@ -193,19 +190,104 @@ public final class SQLiteLedger: IdempotencyLedger {
             id: e.id, source: e.source, type: e.type, time: e.time, subject: e.subject, dataContentType: e.dataContentType,
             dataSchema: e.dataSchema, dataVersion: e.dataVersion, correlationID: e.correlationID, causationID: e.causationID,
             traceparent: e.traceparent, idempotencyKey: e.idempotencyKey, extensions: e.extensions)
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .secondsSince1970
-        return String(decoding: try encoder.encode(stored), as: UTF8.self)
+        return String(decoding: try attributeEncoder.encode(stored), as: UTF8.self)
     }
 
     private static func decodeAttributes(_ text: String) throws -> EventEnvelope {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .secondsSince1970
-        let s = try decoder.decode(StoredAttributes.self, from: Data(text.utf8))
+        let s = try attributeDecoder.decode(StoredAttributes.self, from: Data(text.utf8))
         return EventEnvelope(
             id: s.id, source: s.source, type: s.type, time: s.time, subject: s.subject, dataContentType: s.dataContentType,
             dataSchema: s.dataSchema, dataVersion: s.dataVersion, correlationID: s.correlationID, causationID: s.causationID,
             traceparent: s.traceparent, idempotencyKey: s.idempotencyKey, extensions: s.extensions, data: Data())
+    }
+}
+
+nonisolated(unsafe) private let attributeEncoder: JSONEncoder = {
+    let e = JSONEncoder()
+    e.dateEncodingStrategy = .secondsSince1970
+    return e
+}()
+
+nonisolated(unsafe) private let attributeDecoder: JSONDecoder = {
+    let d = JSONDecoder()
+    d.dateDecodingStrategy = .secondsSince1970
+    return d
+}()
+
+/// Holds a group-commit write's result until the transaction commits.
+private final class ResultBox<T>: @unchecked Sendable {
+    var value: T?
+}
+
+/// Group commit: ledger writes from concurrent invocations that arrive while a transaction is running
+/// are run together in the next one, each in its own savepoint, so one SQLite commit serves many events.
+/// A write that throws rolls back only its savepoint; callers learn their outcome only after the commit,
+/// and if the commit itself fails every caller in the batch gets that error (its delivery is redelivered).
+final class GroupCommit: Sendable {
+    private final class Pending: @unchecked Sendable {
+        let work: (Database) throws -> Void
+        var outcome: Result<Void, Error> = .success(())
+        let finish: (Result<Void, Error>) -> Void
+        init(work: @escaping (Database) throws -> Void, finish: @escaping (Result<Void, Error>) -> Void) {
+            self.work = work
+            self.finish = finish
+        }
+    }
+
+    private let pool: DatabasePool
+    private let state = Mutex<(queue: [Pending], running: Bool)>(([], false))
+
+    init(pool: DatabasePool) {
+        self.pool = pool
+    }
+
+    func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
+            let box = ResultBox<T>()
+            let op = Pending(work: { db in box.value = try body(db) }, finish: { outcome in
+                switch outcome {
+                case .success: continuation.resume(returning: box.value!)
+                case .failure(let error): continuation.resume(throwing: error)
+                }
+            })
+            let start = state.withLock { s -> Bool in
+                s.queue.append(op)
+                if s.running { return false }
+                s.running = true
+                return true
+            }
+            if start { Task { await self.drain() } }
+        }
+    }
+
+    private func drain() async {
+        while true {
+            let batch = state.withLock { s -> [Pending] in
+                let b = s.queue
+                s.queue.removeAll()
+                if b.isEmpty { s.running = false }
+                return b
+            }
+            if batch.isEmpty { return }
+            do {
+                try await pool.write { db in
+                    for op in batch {
+                        do {
+                            try db.inSavepoint {
+                                try op.work(db)
+                                return .commit
+                            }
+                            op.outcome = .success(())
+                        } catch {
+                            op.outcome = .failure(error)
+                        }
+                    }
+                }
+                for op in batch { op.finish(op.outcome) }
+            } catch {
+                for op in batch { op.finish(.failure(error)) }
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@ import Choreo
 import ChoreoAMQP
 import ChoreoOps
 import Foundation
+import Logging
 import Synchronization
 
 /// `choreo`: the operator CLI. Everything goes over AMQP 0-9-1; no management plugin, no server.
@@ -34,7 +35,9 @@ struct ConnectionOptions: ParsableArguments {
         named.connectionName = "choreo cli"
         named.connectTimeout = .seconds(5)
         do {
-            let connection = try await AMQPConnection.connect(to: named)
+            var logger = Logger(label: "choreo.cli") { StreamLogHandler.standardError(label: $0) }
+            logger.logLevel = ProcessInfo.processInfo.environment["CHOREO_DEBUG"] == "1" ? .debug : .warning
+            let connection = try await AMQPConnection.connect(to: named, logger: logger)
             OpenConnections.shared.add(connection)
             return connection
         } catch {

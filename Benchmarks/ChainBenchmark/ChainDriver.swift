@@ -1,0 +1,158 @@
+import Choreo
+import ChoreoAMQP
+import Foundation
+
+/// Runs both chains and prints throughput and latency figures.
+struct ChainDriver {
+    let url: String
+    let count: Int
+    let rate: Double
+    let seconds: Double
+
+    struct Result {
+        var throughput: Double
+        var p50: Double
+        var p99: Double
+    }
+
+    var binDirectory: URL { URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent() }
+
+    func run() async throws {
+        let config = try AMQPConfiguration(url: url)
+        print("chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency")
+        print("broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop")
+        let choreo = try await runChoreo(config)
+        print(String(format: "Choreo:     %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", choreo.throughput, rate, choreo.p50, choreo.p99))
+        let c = try await runBaseline(config)
+        print(String(format: "rabbitmq-c: %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", c.throughput, rate, c.p50, c.p99))
+        print(String(format: "throughput ratio Choreo / rabbitmq-c: %.2f", choreo.throughput / c.throughput))
+    }
+
+    // MARK: Choreo
+
+    private func runChoreo(_ config: AMQPConfiguration) async throws -> Result {
+        let dir = try scratch("choreo")
+        let latency = dir.appendingPathComponent("latency.txt")
+        FileManager.default.createFile(atPath: latency.path, contents: nil)
+        var hops: [Process] = []
+        defer { for p in hops { p.terminate(); p.waitUntilExit() } }
+        for role in ["sink", "b", "a"] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
+            p.arguments = ["hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger", dir.appendingPathComponent("\(role).sqlite").path,
+                           "--concurrency", "64"]
+            var env = ProcessInfo.processInfo.environment
+            env["CHAIN_LATENCY_FILE"] = latency.path
+            env["CHOREO_LOG_LEVEL"] = "warning"
+            p.environment = env
+            try p.run()
+            hops.append(p)
+        }
+        let connection = try await AMQPConnection.connect(to: config)
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        for q in ["choreo.bench-a.hop", "choreo.bench-b.hop", "choreo.bench-sink.hop"] { try await waitForConsumer(q, channel) }
+        try await channel.enableConfirms()
+
+        func message(_ n: Int) throws -> AMQPOutgoingMessage {
+            let e = try EventEnvelope(Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench", id: "choreo-\(n)-\(UUID().uuidString.prefix(6))")
+            return EnvelopeCodec.encode(e, exchange: "bench.choreo")
+        }
+        return try await measure(channel: channel, latency: latency, message: message)
+    }
+
+    // MARK: rabbitmq-c
+
+    private func runBaseline(_ config: AMQPConfiguration) async throws -> Result {
+        let dir = try scratch("c")
+        let latency = dir.appendingPathComponent("latency.txt")
+        FileManager.default.createFile(atPath: latency.path, contents: nil)
+        let connection = try await AMQPConnection.connect(to: config)
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.declareExchange("bench.c", type: .topic, durable: true)
+        let stages = [("bench.c.a", "bench.start", "bench.a"), ("bench.c.b", "bench.a", "bench.b"), ("bench.c.sink", "bench.b", "-")]
+        for (queue, key, _) in stages {
+            try await channel.declareQueue(queue, options: .quorum())
+            try await channel.purgeQueue(queue)
+            try await channel.bindQueue(queue, exchange: "bench.c", routingKey: key)
+        }
+        let total = count + Int(rate * seconds)
+        var hops: [Process] = []
+        defer { for p in hops where p.isRunning { p.terminate(); p.waitUntilExit() } }
+        for (queue, _, next) in stages {
+            let p = Process()
+            p.executableURL = binDirectory.appendingPathComponent("chain-baseline-c")
+            p.arguments = [config.host, String(config.port), queue, next, "bench.c", dir.appendingPathComponent("\(queue).sqlite").path,
+                           next == "-" ? latency.path : "-", String(total)]
+            try p.run()
+            hops.append(p)
+        }
+        for (queue, _, _) in stages { try await waitForConsumer(queue, channel) }
+        try await channel.enableConfirms()
+        func message(_ n: Int) throws -> AMQPOutgoingMessage {
+            // The same body as the Choreo run's data; plain AMQP properties instead of CloudEvents headers.
+            let body = try JSONCoding.encoder.encode(Start(n: n, sentAt: Date().timeIntervalSince1970))
+            return AMQPOutgoingMessage(exchange: "bench.c", routingKey: "bench.start", body: body,
+                                       properties: AMQPProperties(contentType: "application/json", deliveryMode: 2, messageID: "c-\(n)"))
+        }
+        return try await measure(channel: channel, latency: latency, message: message)
+    }
+
+    // MARK: Shared
+
+    /// Throughput: `count` events published as fast as confirms allow, timed until the sink saw them all.
+    /// Latency: events published one by one at `rate` per second for `seconds`; percentiles of the sink's figures.
+    private func measure(channel: AMQPChannel, latency: URL, message: (Int) throws -> AMQPOutgoingMessage) async throws -> Result {
+        let started = ContinuousClock.now
+        var n = 0
+        while n < count {
+            let batch = try (n..<min(n + 500, count)).map(message)
+            for r in await channel.publish(contentsOf: batch) { try r.get() }
+            n += batch.count
+        }
+        try await waitForLines(latency, count, timeout: .seconds(600))
+        let elapsed = ContinuousClock.now - started
+        let throughput = Double(count) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+
+        let paced = Int(rate * seconds)
+        let interval = Duration.seconds(1 / rate)
+        let begin = ContinuousClock.now
+        for i in 0..<paced {
+            let due = begin + interval * i
+            let now = ContinuousClock.now
+            if due > now { try await Task.sleep(until: due, clock: .continuous) }
+            try await channel.publish(try message(count + i))
+        }
+        try await waitForLines(latency, count + paced, timeout: .seconds(120))
+        let lines = try String(contentsOf: latency, encoding: .utf8).split(separator: "\n").suffix(paced)
+        let micros = lines.compactMap { Double($0) }.sorted()
+        func pct(_ p: Double) -> Double { micros.isEmpty ? .nan : micros[min(micros.count - 1, Int(Double(micros.count) * p))] / 1000 }
+        return Result(throughput: throughput, p50: pct(0.5), p99: pct(0.99))
+    }
+
+    private func waitForLines(_ file: URL, _ n: Int, timeout: Duration) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            let data = (try? Data(contentsOf: file)) ?? Data()
+            if data.reduce(0, { $0 + ($1 == 0x0A ? 1 : 0) }) >= n { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw ConfigurationError("the sink did not see \(n) events within \(timeout)")
+    }
+
+    private func waitForConsumer(_ queue: String, _ channel: AMQPChannel) async throws {
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if let info = try? await channel.declareQueuePassive(queue), info.consumerCount > 0 { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw ConfigurationError("no consumer on \(queue)")
+    }
+
+    private func scratch(_ name: String) throws -> URL {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("chain-bench-\(name)-\(UUID().uuidString.prefix(6))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        return dir
+    }
+}

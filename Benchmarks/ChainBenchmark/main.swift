@@ -1,0 +1,73 @@
+import Choreo
+import ChoreoAMQP
+import Foundation
+import Synchronization
+
+// The chain benchmark: producer -> A -> B -> sink, each hop its own process, persistent messages, publisher
+// confirms and a SQLite ledger per hop; then the same chain written directly against rabbitmq-c in C
+// (chain-baseline-c: same broker, same message sizes, one SQLite insert per event per hop).
+//
+//   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10]    the driver (run in release mode)
+//   chain-benchmark hop ROLE [runner options]                                  one Choreo hop (a, b or sink)
+
+struct Start: Event { static let eventType = "bench.start"; var n: Int; var sentAt: Double }
+struct AtA: Event { static let eventType = "bench.a"; var n: Int; var sentAt: Double }
+struct AtB: Event { static let eventType = "bench.b"; var n: Int; var sentAt: Double }
+
+struct HopA: EventHandler {
+    let name = "hop"
+    var emits: [any Event.Type] { [AtA.self] }
+    func handle(_ e: Start, context: HandlerContext) async throws { try context.emit(AtA(n: e.n, sentAt: e.sentAt)) }
+}
+
+struct HopB: EventHandler {
+    let name = "hop"
+    var emits: [any Event.Type] { [AtB.self] }
+    func handle(_ e: AtA, context: HandlerContext) async throws { try context.emit(AtB(n: e.n, sentAt: e.sentAt)) }
+}
+
+/// Appends each event's end-to-end latency (microseconds since the producer stamped it) to a file.
+final class LatencyLog: Sendable {
+    private let handle: Mutex<FileHandle>
+    init(path: String) throws {
+        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        h.seekToEndOfFile()
+        handle = Mutex(h)
+    }
+    func record(sentAt: Double) {
+        let micros = (Date().timeIntervalSince1970 - sentAt) * 1e6
+        handle.withLock { $0.write(Data("\(Int(micros))\n".utf8)) }
+    }
+}
+
+struct Sink: EventHandler {
+    let name = "hop"
+    let log: LatencyLog
+    func handle(_ e: AtB, context: HandlerContext) async throws { log.record(sentAt: e.sentAt) }
+}
+
+func option(_ name: String, _ args: [String]) -> String? {
+    guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
+    return args[i + 1]
+}
+
+let args = Array(CommandLine.arguments.dropFirst())
+if args.first == "hop" {
+    let role = args.count > 1 ? args[1] : "a"
+    let rest = Array(args.dropFirst(2))
+    switch role {
+    case "a": await Choreo.run(service: "bench-a", handlers: [HopA()], arguments: rest)
+    case "b": await Choreo.run(service: "bench-b", handlers: [HopB()], arguments: rest)
+    default:
+        let log = try LatencyLog(path: ProcessInfo.processInfo.environment["CHAIN_LATENCY_FILE"] ?? "latency.txt")
+        await Choreo.run(service: "bench-sink", handlers: [Sink(log: log)], arguments: rest)
+    }
+    exit(0)
+}
+
+let url = option("--url", args) ?? ProcessInfo.processInfo.environment["CHOREO_URL"] ?? "amqp://guest:guest@127.0.0.1:5675/"
+let count = Int(option("--count", args) ?? "") ?? 20_000
+let rate = Double(option("--rate", args) ?? "") ?? 200
+let seconds = Double(option("--seconds", args) ?? "") ?? 10
+try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds).run()
