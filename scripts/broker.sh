@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private RabbitMQ broker on loopback: its own node name, data directory and ports, no systemd.
 #
-#   scripts/broker.sh start  NAME PORT   start node NAME@localhost on 127.0.0.1:PORT, wait until it answers
+#   scripts/broker.sh start  NAME PORT   start node NAME@localhost on 127.0.0.1:PORT (and TLS on PORT+1000,
+#                                        with a throw-away CA in $base/NAME/tls), wait until it answers
 #   scripts/broker.sh stop   NAME        stop it (and wait until it is gone)
 #   scripts/broker.sh status NAME        exit 0 when it answers
 #   scripts/broker.sh ctl    NAME ARGS   run rabbitmqctl against it (e.g. stop_app, start_app, add_user)
@@ -45,8 +46,27 @@ start)
     rm -rf "$dir"
     mkdir -p "$dir/mnesia" "$dir/log"
     echo '[].' > "$dir/enabled_plugins"
+    # A throw-away CA and a server certificate for "localhost", for the amqps:// tests.
+    mkdir -p "$dir/tls"
+    (
+        cd "$dir/tls"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=choreo-test-ca" \
+            -keyout ca.key -out ca.pem >/dev/null 2>&1
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr >/dev/null 2>&1
+        printf 'subjectAltName=DNS:localhost\n' > san.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile san.ext -out server.pem >/dev/null 2>&1
+        chmod 644 ./*.pem ./*.key
+    )
+    tls_port=$((port + 1000))
     cat > "$dir/rabbitmq.conf" <<CONF
 listeners.tcp.default = 127.0.0.1:$port
+listeners.ssl.default = 127.0.0.1:$tls_port
+ssl_options.cacertfile = $dir/tls/ca.pem
+ssl_options.certfile = $dir/tls/server.pem
+ssl_options.keyfile = $dir/tls/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
 loopback_users = none
 log.console = false
 log.file.level = warning
@@ -76,7 +96,7 @@ CONF
         tail -n 40 "$dir/startup.log" >&2 || true
         exit 1
     fi
-    echo "broker $node is up on amqp://guest:***@127.0.0.1:$port/" >&2
+    echo "broker $node is up on amqp://guest:***@127.0.0.1:$port/ and amqps://localhost:$tls_port/ (CA $dir/tls/ca.pem)" >&2
     ;;
 stop)
     if ctl status >/dev/null 2>&1; then

@@ -26,6 +26,8 @@ scripts/broker.sh start "$name" "$port"
 trap 'scripts/broker.sh stop "$name"' EXIT
 
 export CHOREO_TEST_URL="amqp://guest:guest@127.0.0.1:$port/"
+export CHOREO_TEST_TLS_PORT=$((port + 1000))
+export CHOREO_TEST_TLS_CA="${CHOREO_BROKER_BASE:-/tmp/choreo-brokers}/$name/tls/ca.pem"
 export CHOREO_TEST_BROKER_NAME="$name"
 swift build --build-tests
 # --no-parallel: some tests restart the broker or close all its connections.

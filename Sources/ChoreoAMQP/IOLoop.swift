@@ -45,25 +45,19 @@ final class IOLoop: Sendable {
     /// Hands a job to the I/O thread. Returns the reason instead when the loop has ended.
     @discardableResult
     func submit(_ job: @escaping Job) -> AMQPError? {
-        let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
-            if let finished = q.finished { return (finished, false) }
-            q.jobs.append(job)
-            let wake = q.sleeping
-            q.sleeping = false
-            return (nil, wake)
-        }
-        if wake {
-            var one: UInt64 = 1
-            _ = write(wakeFD, &one, 8)
-        }
-        return ended
+        enqueue { $0.jobs.append(job) }
     }
 
     /// Hands an ack, nack or reject to the I/O thread, which coalesces them into as few frames as it can.
     func submit(_ settlement: PendingSettlement) -> AMQPError? {
+        enqueue { $0.settlements.append(settlement) }
+    }
+
+    /// Adds work under the lock and wakes the thread if it sleeps; the reason instead once the loop ended.
+    private func enqueue(_ add: (inout Queue) -> Void) -> AMQPError? {
         let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
             if let finished = q.finished { return (finished, false) }
-            q.settlements.append(settlement)
+            add(&q)
             let wake = q.sleeping
             q.sleeping = false
             return (nil, wake)

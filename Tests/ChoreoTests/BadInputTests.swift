@@ -57,11 +57,8 @@ struct BadInputTests {
     @Test("each kind of bad input is dead-lettered with its reason and the handler goes on")
     func badInputIsDeadLettered() async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        try await mesh.declare(on: channel)
         for c in Self.cases {
             var headers = c.headers
             headers["test-case"] = .string(c.name)

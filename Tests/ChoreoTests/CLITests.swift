@@ -13,18 +13,10 @@ struct CLITests {
         return ids[0]
     }
 
-    private func setUp(_ mesh: Mesh) async throws -> (AMQPConnection, AMQPChannel) {
-        let connection = try await Broker.connect()
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        try await mesh.declare(on: channel)
-        return (connection, channel)
-    }
-
     @Test("list is non-destructive, show explains, replay reaches only the failed handler, exactly once")
     func listShowReplay() async throws {
         let mesh = try Mesh()
-        let (connection, channel) = try await setUp(mesh)
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         let audit = try mesh.start("audit")
         defer { audit.terminate() }
@@ -72,7 +64,7 @@ struct CLITests {
     @Test("killing the CLI between the replayed publish and the removal loses nothing; a second replay gives no second effect")
     func killedMidReplay() async throws {
         let mesh = try Mesh()
-        let (connection, channel) = try await setUp(mesh)
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         var ping = try mesh.start("ping", concurrency: 1)
         defer { ping.terminate() }
@@ -111,7 +103,7 @@ struct CLITests {
     @Test("export, purge and import round-trip bodies byte for byte and headers exactly")
     func exportPurgeImport() async throws {
         let mesh = try Mesh()
-        let (connection, channel) = try await setUp(mesh)
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         let ping = try mesh.start("ping")
         defer { ping.terminate() }
@@ -151,7 +143,7 @@ struct CLITests {
     @Test("a bulk replay of 10,000 dead letters shows progress and each is processed once")
     func bulkReplay() async throws {
         let mesh = try Mesh()
-        let (connection, channel) = try await setUp(mesh)
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         // Register the handler (its manifest and queues), then build 10,000 dead letters as the runtime writes them.
         let first = try mesh.start("ping")

@@ -18,10 +18,8 @@ struct CrashTests {
           arguments: FaultInjection.points)
     func crashBetweenSteps(point: String) async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect(declaring: false)
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
         let sink = try await startSink(mesh, channel: channel)
         defer { sink.terminate() }
         try await mesh.declare(on: channel)
@@ -52,11 +50,8 @@ struct CrashTests {
     @Test("graceful shutdown under load finishes in-flight work, exits 0, and loses nothing")
     func gracefulShutdownUnderLoad() async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        try await mesh.declare(on: channel)
         let n = 200
         let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 20) }, on: channel)
         let first = try mesh.start("ping")
@@ -109,10 +104,8 @@ struct CrashTests {
     @Test("a message that kills the process on every delivery is dead-lettered by the broker's delivery limit")
     func poisonMessageHitsDeliveryLimit() async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect(declaring: false)
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
         try await mesh.declare(on: channel, deliveryLimit: 2)
         let ids = try await mesh.publishPings([Ping(n: 1, crash: true), Ping(n: 2)], on: channel)
         var restarts = 0

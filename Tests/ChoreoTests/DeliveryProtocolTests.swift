@@ -8,10 +8,8 @@ struct DeliveryProtocolTests {
     @Test("events flow through a handler to a downstream handler, each effect once; a duplicate publish gives one effect")
     func happyPathAndDuplicate() async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect(declaring: false)
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
         let ping = try mesh.start("ping")
         let sink = try mesh.start("sink")
         defer { ping.terminate(); sink.terminate() }
@@ -36,11 +34,8 @@ struct DeliveryProtocolTests {
     @Test("a handler that fails twice then succeeds runs three times and takes effect once")
     func failsTwiceThenSucceeds() async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        try await mesh.declare(on: channel)
         let ids = try await mesh.publishPings([Ping(n: 1, failTimes: 2)], on: channel)
         let ping = try mesh.start("ping")
         defer { ping.terminate() }
@@ -53,11 +48,8 @@ struct DeliveryProtocolTests {
     @Test("retries exhausted end in the dead-letter queue with the failure metadata")
     func retriesExhausted() async throws {
         let mesh = try Mesh()
-        let connection = try await Broker.connect()
+        let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        try await mesh.declare(on: channel)
         let ids = try await mesh.publishPings([Ping(n: 7, failTimes: 99)], on: channel)
         let ping = try mesh.start("ping")
         defer { ping.terminate() }

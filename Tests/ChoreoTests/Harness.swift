@@ -112,6 +112,16 @@ struct Mesh {
     }
 
     func gateway() throws -> GatewayView { try GatewayView(path: gatewayPath) }
+
+    /// A connection to the test broker and a confirming channel; with `declaring`, the ping handler's
+    /// topology is declared first so events published before the service starts are kept.
+    func connect(declaring: Bool = true) async throws -> (AMQPConnection, AMQPChannel) {
+        let connection = try await Broker.connect()
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        if declaring { try await declare(on: channel) }
+        return (connection, channel)
+    }
 }
 
 /// The fixture's payload types, mirrored for publishing.
