@@ -145,7 +145,10 @@ let package = Package(
         ),
         .testTarget(
             name: "ChoreoTests",
-            dependencies: ["Choreo", "ChoreoAMQP", "ChoreoTesting", "ChoreoTestService", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: [
+                "Choreo", "ChoreoAMQP", "ChoreoTesting", "ChoreoTestService",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

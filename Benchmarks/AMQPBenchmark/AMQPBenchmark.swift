@@ -1,6 +1,6 @@
 import ArgumentParser
-import ChoreoAMQP
 import CRabbitMQBaseline
+import ChoreoAMQP
 import Foundation
 
 /// Publish-with-confirms and consume-with-ack throughput of ChoreoAMQP against rabbitmq-c itself.
@@ -28,7 +28,9 @@ struct AMQPBenchmark: AsyncParsableCommand {
 
     func run() async throws {
         let config = try AMQPConfiguration(url: url)
-        print("amqp-benchmark: \(count) x \(size) B persistent messages, quorum queue, confirm batch \(batch), prefetch \(prefetch), \(rounds) rounds")
+        print(
+            "amqp-benchmark: \(count) x \(size) B persistent messages, quorum queue, confirm batch \(batch), prefetch \(prefetch), \(rounds) rounds"
+        )
         print("broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores")
         var results: [String: [Double]] = [:]
         let admin = try await AMQPConnection.connect(to: config)
@@ -39,23 +41,34 @@ struct AMQPBenchmark: AsyncParsableCommand {
             for q in [cQueue, swiftQueue] { try await channel.declareQueue(q, options: .quorum()) }
             let swiftFirst = round % 2 == 0
             for step in swiftFirst ? ["swift", "c"] : ["c", "swift"] {
-                let rate = step == "c" ? try await baselinePublish(config, cQueue) : try await swiftPublish(config, swiftQueue)
+                let rate =
+                    step == "c" ? try await baselinePublish(config, cQueue) : try await swiftPublish(config, swiftQueue)
                 results["publish.\(step)", default: []].append(rate)
             }
             for step in swiftFirst ? ["swift", "c"] : ["c", "swift"] {
-                let rate = step == "c" ? try await baselineConsume(config, cQueue) : try await swiftConsume(config, swiftQueue)
+                let rate =
+                    step == "c" ? try await baselineConsume(config, cQueue) : try await swiftConsume(config, swiftQueue)
                 results["consume.\(step)", default: []].append(rate)
             }
             for q in [cQueue, swiftQueue] { try await channel.deleteQueue(q) }
-            print(String(format: "round %d: publish c %.0f swift %.0f msg/s; consume c %.0f swift %.0f msg/s", round,
-                         results["publish.c"]!.last!, results["publish.swift"]!.last!,
-                         results["consume.c"]!.last!, results["consume.swift"]!.last!))
+            print(
+                String(
+                    format: "round %d: publish c %.0f swift %.0f msg/s; consume c %.0f swift %.0f msg/s", round,
+                    results["publish.c"]!.last!, results["publish.swift"]!.last!,
+                    results["consume.c"]!.last!, results["consume.swift"]!.last!))
         }
         await admin.close()
         func median(_ key: String) -> Double { let v = results[key]!.sorted(); return v[v.count / 2] }
-        let pc = median("publish.c"), ps = median("publish.swift"), cc = median("consume.c"), cs = median("consume.swift")
-        print(String(format: "publish with confirms: rabbitmq-c %.0f msg/s, ChoreoAMQP %.0f msg/s, ratio %.2f", pc, ps, ps / pc))
-        print(String(format: "consume with ack:      rabbitmq-c %.0f msg/s, ChoreoAMQP %.0f msg/s, ratio %.2f", cc, cs, cs / cc))
+        let pc = median("publish.c"), ps = median("publish.swift"), cc = median("consume.c"),
+            cs = median("consume.swift")
+        print(
+            String(
+                format: "publish with confirms: rabbitmq-c %.0f msg/s, ChoreoAMQP %.0f msg/s, ratio %.2f", pc, ps,
+                ps / pc))
+        print(
+            String(
+                format: "consume with ack:      rabbitmq-c %.0f msg/s, ChoreoAMQP %.0f msg/s, ratio %.2f", cc, cs,
+                cs / cc))
     }
 
     private func swiftPublish(_ config: AMQPConfiguration, _ queue: String) async throws -> Double {
@@ -63,8 +76,9 @@ struct AMQPBenchmark: AsyncParsableCommand {
         let channel = try await connection.openChannel()
         try await channel.enableConfirms()
         let body = Data(repeating: UInt8(ascii: "x"), count: size)
-        let message = AMQPOutgoingMessage(exchange: "", routingKey: queue, body: body,
-                                          properties: AMQPProperties(contentType: "application/octet-stream", deliveryMode: 2))
+        let message = AMQPOutgoingMessage(
+            exchange: "", routingKey: queue, body: body,
+            properties: AMQPProperties(contentType: "application/octet-stream", deliveryMode: 2))
         let start = ContinuousClock.now
         var sent = 0
         while sent < count {
@@ -97,16 +111,18 @@ struct AMQPBenchmark: AsyncParsableCommand {
     private func baselinePublish(_ config: AMQPConfiguration, _ queue: String) async throws -> Double {
         let (count, size, batch) = (self.count, self.size, self.batch)
         return try await onThread { error in
-            choreo_baseline_publish(config.host, Int32(config.port), config.username, config.password, queue,
-                                    Int32(count), Int32(size), Int32(batch), error, 512)
+            choreo_baseline_publish(
+                config.host, Int32(config.port), config.username, config.password, queue,
+                Int32(count), Int32(size), Int32(batch), error, 512)
         }
     }
 
     private func baselineConsume(_ config: AMQPConfiguration, _ queue: String) async throws -> Double {
         let (count, prefetch) = (self.count, self.prefetch)
         return try await onThread { error in
-            choreo_baseline_consume(config.host, Int32(config.port), config.username, config.password, queue,
-                                    Int32(count), Int32(prefetch), error, 512)
+            choreo_baseline_consume(
+                config.host, Int32(config.port), config.username, config.password, queue,
+                Int32(count), Int32(prefetch), error, 512)
         }
     }
 

@@ -19,12 +19,22 @@ struct ChainDriver {
 
     func run() async throws {
         let config = try AMQPConfiguration(url: url)
-        print("chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency")
-        print("broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop")
+        print(
+            "chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency"
+        )
+        print(
+            "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop"
+        )
         let choreo = try await runChoreo(config)
-        print(String(format: "Choreo:     %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", choreo.throughput, rate, choreo.p50, choreo.p99))
+        print(
+            String(
+                format: "Choreo:     %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", choreo.throughput,
+                rate, choreo.p50, choreo.p99))
         let c = try await runBaseline(config)
-        print(String(format: "rabbitmq-c: %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", c.throughput, rate, c.p50, c.p99))
+        print(
+            String(
+                format: "rabbitmq-c: %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", c.throughput, rate,
+                c.p50, c.p99))
         print(String(format: "throughput ratio Choreo / rabbitmq-c: %.2f", choreo.throughput / c.throughput))
     }
 
@@ -39,8 +49,11 @@ struct ChainDriver {
         for role in ["sink", "b", "a"] {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
-            p.arguments = ["hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger", dir.appendingPathComponent("\(role).sqlite").path,
-                           "--concurrency", "64"]
+            p.arguments = [
+                "hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger",
+                dir.appendingPathComponent("\(role).sqlite").path,
+                "--concurrency", "64",
+            ]
             var env = ProcessInfo.processInfo.environment
             env["CHAIN_LATENCY_FILE"] = latency.path
             env["CHOREO_LOG_LEVEL"] = "warning"
@@ -51,11 +64,15 @@ struct ChainDriver {
         let connection = try await AMQPConnection.connect(to: config)
         defer { Task { await connection.close() } }
         let channel = try await connection.openChannel()
-        for q in ["choreo.bench-a.hop", "choreo.bench-b.hop", "choreo.bench-sink.hop"] { try await waitForConsumer(q, channel) }
+        for q in ["choreo.bench-a.hop", "choreo.bench-b.hop", "choreo.bench-sink.hop"] {
+            try await waitForConsumer(q, channel)
+        }
         try await channel.enableConfirms()
 
         func message(_ n: Int) throws -> AMQPOutgoingMessage {
-            let e = try EventEnvelope(Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench", id: "choreo-\(n)-\(UUID().uuidString.prefix(6))")
+            let e = try EventEnvelope(
+                Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench",
+                id: "choreo-\(n)-\(UUID().uuidString.prefix(6))")
             return EnvelopeCodec.encode(e, exchange: "bench.choreo")
         }
         return try await measure(channel: channel, latency: latency, message: message)
@@ -71,7 +88,10 @@ struct ChainDriver {
         defer { Task { await connection.close() } }
         let channel = try await connection.openChannel()
         try await channel.declareExchange("bench.c", type: .topic, durable: true)
-        let stages = [("bench.c.a", "bench.start", "bench.a"), ("bench.c.b", "bench.a", "bench.b"), ("bench.c.sink", "bench.b", "-")]
+        let stages = [
+            ("bench.c.a", "bench.start", "bench.a"), ("bench.c.b", "bench.a", "bench.b"),
+            ("bench.c.sink", "bench.b", "-"),
+        ]
         for (queue, key, _) in stages {
             try await channel.declareQueue(queue, options: .quorum())
             try await channel.purgeQueue(queue)
@@ -83,8 +103,11 @@ struct ChainDriver {
         for (queue, _, next) in stages {
             let p = Process()
             p.executableURL = binDirectory.appendingPathComponent("chain-baseline-c")
-            p.arguments = [config.host, String(config.port), queue, next, "bench.c", dir.appendingPathComponent("\(queue).sqlite").path,
-                           next == "-" ? latency.path : "-", String(total)]
+            p.arguments = [
+                config.host, String(config.port), queue, next, "bench.c",
+                dir.appendingPathComponent("\(queue).sqlite").path,
+                next == "-" ? latency.path : "-", String(total),
+            ]
             try p.run()
             hops.append(p)
         }
@@ -93,8 +116,9 @@ struct ChainDriver {
         func message(_ n: Int) throws -> AMQPOutgoingMessage {
             // The same body as the Choreo run's data; plain AMQP properties instead of CloudEvents headers.
             let body = try JSONCoding.encoder.encode(Start(n: n, sentAt: Date().timeIntervalSince1970))
-            return AMQPOutgoingMessage(exchange: "bench.c", routingKey: "bench.start", body: body,
-                                       properties: AMQPProperties(contentType: "application/json", deliveryMode: 2, messageID: "c-\(n)"))
+            return AMQPOutgoingMessage(
+                exchange: "bench.c", routingKey: "bench.start", body: body,
+                properties: AMQPProperties(contentType: "application/json", deliveryMode: 2, messageID: "c-\(n)"))
         }
         return try await measure(channel: channel, latency: latency, message: message)
     }
@@ -103,7 +127,9 @@ struct ChainDriver {
 
     /// Throughput: `count` events published as fast as confirms allow, timed until the sink saw them all.
     /// Latency: events published one by one at `rate` per second for `seconds`; percentiles of the sink's figures.
-    private func measure(channel: AMQPChannel, latency: URL, message: (Int) throws -> AMQPOutgoingMessage) async throws -> Result {
+    private func measure(channel: AMQPChannel, latency: URL, message: (Int) throws -> AMQPOutgoingMessage) async throws
+        -> Result
+    {
         let started = ContinuousClock.now
         var n = 0
         while n < count {
@@ -113,7 +139,8 @@ struct ChainDriver {
         }
         try await waitForLines(latency, count, timeout: .seconds(600))
         let elapsed = ContinuousClock.now - started
-        let throughput = Double(count) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+        let throughput =
+            Double(count) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
 
         let paced = Int(rate * seconds)
         let interval = Duration.seconds(1 / rate)
@@ -127,7 +154,9 @@ struct ChainDriver {
         try await waitForLines(latency, count + paced, timeout: .seconds(120))
         let lines = try String(contentsOf: latency, encoding: .utf8).split(separator: "\n").suffix(paced)
         let micros = lines.compactMap { Double($0) }.sorted()
-        func pct(_ p: Double) -> Double { micros.isEmpty ? .nan : micros[min(micros.count - 1, Int(Double(micros.count) * p))] / 1000 }
+        func pct(_ p: Double) -> Double {
+            micros.isEmpty ? .nan : micros[min(micros.count - 1, Int(Double(micros.count) * p))] / 1000
+        }
         return Result(throughput: throughput, p50: pct(0.5), p99: pct(0.99))
     }
 
@@ -151,7 +180,8 @@ struct ChainDriver {
     }
 
     private func scratch(_ name: String) throws -> URL {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("chain-bench-\(name)-\(UUID().uuidString.prefix(6))")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "chain-bench-\(name)-\(UUID().uuidString.prefix(6))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         return dir
     }

@@ -66,7 +66,8 @@ if args.first == "hop" {
     exit(0)
 }
 
-let url = option("--url", args) ?? ProcessInfo.processInfo.environment["CHOREO_URL"] ?? "amqp://guest:guest@127.0.0.1:5675/"
+let url =
+    option("--url", args) ?? ProcessInfo.processInfo.environment["CHOREO_URL"] ?? "amqp://guest:guest@127.0.0.1:5675/"
 let count = Int(option("--count", args) ?? "") ?? 20_000
 let rate = Double(option("--rate", args) ?? "") ?? 200
 let seconds = Double(option("--seconds", args) ?? "") ?? 10

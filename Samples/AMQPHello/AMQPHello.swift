@@ -20,9 +20,11 @@ struct AMQPHello {
             let events = ["order.placed", "order.paid", "order.shipped"]
             for (i, type) in events.enumerated() {
                 let body = Data(#"{"orderId":"A-\#(i)"}"#.utf8)
-                try await channel.publish(AMQPOutgoingMessage(
-                    exchange: "choreo.hello", routingKey: type, body: body,
-                    properties: AMQPProperties(contentType: "application/json", deliveryMode: 2, messageID: "evt-\(i)", type: type)))
+                try await channel.publish(
+                    AMQPOutgoingMessage(
+                        exchange: "choreo.hello", routingKey: type, body: body,
+                        properties: AMQPProperties(
+                            contentType: "application/json", deliveryMode: 2, messageID: "evt-\(i)", type: type)))
                 print("published \(type) (confirmed by the broker)")
             }
 

@@ -19,8 +19,10 @@ import ServiceLifecycle
 /// handler manifest as JSON and exit), `--check` (test broker and ledger reachability and exit) and `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0.
 public enum Choreo {
-    public static func run(service: String, handlers: [any EventHandler],
-                           arguments: [String] = Array(CommandLine.arguments.dropFirst())) async {
+    public static func run(
+        service: String, handlers: [any EventHandler],
+        arguments: [String] = Array(CommandLine.arguments.dropFirst())
+    ) async {
         let options: RunnerOptions
         do {
             options = try RunnerOptions.parse(arguments)
@@ -50,7 +52,8 @@ struct RunnerOptions: ParsableArguments {
     var prefetch: Int?
     @Option(help: "The mesh's topic exchange (default choreo.events).")
     var exchange: String?
-    @Option(help: "Deliveries after which the broker dead-letters a message that keeps crashing the process (default 10).")
+    @Option(
+        help: "Deliveries after which the broker dead-letters a message that keeps crashing the process (default 10).")
     var deliveryLimit: Int?
     @Option(help: "Larger bodies are dead-lettered unread (default 4194304).")
     var maxBodyBytes: Int?
@@ -91,7 +94,8 @@ struct RunnerOptions: ParsableArguments {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 encoder.dateEncodingStrategy = .iso8601
-                let manifests = try ChoreoRuntime.manifests(configuration: config, handlers: handlers.map { HandlerDescriptor($0) })
+                let manifests = try ChoreoRuntime.manifests(
+                    configuration: config, handlers: handlers.map { HandlerDescriptor($0) })
                 print(String(decoding: try encoder.encode(manifests), as: UTF8.self))
                 return 0
             }
@@ -108,8 +112,9 @@ struct RunnerOptions: ParsableArguments {
             FileHandle.standardError.write(Data("error: \(error)\n".utf8))
             return 1
         }
-        let group = ServiceGroup(configuration: .init(
-            services: [.init(service: runtime)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: runtime)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()
             return 0

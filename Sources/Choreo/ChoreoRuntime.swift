@@ -23,14 +23,18 @@ public final class ChoreoRuntime: Service, Sendable {
     private let readiness = Mutex<[CheckedContinuation<Void, Never>]>([])
     private let ready = Mutex(false)
 
-    public init(configuration: RunnerConfiguration, handlers: [any EventHandler], ledger: (any IdempotencyLedger)? = nil,
-                logger: Logger = Logger(label: "choreo")) throws {
+    public init(
+        configuration: RunnerConfiguration, handlers: [any EventHandler], ledger: (any IdempotencyLedger)? = nil,
+        logger: Logger = Logger(label: "choreo")
+    ) throws {
         try configuration.validate()
         self.configuration = configuration
         self.handlers = handlers.map { HandlerDescriptor($0) }
         for h in self.handlers { try h.validate() }
         let names = self.handlers.map(\.name)
-        guard Set(names).count == names.count else { throw ConfigurationError("handler names must be unique: \(names)") }
+        guard Set(names).count == names.count else {
+            throw ConfigurationError("handler names must be unique: \(names)")
+        }
         self.ledger = try ledger ?? SQLiteLedger(path: configuration.resolvedLedgerPath)
         self.logger = logger
     }
@@ -40,7 +44,8 @@ public final class ChoreoRuntime: Service, Sendable {
         (try? Self.manifests(configuration: configuration, handlers: handlers)) ?? []
     }
 
-    static func manifests(configuration: RunnerConfiguration, handlers: [HandlerDescriptor]) throws -> [HandlerManifest] {
+    static func manifests(configuration: RunnerConfiguration, handlers: [HandlerDescriptor]) throws -> [HandlerManifest]
+    {
         for h in handlers { try h.validate() }
         return handlers.map { h in
             let q = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
@@ -65,7 +70,9 @@ public final class ChoreoRuntime: Service, Sendable {
                     break
                 } catch {
                     if isShuttingDown { break }
-                    logger.warning("broker connection lost; reconnecting", metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                    logger.warning(
+                        "broker connection lost; reconnecting",
+                        metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
                     let jittered = Double.random(in: 0...backoff.seconds)
                     try? await Task.sleep(for: .seconds(max(0.05, jittered)))
                     backoff = min(backoff * 2, configuration.reconnectBackoff.maximum)
@@ -125,7 +132,8 @@ public final class ChoreoRuntime: Service, Sendable {
         try await Topology.declareRegistry(on: publisher)
         try await appendManifests(publisher)
 
-        let owner = "\(ProcessInfo.processInfo.hostName)/\(ProcessInfo.processInfo.processIdentifier)/\(UUID().uuidString.prefix(8))"
+        let owner =
+            "\(ProcessInfo.processInfo.hostName)/\(ProcessInfo.processInfo.processIdentifier)/\(UUID().uuidString.prefix(8))"
         let leases = LeaseKeeper()
         var started: [(HandlerRunner, AMQPConsumer, Int)] = []
         for h in handlers {
@@ -134,17 +142,21 @@ public final class ChoreoRuntime: Service, Sendable {
             let concurrency = h.concurrency ?? configuration.concurrency
             try await channel.setPrefetch(UInt16(clamping: max(configuration.resolvedPrefetch, concurrency)))
             let consumer = try await channel.consume(queue: queues.main)
-            let runner = HandlerRunner(service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
-                                       ledger: ledger, publisher: publisher, owner: owner,
-                                       leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
-                                       leases: leases, logger: logger)
+            let runner = HandlerRunner(
+                service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
+                ledger: ledger, publisher: publisher, owner: owner,
+                leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
+                leases: leases, logger: logger)
             started.append((runner, consumer, concurrency))
         }
         consumers.withLock { $0 = started.map(\.1) }
         if isShuttingDown { for (_, c, _) in started { try? await c.cancel() } }
         ready.withLock { $0 = true }
-        for waiter in readiness.withLock({ w -> [CheckedContinuation<Void, Never>] in defer { w = [] }; return w }) { waiter.resume() }
-        logger.info("consuming", metadata: ["service": "\(configuration.service)", "handlers": "\(handlers.map(\.name))"])
+        for waiter in readiness.withLock({ w -> [CheckedContinuation<Void, Never>] in
+            defer { w = [] }; return w
+        }) { waiter.resume() }
+        logger.info(
+            "consuming", metadata: ["service": "\(configuration.service)", "handlers": "\(handlers.map(\.name))"])
 
         let keeper = Task { [ledger, logger, lease = configuration.leaseDuration] in
             await leases.run(ledger: ledger, lease: lease, logger: logger)
@@ -185,7 +197,7 @@ public final class ChoreoRuntime: Service, Sendable {
             var inFlight = 0
             do {
                 for try await delivery in consumer {
-                    if isShuttingDown { break } // never started: the broker requeues it when the channel closes
+                    if isShuttingDown { break }  // never started: the broker requeues it when the channel closes
                     if inFlight >= concurrency {
                         try await group.next()
                         inFlight -= 1
@@ -215,7 +227,8 @@ public final class ChoreoRuntime: Service, Sendable {
                 remaining -= 1
             } catch {
                 if !Task.isCancelled {
-                    logger.warning("shutdown timeout: \(remaining) invocations did not finish; their events will be redelivered")
+                    logger.warning(
+                        "shutdown timeout: \(remaining) invocations did not finish; their events will be redelivered")
                 }
                 break
             }
@@ -230,9 +243,11 @@ public final class ChoreoRuntime: Service, Sendable {
         let messages = try manifests.map { m in
             AMQPOutgoingMessage(
                 exchange: "", routingKey: WireNames.registryStream, body: try encoder.encode(m),
-                properties: AMQPProperties(contentType: "application/json", headers: [
-                    "choreo-manifest-service": .string(m.service), "choreo-manifest-handler": .string(m.handler),
-                ], deliveryMode: 2, timestamp: UInt64(Date().timeIntervalSince1970), type: "choreo.manifest"))
+                properties: AMQPProperties(
+                    contentType: "application/json",
+                    headers: [
+                        "choreo-manifest-service": .string(m.service), "choreo-manifest-handler": .string(m.handler),
+                    ], deliveryMode: 2, timestamp: UInt64(Date().timeIntervalSince1970), type: "choreo.manifest"))
         }
         for result in await channel.publish(contentsOf: messages) { try result.get() }
     }

@@ -16,8 +16,10 @@ public struct EnvelopeDecodingError: Error, Sendable, Hashable, CustomStringConv
 /// Structured mode (`application/cloudevents+json`) is accepted on input.
 public enum EnvelopeCodec {
     /// The AMQP message for an envelope. `extraHeaders` (retry and dead-letter metadata) are added as they are.
-    public static func encode(_ e: EventEnvelope, exchange: String, routingKey: String? = nil,
-                              extraHeaders: [String: String] = [:]) -> AMQPOutgoingMessage {
+    public static func encode(
+        _ e: EventEnvelope, exchange: String, routingKey: String? = nil,
+        extraHeaders: [String: String] = [:]
+    ) -> AMQPOutgoingMessage {
         typealias CE = WireNames.CloudEvents
         var headers = AMQPTable()
         func put(_ name: String, _ value: String?) {
@@ -40,7 +42,8 @@ public enum EnvelopeCodec {
         let properties = AMQPProperties(
             contentType: e.dataContentType, headers: headers, deliveryMode: 2, messageID: e.id,
             timestamp: e.time.map { UInt64(max(0, $0.timeIntervalSince1970)) }, type: e.type)
-        return AMQPOutgoingMessage(exchange: exchange, routingKey: routingKey ?? e.type, body: e.data, properties: properties)
+        return AMQPOutgoingMessage(
+            exchange: exchange, routingKey: routingKey ?? e.type, body: e.data, properties: properties)
     }
 
     /// Reads a delivery as a CloudEvent. - Throws: ``EnvelopeDecodingError`` with a reason a person can act on.
@@ -56,14 +59,20 @@ public enum EnvelopeCodec {
         return try decodeBinary(body: body, properties: properties)
     }
 
-    private static func decodeBinary(body: Data, properties: AMQPProperties) throws(EnvelopeDecodingError) -> EventEnvelope {
+    private static func decodeBinary(body: Data, properties: AMQPProperties) throws(EnvelopeDecodingError)
+        -> EventEnvelope
+    {
         typealias CE = WireNames.CloudEvents
         var attributes: [String: String] = [:]
         for (name, value) in properties.headers ?? [:] {
             let attribute: String
-            if name.hasPrefix(CE.prefix) { attribute = String(name.dropFirst(CE.prefix.count)) }
-            else if name.hasPrefix(CE.legacyPrefix) { attribute = String(name.dropFirst(CE.legacyPrefix.count)) }
-            else { continue }
+            if name.hasPrefix(CE.prefix) {
+                attribute = String(name.dropFirst(CE.prefix.count))
+            } else if name.hasPrefix(CE.legacyPrefix) {
+                attribute = String(name.dropFirst(CE.legacyPrefix.count))
+            } else {
+                continue
+            }
             guard let text = stringValue(value) else {
                 throw EnvelopeDecodingError("header '\(name)' has AMQP type \(typeName(value)), expected a string")
             }
@@ -97,43 +106,60 @@ public enum EnvelopeCodec {
         }
         var data = Data()
         if let b64 = object["data_base64"] as? String {
-            guard let d = Data(base64Encoded: b64) else { throw EnvelopeDecodingError("data_base64 is not valid base64") }
+            guard let d = Data(base64Encoded: b64) else {
+                throw EnvelopeDecodingError("data_base64 is not valid base64")
+            }
             data = d
         } else if let value = object["data"] {
             if let s = value as? String, let ct = attributes[WireNames.CloudEvents.dataContentType], !isJSON(ct) {
                 data = Data(s.utf8)
             } else {
-                do { data = try JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .sortedKeys]) }
-                catch { throw EnvelopeDecodingError("structured CloudEvent data cannot be re-encoded") }
+                do {
+                    data = try JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .sortedKeys])
+                } catch { throw EnvelopeDecodingError("structured CloudEvent data cannot be re-encoded") }
             }
         }
-        return try envelope(from: attributes, data: data, contentType: attributes[WireNames.CloudEvents.dataContentType] ?? "application/json")
+        return try envelope(
+            from: attributes, data: data,
+            contentType: attributes[WireNames.CloudEvents.dataContentType] ?? "application/json")
     }
 
-    private static func envelope(from a: [String: String], data: Data, contentType: String?) throws(EnvelopeDecodingError) -> EventEnvelope {
+    private static func envelope(from a: [String: String], data: Data, contentType: String?)
+        throws(EnvelopeDecodingError) -> EventEnvelope
+    {
         typealias CE = WireNames.CloudEvents
         func required(_ name: String) throws(EnvelopeDecodingError) -> String {
-            guard let v = a[name], !v.isEmpty else { throw EnvelopeDecodingError("missing required CloudEvents attribute '\(name)'") }
+            guard let v = a[name], !v.isEmpty else {
+                throw EnvelopeDecodingError("missing required CloudEvents attribute '\(name)'")
+            }
             return v
         }
         let id = try required(CE.id)
         let type = try required(CE.type)
         let source = a[CE.source] ?? "unknown"
         let spec = a[CE.specVersion] ?? "1.0"
-        guard spec == "1.0" else { throw EnvelopeDecodingError("unsupported CloudEvents specversion '\(spec)', expected 1.0") }
+        guard spec == "1.0" else {
+            throw EnvelopeDecodingError("unsupported CloudEvents specversion '\(spec)', expected 1.0")
+        }
         var time: Date?
         if let t = a[CE.time] {
-            guard let parsed = Timestamps.parse(t) else { throw EnvelopeDecodingError("attribute 'time' is not an RFC 3339 timestamp: '\(t)'") }
+            guard let parsed = Timestamps.parse(t) else {
+                throw EnvelopeDecodingError("attribute 'time' is not an RFC 3339 timestamp: '\(t)'")
+            }
             time = parsed
         }
         var version = 1
         if let v = a[CE.dataVersion] {
-            guard let n = Int(v), n > 0 else { throw EnvelopeDecodingError("attribute 'dataversion' is not a positive integer: '\(v)'") }
+            guard let n = Int(v), n > 0 else {
+                throw EnvelopeDecodingError("attribute 'dataversion' is not a positive integer: '\(v)'")
+            }
             version = n
         }
-        let known: Set<String> = [CE.id, CE.type, CE.source, CE.specVersion, CE.time, CE.subject, CE.dataContentType,
-                                  CE.dataSchema, CE.dataVersion, CE.correlationID, CE.causationID, CE.traceparent,
-                                  CE.idempotencyKey]
+        let known: Set<String> = [
+            CE.id, CE.type, CE.source, CE.specVersion, CE.time, CE.subject, CE.dataContentType,
+            CE.dataSchema, CE.dataVersion, CE.correlationID, CE.causationID, CE.traceparent,
+            CE.idempotencyKey,
+        ]
         var e = EventEnvelope(
             id: id, source: source, type: type, time: time, subject: a[CE.subject], dataContentType: contentType,
             dataSchema: a[CE.dataSchema], dataVersion: version, correlationID: a[CE.correlationID],
@@ -144,7 +170,8 @@ public enum EnvelopeCodec {
     }
 
     static func isJSON(_ contentType: String) -> Bool {
-        let base = contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        let base =
+            contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
         return base == "application/json" || base.hasSuffix("+json") || base == "text/json"
     }
 

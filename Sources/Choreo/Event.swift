@@ -65,12 +65,15 @@ public struct EventEnvelope: Sendable, Hashable {
     }
 
     /// Builds an envelope for a typed event, encoding it as JSON.
-    public init<E: Event>(_ event: E, source: String, id: String = UUID().uuidString.lowercased(),
-                          correlationID: String? = nil, causationID: String? = nil,
-                          idempotencyKey: String? = nil, subject: String? = nil) throws {
-        self.init(id: id, source: source, type: E.eventType, subject: subject, dataVersion: E.schemaVersion,
-                  correlationID: correlationID ?? id, causationID: causationID, idempotencyKey: idempotencyKey,
-                  data: try JSONCoding.encoder.encode(event))
+    public init<E: Event>(
+        _ event: E, source: String, id: String = UUID().uuidString.lowercased(),
+        correlationID: String? = nil, causationID: String? = nil,
+        idempotencyKey: String? = nil, subject: String? = nil
+    ) throws {
+        self.init(
+            id: id, source: source, type: E.eventType, subject: subject, dataVersion: E.schemaVersion,
+            correlationID: correlationID ?? id, causationID: causationID, idempotencyKey: idempotencyKey,
+            data: try JSONCoding.encoder.encode(event))
     }
 }
 

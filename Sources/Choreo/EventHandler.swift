@@ -74,8 +74,12 @@ public struct RetryPolicy: Sendable, Hashable {
 
     func validate(handler: String) throws {
         guard maxAttempts >= 1 else { throw ConfigurationError("handler \(handler): maxAttempts must be at least 1") }
-        guard maxAttempts == 1 || !delays.isEmpty else { throw ConfigurationError("handler \(handler): retries need at least one delay") }
-        guard delays.allSatisfy({ $0 >= .milliseconds(1) }) else { throw ConfigurationError("handler \(handler): delays must be at least 1 ms") }
+        guard maxAttempts == 1 || !delays.isEmpty else {
+            throw ConfigurationError("handler \(handler): retries need at least one delay")
+        }
+        guard delays.allSatisfy({ $0 >= .milliseconds(1) }) else {
+            throw ConfigurationError("handler \(handler): delays must be at least 1 ms")
+        }
     }
 }
 

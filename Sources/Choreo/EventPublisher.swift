@@ -26,8 +26,10 @@ public final class EventPublisher: Sendable {
     }
 
     /// Connects and declares the mesh's exchange (idempotent).
-    public static func connect(url: String, exchange: String = WireNames.defaultExchange, source: String,
-                               logger: Logger = Logger(label: "choreo.publisher")) async throws -> EventPublisher {
+    public static func connect(
+        url: String, exchange: String = WireNames.defaultExchange, source: String,
+        logger: Logger = Logger(label: "choreo.publisher")
+    ) async throws -> EventPublisher {
         var config = try AMQPConfiguration(url: url)
         config.connectionName = config.connectionName ?? "\(source) publisher"
         let connection = try await AMQPConnection.connect(to: config, logger: logger)
@@ -48,10 +50,13 @@ public final class EventPublisher: Sendable {
     ///   - id: the event id; a new UUID by default. Publishing the same id twice is deduplicated by handlers.
     ///   - idempotencyKey: a key handlers deduplicate by instead of the id.
     @discardableResult
-    public func publish<E: Event>(_ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
-                                  idempotencyKey: String? = nil, subject: String? = nil) async throws -> String {
-        let envelope = try EventEnvelope(event, source: source, id: id, correlationID: correlationID,
-                                         idempotencyKey: idempotencyKey, subject: subject)
+    public func publish<E: Event>(
+        _ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
+        idempotencyKey: String? = nil, subject: String? = nil
+    ) async throws -> String {
+        let envelope = try EventEnvelope(
+            event, source: source, id: id, correlationID: correlationID,
+            idempotencyKey: idempotencyKey, subject: subject)
         try await publish(envelope)
         return envelope.id
     }

@@ -1,8 +1,8 @@
 #if DEBUG
-import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
+    import Foundation
+    #if canImport(Glibc)
+        import Glibc
+    #endif
 #endif
 
 /// Crash points between the steps of the delivery protocol, compiled into debug builds only.
@@ -15,12 +15,12 @@ package enum FaultInjection {
 
     package static func reached(_ point: String) {
         #if DEBUG
-        let env = ProcessInfo.processInfo.environment
-        guard env["CHOREO_FAULT_POINT"] == point, let marker = env["CHOREO_FAULT_MARKER"] else { return }
-        let fd = open(marker, O_CREAT | O_EXCL | O_WRONLY, 0o644)
-        guard fd >= 0 else { return } // already crashed once here
-        close(fd)
-        kill(getpid(), SIGKILL)
+            let env = ProcessInfo.processInfo.environment
+            guard env["CHOREO_FAULT_POINT"] == point, let marker = env["CHOREO_FAULT_MARKER"] else { return }
+            let fd = open(marker, O_CREAT | O_EXCL | O_WRONLY, 0o644)
+            guard fd >= 0 else { return }  // already crashed once here
+            close(fd)
+            kill(getpid(), SIGKILL)
         #endif
     }
 }

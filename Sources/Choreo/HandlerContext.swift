@@ -23,8 +23,10 @@ public final class HandlerContext: Sendable {
     let allowedTypes: Set<String>
     private let buffer = Mutex<[OutboxMessage]>([])
 
-    package init(envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
-         source: String, exchange: String, allowedTypes: Set<String>) {
+    package init(
+        envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
+        source: String, exchange: String, allowedTypes: Set<String>
+    ) {
         self.envelope = envelope
         self.attempt = attempt
         self.idempotencyKey = idempotencyKey
@@ -47,14 +49,16 @@ public final class HandlerContext: Sendable {
     /// - Throws: ``ConfigurationError`` when the handler did not declare this type in `emits`.
     public func emit<E: Event>(_ event: E, idempotencyKey: String? = nil, subject: String? = nil) throws {
         guard allowedTypes.contains(E.eventType) else {
-            throw NonRetryable(ConfigurationError(
-                "handler \(handlerName) emitted '\(E.eventType)', which it does not declare in `emits`"))
+            throw NonRetryable(
+                ConfigurationError(
+                    "handler \(handlerName) emitted '\(E.eventType)', which it does not declare in `emits`"))
         }
         let data = try JSONCoding.sharedEncoder.encode(event)
         buffer.withLock { buffer in
             let index = buffer.count
             var e = EventEnvelope(
-                id: Self.derivedID(input: envelope.id, handler: handlerName, index: index), source: source, type: E.eventType,
+                id: Self.derivedID(input: envelope.id, handler: handlerName, index: index), source: source,
+                type: E.eventType,
                 subject: subject, dataVersion: E.schemaVersion, correlationID: correlationID, causationID: envelope.id,
                 traceparent: envelope.traceparent, idempotencyKey: idempotencyKey, data: data)
             e.time = Date()
@@ -67,7 +71,7 @@ public final class HandlerContext: Sendable {
     /// A UUID-shaped id from SHA-256 of (input id, handler, index): the same inputs give the same id.
     package static func derivedID(input: String, handler: String, index: Int) -> String {
         var bytes = Array(SHA256.hash(data: Data("\(input)\u{0}\(handler)\u{0}\(index)".utf8)).prefix(16))
-        bytes[6] = (bytes[6] & 0x0F) | 0x50 // version 5 layout (name-based, SHA)
+        bytes[6] = (bytes[6] & 0x0F) | 0x50  // version 5 layout (name-based, SHA)
         bytes[8] = (bytes[8] & 0x3F) | 0x80
         let digits = Array("0123456789abcdef".utf8)
         var out: [UInt8] = []

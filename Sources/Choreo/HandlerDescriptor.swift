@@ -28,12 +28,16 @@ package struct HandlerDescriptor: Sendable {
         concurrency = handler.concurrency
         prepare = { envelope throws(EventRejection) in
             guard envelope.type == H.Input.eventType else {
-                throw EventRejection(errorType: "UnknownEventType",
-                                     message: "event type '\(envelope.type)' is not handled by \(handler.name) (it handles '\(H.Input.eventType)')")
+                throw EventRejection(
+                    errorType: "UnknownEventType",
+                    message:
+                        "event type '\(envelope.type)' is not handled by \(handler.name) (it handles '\(H.Input.eventType)')"
+                )
             }
             if let ct = envelope.dataContentType, !EnvelopeCodec.isJSON(ct) {
-                throw EventRejection(errorType: "UnsupportedContentType",
-                                     message: "content type '\(ct)' is not JSON; \(handler.name) decodes application/json")
+                throw EventRejection(
+                    errorType: "UnsupportedContentType",
+                    message: "content type '\(ct)' is not JSON; \(handler.name) decodes application/json")
             }
             var data = envelope.data
             if !handler.acceptedVersions.contains(envelope.dataVersion) {
@@ -44,7 +48,8 @@ package struct HandlerDescriptor: Sendable {
                 }
             }
             if data.isEmpty {
-                throw EventRejection(errorType: "DecodingError", message: "empty body: expected a JSON '\(H.Input.eventType)' event")
+                throw EventRejection(
+                    errorType: "DecodingError", message: "empty body: expected a JSON '\(H.Input.eventType)' event")
             }
             let event: H.Input
             do {
@@ -69,7 +74,9 @@ package struct HandlerDescriptor: Sendable {
     }
 
     static func describe(_ error: DecodingError, type: String) -> String {
-        func path(_ c: [CodingKey]) -> String { c.isEmpty ? "the top level" : c.map(\.stringValue).joined(separator: ".") }
+        func path(_ c: [CodingKey]) -> String {
+            c.isEmpty ? "the top level" : c.map(\.stringValue).joined(separator: ".")
+        }
         switch error {
         case .dataCorrupted(let c):
             if c.codingPath.isEmpty { return "body is not valid JSON (or not UTF-8): \(c.debugDescription)" }

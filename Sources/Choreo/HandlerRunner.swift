@@ -28,9 +28,11 @@ struct HandlerRunner: Sendable {
 
         // 1. Decode: anything unusable is dead-lettered at once, with the reason.
         if delivery.body.count > maxBodyBytes {
-            await deadLetter(delivery, errorType: "BodyTooLarge",
-                             message: "body of \(delivery.body.count) bytes exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)",
-                             attempts: attempt, logger: logger)
+            await deadLetter(
+                delivery, errorType: "BodyTooLarge",
+                message:
+                    "body of \(delivery.body.count) bytes exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)",
+                attempts: attempt, logger: logger)
             return
         }
         let envelope: EventEnvelope
@@ -38,7 +40,8 @@ struct HandlerRunner: Sendable {
         do throws(EnvelopeDecodingError) {
             envelope = try EnvelopeCodec.decode(delivery)
         } catch {
-            await deadLetter(delivery, errorType: "EnvelopeDecodingError", message: error.reason, attempts: attempt, logger: logger)
+            await deadLetter(
+                delivery, errorType: "EnvelopeDecodingError", message: error.reason, attempts: attempt, logger: logger)
             return
         }
         logger[metadataKey: "event.id"] = "\(envelope.id)"
@@ -46,7 +49,8 @@ struct HandlerRunner: Sendable {
         do throws(EventRejection) {
             prepared = try handler.prepare(envelope)
         } catch {
-            await deadLetter(delivery, errorType: error.errorType, message: error.message, attempts: attempt, logger: logger)
+            await deadLetter(
+                delivery, errorType: error.errorType, message: error.message, attempts: attempt, logger: logger)
             return
         }
 
@@ -82,7 +86,8 @@ struct HandlerRunner: Sendable {
         do {
             try await withLeaseRenewal(key: key, owner: owner) { try await prepared.run(context) }
         } catch {
-            await failed(delivery, envelope: envelope, error: error, attempt: attempt, key: key, owner: owner, logger: logger)
+            await failed(
+                delivery, envelope: envelope, error: error, attempt: attempt, key: key, owner: owner, logger: logger)
             return
         }
         FaultInjection.reached("after-handler")
@@ -114,28 +119,35 @@ struct HandlerRunner: Sendable {
     /// Publishes outbox entries with confirms, then records them as published.
     private func publishOutbox(_ outbox: [OutboxMessage], key: String) async throws {
         guard !outbox.isEmpty else { return }
-        let messages = outbox.map { EnvelopeCodec.encode($0.envelope, exchange: $0.exchange, routingKey: $0.routingKey) }
+        let messages = outbox.map {
+            EnvelopeCodec.encode($0.envelope, exchange: $0.exchange, routingKey: $0.routingKey)
+        }
         for result in await publisher.publish(contentsOf: messages) { try result.get() }
         FaultInjection.reached("after-publish")
         try await ledger.markPublished(handler: handler.name, key: key, indexes: outbox.map(\.index))
     }
 
-    private func failed(_ delivery: AMQPDelivery, envelope: EventEnvelope, error: any Error, attempt: Int, key: String,
-                        owner: String, logger: Logger) async {
+    private func failed(
+        _ delivery: AMQPDelivery, envelope: EventEnvelope, error: any Error, attempt: Int, key: String,
+        owner: String, logger: Logger
+    ) async {
         let retryable = !(error is NonRetryable) && !(error is EventRejection)
         let errorType = Self.typeName(of: error)
         let message = String(describing: error)
         if retryable, let delay = handler.retryPolicy.delay(afterAttempt: attempt) {
             var headers = flatHeaders(delivery)
             headers[WireNames.Headers.attempt] = String(attempt + 1)
-            headers[WireNames.Headers.firstFailure] = headers[WireNames.Headers.firstFailure] ?? Timestamps.format(Date())
+            headers[WireNames.Headers.firstFailure] =
+                headers[WireNames.Headers.firstFailure] ?? Timestamps.format(Date())
             headers[WireNames.Headers.originExchange] = headers[WireNames.Headers.originExchange] ?? delivery.exchange
-            headers[WireNames.Headers.originRoutingKey] = headers[WireNames.Headers.originRoutingKey] ?? delivery.routingKey
+            headers[WireNames.Headers.originRoutingKey] =
+                headers[WireNames.Headers.originRoutingKey] ?? delivery.routingKey
             var properties = delivery.properties
             properties.headers = headers.mapValues { .string($0) }
             properties.deliveryMode = 2
-            let copy = AMQPOutgoingMessage(exchange: "", routingKey: queues.retry(delay: delay), body: delivery.body,
-                                           properties: properties)
+            let copy = AMQPOutgoingMessage(
+                exchange: "", routingKey: queues.retry(delay: delay), body: delivery.body,
+                properties: properties)
             do {
                 try await publisher.publish(copy)
                 try await ledger.release(handler: handler.name, key: key, owner: owner)
@@ -172,7 +184,8 @@ struct HandlerRunner: Sendable {
         var properties = delivery.properties
         properties.headers = headers.mapValues { .string($0) }
         properties.deliveryMode = 2
-        let letter = AMQPOutgoingMessage(exchange: "", routingKey: queues.deadLetter, body: delivery.body, properties: properties)
+        let letter = AMQPOutgoingMessage(
+            exchange: "", routingKey: queues.deadLetter, body: delivery.body, properties: properties)
         do {
             try await publisher.publish(letter)
         } catch {
@@ -199,7 +212,8 @@ struct HandlerRunner: Sendable {
 
     private func ack(_ delivery: AMQPDelivery, logger: Logger) {
         do { try delivery.ack() } catch {
-            logger.info("ack failed; the broker will redeliver and the ledger drops the copy", metadata: ["error": "\(error)"])
+            logger.info(
+                "ack failed; the broker will redeliver and the ledger drops the copy", metadata: ["error": "\(error)"])
         }
     }
 
@@ -247,8 +261,9 @@ final class LeaseKeeper: Sendable {
             for (owner, h) in held.withLock({ $0 }) {
                 do {
                     if try await !ledger.renew(handler: h.handler, key: h.key, owner: owner, lease: lease) {
-                        logger.warning("lost the lease on a running invocation; another one may run the same event",
-                                       metadata: ["handler": "\(h.handler)", "key": "\(h.key)"])
+                        logger.warning(
+                            "lost the lease on a running invocation; another one may run the same event",
+                            metadata: ["handler": "\(h.handler)", "key": "\(h.key)"])
                     }
                 } catch {
                     logger.warning("could not renew a lease", metadata: ["error": "\(error)"])

@@ -30,7 +30,9 @@ public final class InMemoryLedger: IdempotencyLedger {
         return entries.withLock { entries in
             var e = entries[id(handler, key)] ?? Entry()
             if e.completed { return .completed(unpublished: e.outbox.filter { !e.published.contains($0.index) }) }
-            if let holder = e.owner, holder != owner, let until = e.leaseExpires, until > t { return .heldElsewhere(until: until) }
+            if let holder = e.owner, holder != owner, let until = e.leaseExpires, until > t {
+                return .heldElsewhere(until: until)
+            }
             e.owner = owner
             e.leaseExpires = t.addingTimeInterval(lease.seconds)
             e.attempts += 1
@@ -49,11 +51,15 @@ public final class InMemoryLedger: IdempotencyLedger {
         }
     }
 
-    public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws -> LedgerCompletion {
+    public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws
+        -> LedgerCompletion
+    {
         let t = now()
         return entries.withLock { entries in
             guard var e = entries[id(handler, key)] else { return .leaseLost }
-            if e.completed { return .alreadyCompleted(unpublished: e.outbox.filter { !e.published.contains($0.index) }) }
+            if e.completed {
+                return .alreadyCompleted(unpublished: e.outbox.filter { !e.published.contains($0.index) })
+            }
             guard e.owner == owner else { return .leaseLost }
             e.completed = true
             e.owner = nil
@@ -92,8 +98,10 @@ public final class InMemoryLedger: IdempotencyLedger {
 
     public func prune(completedBefore date: Date) async throws -> Int {
         entries.withLock { entries in
-            let old = entries.filter { $0.value.completed && ($0.value.completedAt ?? date) < date
-                && $0.value.published.count == $0.value.outbox.count }
+            let old = entries.filter {
+                $0.value.completed && ($0.value.completedAt ?? date) < date
+                    && $0.value.published.count == $0.value.outbox.count
+            }
             for k in old.keys { entries[k] = nil }
             return old.count
         }

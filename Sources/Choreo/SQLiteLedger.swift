@@ -20,7 +20,9 @@ public final class SQLiteLedger: IdempotencyLedger {
     public init(path: String) throws {
         self.path = path
         let directory = (path as NSString).deletingLastPathComponent
-        if !directory.isEmpty { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+        if !directory.isEmpty {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        }
         var config = Configuration()
         config.busyMode = .timeout(10)
         config.prepareDatabase { db in
@@ -29,30 +31,31 @@ public final class SQLiteLedger: IdempotencyLedger {
         pool = try DatabasePool(path: path, configuration: config)
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
-            try db.execute(sql: """
-                CREATE TABLE claim (
-                    handler TEXT NOT NULL,
-                    key TEXT NOT NULL,
-                    state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
-                    owner TEXT,
-                    lease_expires REAL,
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    completed_at REAL,
-                    PRIMARY KEY (handler, key)
-                ) WITHOUT ROWID;
-                CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
-                CREATE TABLE outbox (
-                    handler TEXT NOT NULL,
-                    key TEXT NOT NULL,
-                    idx INTEGER NOT NULL,
-                    exchange TEXT NOT NULL,
-                    routing_key TEXT NOT NULL,
-                    attributes TEXT NOT NULL,
-                    data BLOB NOT NULL,
-                    published INTEGER NOT NULL DEFAULT 0,
-                    PRIMARY KEY (handler, key, idx)
-                ) WITHOUT ROWID;
-                """)
+            try db.execute(
+                sql: """
+                    CREATE TABLE claim (
+                        handler TEXT NOT NULL,
+                        key TEXT NOT NULL,
+                        state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
+                        owner TEXT,
+                        lease_expires REAL,
+                        attempts INTEGER NOT NULL DEFAULT 0,
+                        completed_at REAL,
+                        PRIMARY KEY (handler, key)
+                    ) WITHOUT ROWID;
+                    CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
+                    CREATE TABLE outbox (
+                        handler TEXT NOT NULL,
+                        key TEXT NOT NULL,
+                        idx INTEGER NOT NULL,
+                        exchange TEXT NOT NULL,
+                        routing_key TEXT NOT NULL,
+                        attributes TEXT NOT NULL,
+                        data BLOB NOT NULL,
+                        published INTEGER NOT NULL DEFAULT 0,
+                        PRIMARY KEY (handler, key, idx)
+                    ) WITHOUT ROWID;
+                    """)
         }
         try migrator.migrate(pool)
         writes = GroupCommit(pool: pool)
@@ -62,10 +65,15 @@ public final class SQLiteLedger: IdempotencyLedger {
         let now = Date().timeIntervalSince1970
         let expires = now + lease.seconds
         return try await writes.run { db -> LedgerClaim in
-            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, owner, lease_expires, attempts FROM claim WHERE handler = ? AND key = ?"),
-                                       arguments: [handler, key])
+            let row = try Row.fetchOne(
+                db.cachedStatement(
+                    sql: "SELECT state, owner, lease_expires, attempts FROM claim WHERE handler = ? AND key = ?"),
+                arguments: [handler, key])
             guard let row else {
-                try db.cachedStatement(sql: "INSERT INTO claim (handler, key, state, owner, lease_expires, attempts) VALUES (?, ?, 'claimed', ?, ?, 1)").execute(arguments: [handler, key, owner, expires])
+                try db.cachedStatement(
+                    sql:
+                        "INSERT INTO claim (handler, key, state, owner, lease_expires, attempts) VALUES (?, ?, 'claimed', ?, ?, 1)"
+                ).execute(arguments: [handler, key, owner, expires])
                 return .claimed(attempts: 1)
             }
             let state: String = row["state"]
@@ -78,7 +86,9 @@ public final class SQLiteLedger: IdempotencyLedger {
                 return .heldElsewhere(until: Date(timeIntervalSince1970: until))
             }
             let attempts: Int = (row["attempts"] ?? 0) + 1
-            try db.cachedStatement(sql: "UPDATE claim SET owner = ?, lease_expires = ?, attempts = ? WHERE handler = ? AND key = ?").execute(arguments: [owner, expires, attempts, handler, key])
+            try db.cachedStatement(
+                sql: "UPDATE claim SET owner = ?, lease_expires = ?, attempts = ? WHERE handler = ? AND key = ?"
+            ).execute(arguments: [owner, expires, attempts, handler, key])
             return .claimed(attempts: attempts)
         }
     }
@@ -86,27 +96,43 @@ public final class SQLiteLedger: IdempotencyLedger {
     public func renew(handler: String, key: String, owner: String, lease: Duration) async throws -> Bool {
         let expires = Date().timeIntervalSince1970 + lease.seconds
         return try await writes.run { db in
-            try db.cachedStatement(sql: "UPDATE claim SET lease_expires = ? WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'").execute(arguments: [expires, handler, key, owner])
+            try db.cachedStatement(
+                sql:
+                    "UPDATE claim SET lease_expires = ? WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'"
+            ).execute(arguments: [expires, handler, key, owner])
             return db.changesCount == 1
         }
     }
 
-    public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws -> LedgerCompletion {
+    public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws
+        -> LedgerCompletion
+    {
         let now = Date().timeIntervalSince1970
         let encoded = try outbox.map { ($0, try Self.encodeAttributes($0.envelope)) }
         return try await writes.run { db -> LedgerCompletion in
-            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, owner FROM claim WHERE handler = ? AND key = ?"), arguments: [handler, key])
+            let row = try Row.fetchOne(
+                db.cachedStatement(sql: "SELECT state, owner FROM claim WHERE handler = ? AND key = ?"),
+                arguments: [handler, key])
             let state: String? = row?["state"]
             if state == "completed" {
-                return .alreadyCompleted(unpublished: try Self.outbox(db, handler: handler, key: key, unpublishedOnly: true))
+                return .alreadyCompleted(
+                    unpublished: try Self.outbox(db, handler: handler, key: key, unpublishedOnly: true))
             }
             let holder: String? = row?["owner"]
             guard holder == owner else { return .leaseLost }
-            try db.cachedStatement(sql: "UPDATE claim SET state = 'completed', owner = NULL, lease_expires = NULL, completed_at = ? WHERE handler = ? AND key = ?").execute(arguments: [now, handler, key])
+            try db.cachedStatement(
+                sql:
+                    "UPDATE claim SET state = 'completed', owner = NULL, lease_expires = NULL, completed_at = ? WHERE handler = ? AND key = ?"
+            ).execute(arguments: [now, handler, key])
             for (message, attributes) in encoded {
-                try db.cachedStatement(sql: """
-                    INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data) VALUES (?, ?, ?, ?, ?, ?, ?)
-                    """).execute(arguments: [handler, key, message.index, message.exchange, message.routingKey, attributes, message.envelope.data])
+                try db.cachedStatement(
+                    sql: """
+                        INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data) VALUES (?, ?, ?, ?, ?, ?, ?)
+                        """
+                ).execute(arguments: [
+                    handler, key, message.index, message.exchange, message.routingKey, attributes,
+                    message.envelope.data,
+                ])
             }
             return .committed
         }
@@ -116,14 +142,18 @@ public final class SQLiteLedger: IdempotencyLedger {
         guard !indexes.isEmpty else { return }
         try await writes.run { db in
             for index in indexes {
-                try db.cachedStatement(sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ?").execute(arguments: [handler, key, index])
+                try db.cachedStatement(sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ?")
+                    .execute(arguments: [handler, key, index])
             }
         }
     }
 
     public func release(handler: String, key: String, owner: String) async throws {
         try await writes.run { db in
-            try db.cachedStatement(sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'").execute(arguments: [handler, key, owner])
+            try db.cachedStatement(
+                sql:
+                    "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND key = ? AND owner = ? AND state = 'claimed'"
+            ).execute(arguments: [handler, key, owner])
         }
     }
 
@@ -131,22 +161,25 @@ public final class SQLiteLedger: IdempotencyLedger {
 
     public func releaseAllLeases(handler: String) async throws {
         try await pool.write { db in
-            try db.execute(sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND state = 'claimed'",
-                           arguments: [handler])
+            try db.execute(
+                sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND state = 'claimed'",
+                arguments: [handler])
         }
     }
 
     public func prune(completedBefore date: Date) async throws -> Int {
         let cutoff = date.timeIntervalSince1970
         return try await pool.write { db in
-            try db.execute(sql: """
-                DELETE FROM outbox WHERE published = 1 AND (handler, key) IN
-                    (SELECT handler, key FROM claim WHERE state = 'completed' AND completed_at < ?)
-                """, arguments: [cutoff])
-            try db.execute(sql: """
-                DELETE FROM claim WHERE state = 'completed' AND completed_at < ?
-                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.handler = claim.handler AND o.key = claim.key)
-                """, arguments: [cutoff])
+            try db.execute(
+                sql: """
+                    DELETE FROM outbox WHERE published = 1 AND (handler, key) IN
+                        (SELECT handler, key FROM claim WHERE state = 'completed' AND completed_at < ?)
+                    """, arguments: [cutoff])
+            try db.execute(
+                sql: """
+                    DELETE FROM claim WHERE state = 'completed' AND completed_at < ?
+                        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.handler = claim.handler AND o.key = claim.key)
+                    """, arguments: [cutoff])
             return db.changesCount
         }
     }
@@ -158,21 +191,29 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// Whether a key is completed, and how many times it was claimed; for tests and the CLI.
     public func status(handler: String, key: String) async throws -> (state: String, attempts: Int)? {
         try await pool.read { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT state, attempts FROM claim WHERE handler = ? AND key = ?",
-                                             arguments: [handler, key]) else { return nil }
+            guard
+                let row = try Row.fetchOne(
+                    db, sql: "SELECT state, attempts FROM claim WHERE handler = ? AND key = ?",
+                    arguments: [handler, key])
+            else { return nil }
             return (row["state"], row["attempts"])
         }
     }
 
-    private static func outbox(_ db: Database, handler: String, key: String, unpublishedOnly: Bool) throws -> [OutboxMessage] {
-        let rows = try Row.fetchAll(db, sql: """
-            SELECT idx, exchange, routing_key, attributes, data FROM outbox
-            WHERE handler = ? AND key = ? \(unpublishedOnly ? "AND published = 0" : "") ORDER BY idx
-            """, arguments: [handler, key])
+    private static func outbox(_ db: Database, handler: String, key: String, unpublishedOnly: Bool) throws
+        -> [OutboxMessage]
+    {
+        let rows = try Row.fetchAll(
+            db,
+            sql: """
+                SELECT idx, exchange, routing_key, attributes, data FROM outbox
+                WHERE handler = ? AND key = ? \(unpublishedOnly ? "AND published = 0" : "") ORDER BY idx
+                """, arguments: [handler, key])
         return try rows.map { row in
             var envelope = try decodeAttributes(row["attributes"])
             envelope.data = row["data"] ?? Data()
-            return OutboxMessage(index: row["idx"], envelope: envelope, exchange: row["exchange"], routingKey: row["routing_key"])
+            return OutboxMessage(
+                index: row["idx"], envelope: envelope, exchange: row["exchange"], routingKey: row["routing_key"])
         }
     }
 
@@ -187,8 +228,10 @@ public final class SQLiteLedger: IdempotencyLedger {
 
     private static func encodeAttributes(_ e: EventEnvelope) throws -> String {
         let stored = StoredAttributes(
-            id: e.id, source: e.source, type: e.type, time: e.time, subject: e.subject, dataContentType: e.dataContentType,
-            dataSchema: e.dataSchema, dataVersion: e.dataVersion, correlationID: e.correlationID, causationID: e.causationID,
+            id: e.id, source: e.source, type: e.type, time: e.time, subject: e.subject,
+            dataContentType: e.dataContentType,
+            dataSchema: e.dataSchema, dataVersion: e.dataVersion, correlationID: e.correlationID,
+            causationID: e.causationID,
             traceparent: e.traceparent, idempotencyKey: e.idempotencyKey, extensions: e.extensions)
         return String(decoding: try attributeEncoder.encode(stored), as: UTF8.self)
     }
@@ -196,8 +239,10 @@ public final class SQLiteLedger: IdempotencyLedger {
     private static func decodeAttributes(_ text: String) throws -> EventEnvelope {
         let s = try attributeDecoder.decode(StoredAttributes.self, from: Data(text.utf8))
         return EventEnvelope(
-            id: s.id, source: s.source, type: s.type, time: s.time, subject: s.subject, dataContentType: s.dataContentType,
-            dataSchema: s.dataSchema, dataVersion: s.dataVersion, correlationID: s.correlationID, causationID: s.causationID,
+            id: s.id, source: s.source, type: s.type, time: s.time, subject: s.subject,
+            dataContentType: s.dataContentType,
+            dataSchema: s.dataSchema, dataVersion: s.dataVersion, correlationID: s.correlationID,
+            causationID: s.causationID,
             traceparent: s.traceparent, idempotencyKey: s.idempotencyKey, extensions: s.extensions, data: Data())
     }
 }
@@ -244,12 +289,14 @@ final class GroupCommit: Sendable {
     func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
             let box = ResultBox<T>()
-            let op = Pending(work: { db in box.value = try body(db) }, finish: { outcome in
-                switch outcome {
-                case .success: continuation.resume(returning: box.value!)
-                case .failure(let error): continuation.resume(throwing: error)
-                }
-            })
+            let op = Pending(
+                work: { db in box.value = try body(db) },
+                finish: { outcome in
+                    switch outcome {
+                    case .success: continuation.resume(returning: box.value!)
+                    case .failure(let error): continuation.resume(throwing: error)
+                    }
+                })
             let start = state.withLock { s -> Bool in
                 s.queue.append(op)
                 if s.running { return false }

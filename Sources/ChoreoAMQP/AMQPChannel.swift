@@ -25,8 +25,10 @@ public final class AMQPChannel: Sendable {
     // MARK: Exchanges
 
     /// Declares an exchange (idempotent when the settings match; 406 PRECONDITION_FAILED otherwise).
-    public func declareExchange(_ name: String, type: ExchangeType = .topic, durable: Bool = true, autoDelete: Bool = false,
-                                internal: Bool = false, arguments: AMQPTable = [:]) async throws(AMQPError) {
+    public func declareExchange(
+        _ name: String, type: ExchangeType = .topic, durable: Bool = true, autoDelete: Bool = false,
+        internal: Bool = false, arguments: AMQPTable = [:]
+    ) async throws(AMQPError) {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
@@ -67,7 +69,9 @@ public final class AMQPChannel: Sendable {
 
     /// Declares a queue; an empty name asks the broker to generate one (returned in ``QueueInfo/name``).
     @discardableResult
-    public func declareQueue(_ name: String, options: QueueOptions = QueueOptions()) async throws(AMQPError) -> QueueInfo {
+    public func declareQueue(_ name: String, options: QueueOptions = QueueOptions()) async throws(AMQPError)
+        -> QueueInfo
+    {
         try await queueDeclare(name, passive: false, options: options)
     }
 
@@ -76,7 +80,8 @@ public final class AMQPChannel: Sendable {
         try await queueDeclare(name, passive: true, options: QueueOptions())
     }
 
-    private func queueDeclare(_ name: String, passive: Bool, options: QueueOptions) async throws(AMQPError) -> QueueInfo {
+    private func queueDeclare(_ name: String, passive: Bool, options: QueueOptions) async throws(AMQPError) -> QueueInfo
+    {
         let id = number
         return try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
@@ -84,11 +89,13 @@ public final class AMQPChannel: Sendable {
             let args = try arena.convert { try arena.table(passive ? nil : options.table) }
             let what = passive ? "queue.declare passive '\(name)'" : "queue.declare '\(name)'"
             let info = try core.request(what, channel: id) { state -> QueueInfo? in
-                let ok = amqp_queue_declare(state, id, n, passive ? 1 : 0, options.durable ? 1 : 0,
-                                            options.exclusive ? 1 : 0, options.autoDelete ? 1 : 0, args)
+                let ok = amqp_queue_declare(
+                    state, id, n, passive ? 1 : 0, options.durable ? 1 : 0,
+                    options.exclusive ? 1 : 0, options.autoDelete ? 1 : 0, args)
                 guard let ok else { return nil }
-                return QueueInfo(name: CDecode.string(ok.pointee.queue), messageCount: ok.pointee.message_count,
-                                 consumerCount: ok.pointee.consumer_count)
+                return QueueInfo(
+                    name: CDecode.string(ok.pointee.queue), messageCount: ok.pointee.message_count,
+                    consumerCount: ok.pointee.consumer_count)
             }
             guard let info else { throw AMQPError(.protocolFailure, message: "no declare-ok", operation: what) }
             return info
@@ -97,7 +104,9 @@ public final class AMQPChannel: Sendable {
 
     /// Deletes a queue and returns how many messages it held.
     @discardableResult
-    public func deleteQueue(_ name: String, ifUnused: Bool = false, ifEmpty: Bool = false) async throws(AMQPError) -> UInt32 {
+    public func deleteQueue(_ name: String, ifUnused: Bool = false, ifEmpty: Bool = false) async throws(AMQPError)
+        -> UInt32
+    {
         let id = number
         return try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
@@ -121,15 +130,21 @@ public final class AMQPChannel: Sendable {
         }
     }
 
-    public func bindQueue(_ queue: String, exchange: String, routingKey: String, arguments: AMQPTable = [:]) async throws(AMQPError) {
+    public func bindQueue(_ queue: String, exchange: String, routingKey: String, arguments: AMQPTable = [:])
+        async throws(AMQPError)
+    {
         try await binding(bind: true, queue: queue, exchange: exchange, routingKey: routingKey, arguments: arguments)
     }
 
-    public func unbindQueue(_ queue: String, exchange: String, routingKey: String, arguments: AMQPTable = [:]) async throws(AMQPError) {
+    public func unbindQueue(_ queue: String, exchange: String, routingKey: String, arguments: AMQPTable = [:])
+        async throws(AMQPError)
+    {
         try await binding(bind: false, queue: queue, exchange: exchange, routingKey: routingKey, arguments: arguments)
     }
 
-    private func binding(bind: Bool, queue: String, exchange: String, routingKey: String, arguments: AMQPTable) async throws(AMQPError) {
+    private func binding(bind: Bool, queue: String, exchange: String, routingKey: String, arguments: AMQPTable)
+        async throws(AMQPError)
+    {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
@@ -139,7 +154,9 @@ public final class AMQPChannel: Sendable {
             let args = try arena.convert { try arena.table(arguments) }
             let what = "\(bind ? "queue.bind" : "queue.unbind") '\(queue)' to '\(exchange)' with '\(routingKey)'"
             _ = try core.request(what, channel: id) { state -> Bool in
-                bind ? amqp_queue_bind(state, id, q, e, k, args) != nil : amqp_queue_unbind(state, id, q, e, k, args) != nil
+                bind
+                    ? amqp_queue_bind(state, id, q, e, k, args) != nil
+                    : amqp_queue_unbind(state, id, q, e, k, args) != nil
             }
         }
     }
@@ -159,7 +176,8 @@ public final class AMQPChannel: Sendable {
     /// `channelClosed`, `connectionLost`.
     public func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
         let id = number
-        try await loop.performDeferred { (core: ConnectionCore, done: @escaping @Sendable (Result<Void, AMQPError>) -> Void) in
+        try await loop.performDeferred {
+            (core: ConnectionCore, done: @escaping @Sendable (Result<Void, AMQPError>) -> Void) in
             core.publish(message, channel: id, arena: CArena(), completion: done)
         }
     }
@@ -176,7 +194,10 @@ public final class AMQPChannel: Sendable {
             let batch = PublishBatch(count: messages.count) { done(.success($0)) }
             batch.publish(messages, from: 0, channel: id, core: core)
         }
-        return collected ?? messages.map { _ in .failure(AMQPError(.closed, message: "connection closed", operation: "basic.publish")) }
+        return collected
+            ?? messages.map { _ in
+                .failure(AMQPError(.closed, message: "connection closed", operation: "basic.publish"))
+            }
     }
 
     // MARK: Consuming
@@ -188,8 +209,10 @@ public final class AMQPChannel: Sendable {
     }
 
     /// Starts a consumer with manual acknowledgement.
-    public func consume(queue: String, consumerTag: String = "", exclusive: Bool = false,
-                        arguments: AMQPTable = [:]) async throws(AMQPError) -> AMQPConsumer {
+    public func consume(
+        queue: String, consumerTag: String = "", exclusive: Bool = false,
+        arguments: AMQPTable = [:]
+    ) async throws(AMQPError) -> AMQPConsumer {
         let id = number
         let (stream, continuation) = AsyncThrowingStream<AMQPDelivery, Error>.makeStream()
         let tag = try await loop.perform { core throws(AMQPError) -> String in
@@ -208,10 +231,13 @@ public final class AMQPChannel: Sendable {
     }
 
     /// Consumes a stream queue from an offset. Sets the prefetch, which streams require.
-    public func consumeStream(queue: String, from offset: StreamOffset, prefetch: UInt16 = 100,
-                              consumerTag: String = "") async throws(AMQPError) -> AMQPConsumer {
+    public func consumeStream(
+        queue: String, from offset: StreamOffset, prefetch: UInt16 = 100,
+        consumerTag: String = ""
+    ) async throws(AMQPError) -> AMQPConsumer {
         try await setPrefetch(prefetch)
-        return try await consume(queue: queue, consumerTag: consumerTag, arguments: ["x-stream-offset": offset.argument])
+        return try await consume(
+            queue: queue, consumerTag: consumerTag, arguments: ["x-stream-offset": offset.argument])
     }
 
     /// Cancels a consumer; its sequence ends after the deliveries already buffered.
@@ -220,7 +246,9 @@ public final class AMQPChannel: Sendable {
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
             let t = try arena.convert { try arena.bytes(consumerTag) }
-            _ = try core.request("basic.cancel '\(consumerTag)'", channel: id) { state in amqp_basic_cancel(state, id, t) }
+            _ = try core.request("basic.cancel '\(consumerTag)'", channel: id) { state in
+                amqp_basic_cancel(state, id, t)
+            }
             core.removeConsumer(tag: consumerTag, channel: id)?.continuation.finish()
         }
     }
@@ -245,23 +273,33 @@ public final class AMQPChannel: Sendable {
     }
 
     func nack(deliveryTag: UInt64, generation: UInt64?, multiple: Bool, requeue: Bool) throws(AMQPError) {
-        try settle(.init(deliveryTag: deliveryTag, multiple: multiple, kind: .nack(requeue: requeue)), generation, "basic.nack")
+        try settle(
+            .init(deliveryTag: deliveryTag, multiple: multiple, kind: .nack(requeue: requeue)), generation, "basic.nack"
+        )
     }
 
     func reject(deliveryTag: UInt64, generation: UInt64?, requeue: Bool) throws(AMQPError) {
-        try settle(.init(deliveryTag: deliveryTag, multiple: false, kind: .reject(requeue: requeue)), generation, "basic.reject")
+        try settle(
+            .init(deliveryTag: deliveryTag, multiple: false, kind: .reject(requeue: requeue)), generation,
+            "basic.reject")
     }
 
-    private func settle(_ settlement: AckCoalescer.Settlement, _ generation: UInt64?, _ operation: String) throws(AMQPError) {
+    private func settle(_ settlement: AckCoalescer.Settlement, _ generation: UInt64?, _ operation: String)
+        throws(AMQPError)
+    {
         if let generation, !status.isCurrent(generation) {
-            throw AMQPError(.staleDelivery, message: "the delivery's channel was closed since; the broker redelivers the message",
-                            operation: operation)
+            throw AMQPError(
+                .staleDelivery, message: "the delivery's channel was closed since; the broker redelivers the message",
+                operation: operation)
         }
         if generation == nil, !status.isOpen {
-            throw AMQPError(.closed, message: "channel \(number) is closed; its deliveries went back to the queue",
-                            operation: operation)
+            throw AMQPError(
+                .closed, message: "channel \(number) is closed; its deliveries went back to the queue",
+                operation: operation)
         }
-        if let ended = loop.submit(IOLoop.PendingSettlement(channel: number, generation: generation, settlement: settlement)) {
+        if let ended = loop.submit(
+            IOLoop.PendingSettlement(channel: number, generation: generation, settlement: settlement))
+        {
             throw ended
         }
     }

@@ -93,10 +93,14 @@ public struct AMQPConfiguration: Sendable, CustomStringConvertible {
             let userInfo = rest[..<at]
             rest = String(rest[rest.index(after: at)...])
             let parts = userInfo.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
-            guard let user = String(parts[0]).removingPercentEncoding else { throw invalid("bad percent-encoding in user name") }
+            guard let user = String(parts[0]).removingPercentEncoding else {
+                throw invalid("bad percent-encoding in user name")
+            }
             username = user
             if parts.count == 2 {
-                guard let pass = String(parts[1]).removingPercentEncoding else { throw invalid("bad percent-encoding in password") }
+                guard let pass = String(parts[1]).removingPercentEncoding else {
+                    throw invalid("bad percent-encoding in password")
+                }
                 password = pass
             }
         }
@@ -105,8 +109,11 @@ public struct AMQPConfiguration: Sendable, CustomStringConvertible {
             guard let close = rest.firstIndex(of: "]") else { throw invalid("unterminated IPv6 address") }
             host = String(rest[rest.index(after: rest.startIndex)..<close])
             let after = rest[rest.index(after: close)...]
-            if after.hasPrefix(":") { try parsePort(String(after.dropFirst()), invalid) }
-            else if !after.isEmpty { throw invalid("unexpected '\(after)' after the host") }
+            if after.hasPrefix(":") {
+                try parsePort(String(after.dropFirst()), invalid)
+            } else if !after.isEmpty {
+                throw invalid("unexpected '\(after)' after the host")
+            }
         } else if let colon = rest.lastIndex(of: ":") {
             host = String(rest[..<colon])
             try parsePort(String(rest[rest.index(after: colon)...]), invalid)
@@ -167,7 +174,9 @@ public struct AMQPConfiguration: Sendable, CustomStringConvertible {
 
     /// Checks the settings before any connection attempt.
     public func validate() throws(AMQPError) {
-        func invalid(_ why: String) -> AMQPError { AMQPError(.invalidArgument, message: why, operation: "configure \(self)") }
+        func invalid(_ why: String) -> AMQPError {
+            AMQPError(.invalidArgument, message: why, operation: "configure \(self)")
+        }
         if host.isEmpty { throw invalid("host is empty") }
         if !(1...65535).contains(port) { throw invalid("port must be 1 to 65535") }
         if heartbeat < .zero || heartbeat > .seconds(65535) { throw invalid("heartbeat must be 0 to 65535 seconds") }
@@ -188,7 +197,11 @@ public struct AMQPConfiguration: Sendable, CustomStringConvertible {
     /// The broker address as `scheme://user@host:port/vhost`, password never included.
     public var description: String {
         let scheme = tls == nil ? "amqp" : "amqps"
-        let vhost = virtualHost == "/" ? "" : (virtualHost.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(CharacterSet(charactersIn: "/"))) ?? virtualHost)
+        let vhost =
+            virtualHost == "/"
+            ? ""
+            : (virtualHost.addingPercentEncoding(
+                withAllowedCharacters: .urlPathAllowed.subtracting(CharacterSet(charactersIn: "/"))) ?? virtualHost)
         let hostPart = host.contains(":") ? "[\(host)]" : host
         return "\(scheme)://\(username)@\(hostPart):\(port)/\(vhost)"
     }

@@ -49,8 +49,9 @@ final class CArena {
         // Sorted keys make the wire bytes deterministic, which helps tests and caches alike.
         for (i, key) in table.keys.sorted().enumerated() {
             guard key.utf8.count <= 255 else {
-                throw AMQPError(.invalidArgument, message: "header name longer than 255 bytes: \(key.prefix(40))...",
-                                operation: "encode headers")
+                throw AMQPError(
+                    .invalidArgument, message: "header name longer than 255 bytes: \(key.prefix(40))...",
+                    operation: "encode headers")
             }
             entries[i] = amqp_table_entry_t(key: try bytes(key), value: try fieldValue(table[key]!))
         }
@@ -146,7 +147,9 @@ enum CDecode {
         case "I": return .int32(v.value.i32)
         case "i": return .uint32(v.value.u32)
         case "l": return .int64(v.value.i64)
-        case "L": return v.value.u64 <= UInt64(Int64.max) ? .int64(Int64(v.value.u64)) : .bytes(withUnsafeBytes(of: v.value.u64.bigEndian, Array.init))
+        case "L":
+            return v.value.u64 <= UInt64(Int64.max)
+                ? .int64(Int64(v.value.u64)) : .bytes(withUnsafeBytes(of: v.value.u64.bigEndian, Array.init))
         case "f": return .float(v.value.f32)
         case "d": return .double(v.value.f64)
         case "D": return .decimal(scale: v.value.decimal.decimals, value: v.value.decimal.value)

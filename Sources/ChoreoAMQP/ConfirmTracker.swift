@@ -71,7 +71,8 @@ struct ConfirmTracker {
         var settled: [Settled] = []
         // A tag of 0 with multiple=true means "everything so far" (AMQP 0-9-1 confirms extension).
         let upper = (multiple && deliveryTag == 0) ? nextSequence - 1 : deliveryTag
-        let range: ClosedRange<UInt64> = multiple ? lowestUnsettled...max(lowestUnsettled, upper) : deliveryTag...deliveryTag
+        let range: ClosedRange<UInt64> =
+            multiple ? lowestUnsettled...max(lowestUnsettled, upper) : deliveryTag...deliveryTag
         if multiple && upper < lowestUnsettled { return [] }
         for seq in range {
             guard let p = pending.removeValue(forKey: seq) else { continue }
@@ -83,7 +84,9 @@ struct ConfirmTracker {
 
     private mutating func outcome(for p: Pending, positive: Bool) -> Outcome {
         guard positive else { return .nacked }
-        if p.mandatory, let i = returns.firstIndex(where: { $0.exchange == p.exchange && $0.routingKey == p.routingKey }) {
+        if p.mandatory,
+            let i = returns.firstIndex(where: { $0.exchange == p.exchange && $0.routingKey == p.routingKey })
+        {
             let r = returns.remove(at: i)
             return .returned(replyCode: r.replyCode, replyText: r.replyText)
         }

@@ -1,6 +1,7 @@
 import Foundation
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Finds out why a TCP connect failed, in words a person can act on ("connection refused").
@@ -22,7 +23,8 @@ enum ConnectDiagnosis {
         var entry = list
         while let ai = entry {
             entry = ai.pointee.ai_next
-            let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_NONBLOCK.rawValue), ai.pointee.ai_protocol)
+            let fd = socket(
+                ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_NONBLOCK.rawValue), ai.pointee.ai_protocol)
             if fd < 0 { continue }
             defer { close(fd) }
             if connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 { return nil }
@@ -31,7 +33,8 @@ enum ConnectDiagnosis {
                 continue
             }
             var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            let ms = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+            let ms = Int32(
+                clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
             let ready = poll(&pfd, 1, ms)
             if ready == 0 {
                 lastReason = "timed out after \(timeout)"

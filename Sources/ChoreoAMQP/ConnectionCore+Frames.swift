@@ -39,19 +39,22 @@ extension ConnectionCore {
             let c = method.decoded.assumingMemoryBound(to: amqp_basic_cancel_t.self).pointee
             let tag = CDecode.string(c.consumer_tag)
             if let sink = removeConsumer(tag: tag, channel: id) {
-                sink.continuation.finish(throwing: AMQPError(
-                    .consumerCancelled, message: "the broker cancelled consumer '\(tag)' (queue deleted or moved)",
-                    operation: "consume"))
+                sink.continuation.finish(
+                    throwing: AMQPError(
+                        .consumerCancelled, message: "the broker cancelled consumer '\(tag)' (queue deleted or moved)",
+                        operation: "consume"))
             }
         case CHOREO_CHANNEL_CLOSE:
             let c = method.decoded.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
-            let error = AMQPError(.channelClosed, replyCode: c.reply_code, message: CDecode.string(c.reply_text),
-                                  operation: "channel \(id)")
+            let error = AMQPError(
+                .channelClosed, replyCode: c.reply_code, message: CDecode.string(c.reply_text),
+                operation: "channel \(id)")
             channelClosedByBroker(id, error: error)
         case CHOREO_CONNECTION_CLOSE:
             let c = method.decoded.assumingMemoryBound(to: amqp_connection_close_t.self).pointee
-            let error = AMQPError(.connectionClosed, replyCode: c.reply_code, message: CDecode.string(c.reply_text),
-                                  operation: "connection")
+            let error = AMQPError(
+                .connectionClosed, replyCode: c.reply_code, message: CDecode.string(c.reply_text),
+                operation: "connection")
             if let state {
                 var ok = amqp_connection_close_ok_t(dummy: 0)
                 _ = amqp_send_method(state, 0, CHOREO_CONNECTION_CLOSE_OK, &ok)
@@ -83,11 +86,17 @@ extension ConnectionCore {
             case .confirmed:
                 completion(.success(()))
             case .nacked:
-                completion(.failure(AMQPError(.publishNacked, message: "the broker refused the message (basic.nack)",
-                                              operation: "")))
+                completion(
+                    .failure(
+                        AMQPError(
+                            .publishNacked, message: "the broker refused the message (basic.nack)",
+                            operation: "")))
             case .returned(let code, let text):
-                completion(.failure(AMQPError(.unroutable, replyCode: code, message: "\(text): no queue is bound for it",
-                                              operation: "")))
+                completion(
+                    .failure(
+                        AMQPError(
+                            .unroutable, replyCode: code, message: "\(text): no queue is bound for it",
+                            operation: "")))
             }
         }
     }
@@ -105,14 +114,18 @@ extension ConnectionCore {
         return (CDecode.properties(message.properties), CDecode.data(message.body))
     }
 
-    private func handleDeliver(channel id: UInt16, consumerTag: String, deliveryTag: UInt64, redelivered: Bool,
-                               exchange: String, routingKey: String) {
+    private func handleDeliver(
+        channel id: UInt16, consumerTag: String, deliveryTag: UInt64, redelivered: Bool,
+        exchange: String, routingKey: String
+    ) {
         guard let (properties, body) = readContent(channel: id, operation: "basic.deliver") else { return }
         guard let channel = channels(id) else { return }
         guard let sink = channel.consumers[consumerTag] else {
             // A delivery that raced a cancel. It stays unacknowledged and goes back to the queue when the
             // channel closes; rejecting it here would be a connection error on a stream (540 NOT_IMPLEMENTED).
-            logger.debug("delivery for a cancelled consumer left to requeue at channel close", metadata: ["amqp.consumer": "\(consumerTag)"])
+            logger.debug(
+                "delivery for a cancelled consumer left to requeue at channel close",
+                metadata: ["amqp.consumer": "\(consumerTag)"])
             return
         }
         let delivery = AMQPDelivery(

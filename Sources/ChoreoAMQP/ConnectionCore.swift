@@ -1,8 +1,9 @@
 import CRabbitMQ
 import Foundation
 import Logging
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Everything one connection's I/O thread owns: the rabbitmq-c state, its channels, pending confirms
@@ -86,7 +87,7 @@ final class ConnectionCore {
     private func readAvailableFrames() {
         guard let current = state else { return }
         var state = current
-        var budget = 512 // bounded, so queued jobs (acks, publishes) are not starved by a flood of deliveries
+        var budget = 512  // bounded, so queued jobs (acks, publishes) are not starved by a flood of deliveries
         while budget > 0, failure == nil {
             budget -= 1
             var frame = amqp_frame_t()
@@ -133,29 +134,38 @@ final class ConnectionCore {
         let socket: OpaquePointer?
         if let tls = config.tls {
             socket = amqp_ssl_socket_new(state)
-            guard let socket else { throw AMQPError(.connectionFailed, message: "cannot create a TLS socket", operation: operation) }
+            guard let socket else {
+                throw AMQPError(.connectionFailed, message: "cannot create a TLS socket", operation: operation)
+            }
             if let ca = tls.caFile, amqp_ssl_socket_set_cacert(socket, ca) != AMQP_STATUS_OK.rawValue {
                 throw AMQPError(.connectionFailed, message: "cannot load CA file \(ca)", operation: operation)
             }
             if let cert = tls.certificateFile, let key = tls.keyFile,
-               amqp_ssl_socket_set_key(socket, cert, key) != AMQP_STATUS_OK.rawValue {
-                throw AMQPError(.connectionFailed, message: "cannot load client certificate \(cert) and key \(key)",
-                                operation: operation)
+                amqp_ssl_socket_set_key(socket, cert, key) != AMQP_STATUS_OK.rawValue
+            {
+                throw AMQPError(
+                    .connectionFailed, message: "cannot load client certificate \(cert) and key \(key)",
+                    operation: operation)
             }
             amqp_ssl_socket_set_verify_peer(socket, tls.verifyPeer ? 1 : 0)
             amqp_ssl_socket_set_verify_hostname(socket, tls.verifyHostname ? 1 : 0)
         } else {
             socket = amqp_tcp_socket_new(state)
         }
-        guard let socket else { throw AMQPError(.connectionFailed, message: "cannot create a socket", operation: operation) }
+        guard let socket else {
+            throw AMQPError(.connectionFailed, message: "cannot create a socket", operation: operation)
+        }
         var timeout = Self.timeInterval(config.connectTimeout)
         let status = amqp_socket_open_noblock(socket, config.host, Int32(config.port), &timeout)
         if status != AMQP_STATUS_OK.rawValue {
-            let reason = ConnectDiagnosis.reason(host: config.host, port: config.port, timeout: config.connectTimeout)
+            let reason =
+                ConnectDiagnosis.reason(host: config.host, port: config.port, timeout: config.connectTimeout)
                 ?? String(cString: amqp_error_string2(status))
             let isTLS = status <= AMQP_STATUS_SSL_ERROR.rawValue && status >= AMQP_STATUS_SSL_CONNECTION_FAILED.rawValue
-            throw AMQPError(.connectionFailed, message: isTLS ? "TLS handshake failed: \(String(cString: amqp_error_string2(status)))" : reason,
-                            operation: "connect \(config.address)")
+            throw AMQPError(
+                .connectionFailed,
+                message: isTLS ? "TLS handshake failed: \(String(cString: amqp_error_string2(status)))" : reason,
+                operation: "connect \(config.address)")
         }
     }
 
@@ -178,16 +188,21 @@ final class ConnectionCore {
         do { table = try arena.table(properties) } catch { throw error as! AMQPError }
         let heartbeat = Int32(config.heartbeat.components.seconds)
         let reply = withUnsafePointer(to: table) { tablePointer in
-            choreo_amqp_login_plain(state, config.virtualHost, Int32(2047), Int32(config.frameMax), heartbeat, tablePointer,
-                                    config.username, config.password)
+            choreo_amqp_login_plain(
+                state, config.virtualHost, Int32(2047), Int32(config.frameMax), heartbeat, tablePointer,
+                config.username, config.password)
         }
         if var error = Self.error(reply: reply, operation: "log in to \(config) ") {
             error.operation = "log in to \(config)"
             if error.replyCode == AMQPError.ReplyCode.accessRefused {
                 error.code = .authenticationFailed
-                error.message = "ACCESS_REFUSED: the broker refused user '\(config.username)' (wrong user name or password)"
-            } else if error.replyCode == AMQPError.ReplyCode.invalidPath || error.replyCode == AMQPError.ReplyCode.notAllowed {
-                error.message = "\(error.message) (does vhost '\(config.virtualHost)' exist, and may '\(config.username)' use it?)"
+                error.message =
+                    "ACCESS_REFUSED: the broker refused user '\(config.username)' (wrong user name or password)"
+            } else if error.replyCode == AMQPError.ReplyCode.invalidPath
+                || error.replyCode == AMQPError.ReplyCode.notAllowed
+            {
+                error.message =
+                    "\(error.message) (does vhost '\(config.virtualHost)' exist, and may '\(config.username)' use it?)"
             } else if error.code == .connectionLost {
                 error.code = .authenticationFailed
                 error.message = "the broker closed the connection during login (wrong credentials or vhost?)"
@@ -216,7 +231,8 @@ final class ConnectionCore {
             id = id >= channelMax ? 1 : id + 1
             tries += 1
             if tries > Int(channelMax) {
-                throw AMQPError(.protocolFailure, message: "all \(channelMax) channels are in use", operation: "channel.open")
+                throw AMQPError(
+                    .protocolFailure, message: "all \(channelMax) channels are in use", operation: "channel.open")
             }
         }
         nextChannel = id >= channelMax ? 1 : id + 1
@@ -261,7 +277,9 @@ final class ConnectionCore {
         guard wasOpen, let state, failure == nil else { return }
         let reply = amqp_channel_close(state, id, Int32(AMQP_REPLY_SUCCESS))
         if let error = Self.error(reply: reply, operation: "channel.close \(id)") {
-            if error.code == .connectionLost || error.code == .connectionClosed || error.code == .timeout { fail(with: error) }
+            if error.code == .connectionLost || error.code == .connectionClosed || error.code == .timeout {
+                fail(with: error)
+            }
         }
     }
 
@@ -328,7 +346,9 @@ final class ConnectionCore {
         guard status == AMQP_STATUS_OK.rawValue else {
             let error = Self.error(status: status, operation: Self.publishOperation(message))
             completion(.failure(error))
-            if status != AMQP_STATUS_TABLE_TOO_BIG.rawValue && status != AMQP_STATUS_BAD_AMQP_DATA.rawValue { fail(with: error) }
+            if status != AMQP_STATUS_TABLE_TOO_BIG.rawValue && status != AMQP_STATUS_BAD_AMQP_DATA.rawValue {
+                fail(with: error)
+            }
             return
         }
         guard channel.confirmMode else {
@@ -337,14 +357,16 @@ final class ConnectionCore {
         }
         let token = nextToken
         nextToken += 1
-        _ = channel.tracker.published(token: token, mandatory: message.mandatory,
-                                      exchange: message.exchange, routingKey: message.routingKey)
+        _ = channel.tracker.published(
+            token: token, mandatory: message.mandatory,
+            exchange: message.exchange, routingKey: message.routingKey)
         channel.completions[token] = { result in
-            completion(result.mapError { error in
-                var e = error
-                if e.operation.isEmpty { e.operation = Self.publishOperation(message) }
-                return e
-            })
+            completion(
+                result.mapError { error in
+                    var e = error
+                    if e.operation.isEmpty { e.operation = Self.publishOperation(message) }
+                    return e
+                })
         }
     }
 
@@ -355,7 +377,9 @@ final class ConnectionCore {
     // MARK: - Synchronous requests
 
     /// Runs a synchronous rabbitmq-c request on a channel and maps its reply.
-    func request<T>(_ operation: String, channel id: UInt16, _ body: (amqp_connection_state_t) -> T) throws(AMQPError) -> T {
+    func request<T>(_ operation: String, channel id: UInt16, _ body: (amqp_connection_state_t) -> T) throws(AMQPError)
+        -> T
+    {
         _ = try channelState(id)
         let result = body(try liveState())
         try check(operation, channel: id)
@@ -377,7 +401,7 @@ final class ConnectionCore {
         var byChannel: [UInt16: [AckCoalescer.Settlement]] = [:]
         for p in settlements {
             guard let channel = channels[p.channel], channel.open else { continue }
-            if let g = p.generation, g != channel.generation { continue } // stale: the broker requeued it already
+            if let g = p.generation, g != channel.generation { continue }  // stale: the broker requeued it already
             if byChannel[p.channel] == nil { order.append(p.channel) }
             byChannel[p.channel, default: []].append(p.settlement)
         }
@@ -492,9 +516,11 @@ final class ConnectionCore {
         case AMQP_STATUS_TIMEOUT.rawValue:
             return AMQPError(.timeout, message: "the broker did not answer in time", operation: operation)
         case AMQP_STATUS_HEARTBEAT_TIMEOUT.rawValue:
-            return AMQPError(.connectionLost, message: "heartbeat timeout: the broker stopped answering", operation: operation)
-        case AMQP_STATUS_CONNECTION_CLOSED.rawValue, AMQP_STATUS_SOCKET_ERROR.rawValue, AMQP_STATUS_SOCKET_CLOSED.rawValue,
-             AMQP_STATUS_SSL_ERROR.rawValue:
+            return AMQPError(
+                .connectionLost, message: "heartbeat timeout: the broker stopped answering", operation: operation)
+        case AMQP_STATUS_CONNECTION_CLOSED.rawValue, AMQP_STATUS_SOCKET_ERROR.rawValue,
+            AMQP_STATUS_SOCKET_CLOSED.rawValue,
+            AMQP_STATUS_SSL_ERROR.rawValue:
             return AMQPError(.connectionLost, message: "connection lost (\(text))", operation: operation)
         case AMQP_STATUS_TABLE_TOO_BIG.rawValue:
             return AMQPError(.invalidArgument, message: "headers too large for one frame", operation: operation)
@@ -513,13 +539,15 @@ final class ConnectionCore {
             let method = reply.reply
             if method.id == CHOREO_CONNECTION_CLOSE, let decoded = method.decoded {
                 let close = decoded.assumingMemoryBound(to: amqp_connection_close_t.self).pointee
-                return AMQPError(.connectionClosed, replyCode: close.reply_code, message: CDecode.string(close.reply_text),
-                                 operation: operation)
+                return AMQPError(
+                    .connectionClosed, replyCode: close.reply_code, message: CDecode.string(close.reply_text),
+                    operation: operation)
             }
             if method.id == CHOREO_CHANNEL_CLOSE, let decoded = method.decoded {
                 let close = decoded.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
-                return AMQPError(.channelClosed, replyCode: close.reply_code, message: CDecode.string(close.reply_text),
-                                 operation: operation)
+                return AMQPError(
+                    .channelClosed, replyCode: close.reply_code, message: CDecode.string(close.reply_text),
+                    operation: operation)
             }
             return AMQPError(.protocolFailure, message: "unexpected reply method \(method.id)", operation: operation)
         default:

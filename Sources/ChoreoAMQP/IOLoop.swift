@@ -1,8 +1,9 @@
 import CRabbitMQ
 import Foundation
 import Synchronization
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The one thread that owns a connection's C state, and the queue of jobs other threads hand it.
@@ -70,7 +71,9 @@ final class IOLoop: Sendable {
     }
 
     /// Runs a job on the I/O thread and returns its result.
-    func perform<T: Sendable>(_ body: @escaping @Sendable (ConnectionCore) throws(AMQPError) -> T) async throws(AMQPError) -> T {
+    func perform<T: Sendable>(_ body: @escaping @Sendable (ConnectionCore) throws(AMQPError) -> T)
+        async throws(AMQPError) -> T
+    {
         let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
             let ended = submit { core in
                 do throws(AMQPError) {

@@ -42,13 +42,15 @@ public struct DeadLetter: Sendable {
             let reason = s("x-first-death-reason") ?? "unknown"
             let deliveries = h["x-delivery-count"]?.intValue.map(Int.init)
             errorType = reason == "delivery_limit" ? "DeliveryLimitExceeded" : "BrokerDeadLettered"
-            errorMessage = reason == "delivery_limit"
+            errorMessage =
+                reason == "delivery_limit"
                 ? "the broker dead-lettered it after its delivery limit: the handler process kept dying or timing out while handling it"
                 : "the broker dead-lettered it (\(reason))"
             attempts = deliveries ?? 0
         }
         firstFailure = s(H.deadLetterFirstFailure).flatMap(Timestamps.parse)
-        lastFailure = s(H.deadLetterLastFailure).flatMap(Timestamps.parse)
+        lastFailure =
+            s(H.deadLetterLastFailure).flatMap(Timestamps.parse)
             ?? delivery.properties.timestamp.map { Date(timeIntervalSince1970: TimeInterval($0)) }
         originalExchange = s(H.deadLetterOriginalExchange) ?? s("x-first-death-exchange") ?? ""
         originalRoutingKey = s(H.deadLetterOriginalRoutingKey) ?? type
@@ -61,8 +63,10 @@ public struct DeadLetter: Sendable {
     var replayMessage: AMQPOutgoingMessage {
         typealias H = WireNames.Headers
         var headers = properties.headers ?? [:]
-        for key in headers.keys where key.hasPrefix("choreo-dl-") || key.hasPrefix("x-")
-            || [H.attempt, H.firstFailure, H.originExchange, H.originRoutingKey].contains(key) {
+        for key in headers.keys
+        where key.hasPrefix("choreo-dl-") || key.hasPrefix("x-")
+            || [H.attempt, H.firstFailure, H.originExchange, H.originRoutingKey].contains(key)
+        {
             headers[key] = nil
         }
         headers[H.originExchange] = .string(originalExchange)
@@ -84,8 +88,10 @@ public struct DeadLetterFilter: Sendable {
     public var since: Date?
     public var limit: Int?
 
-    public init(handler: String? = nil, ids: Set<String> = [], type: String? = nil, errorText: String? = nil,
-                since: Date? = nil, limit: Int? = nil) {
+    public init(
+        handler: String? = nil, ids: Set<String> = [], type: String? = nil, errorText: String? = nil,
+        since: Date? = nil, limit: Int? = nil
+    ) {
         self.handler = handler
         self.ids = ids
         self.type = type
@@ -103,7 +109,10 @@ public struct DeadLetterFilter: Sendable {
         if !ids.isEmpty && !ids.contains(d.id) { return false }
         if let type, d.type != type { return false }
         if let errorText, !d.errorMessage.localizedCaseInsensitiveContains(errorText),
-           !d.errorType.localizedCaseInsensitiveContains(errorText) { return false }
+            !d.errorType.localizedCaseInsensitiveContains(errorText)
+        {
+            return false
+        }
         if let since, (d.lastFailure ?? .distantPast) < since { return false }
         return true
     }

@@ -31,7 +31,9 @@ public struct DeadLetterStore: Sendable {
         if selected.isEmpty {
             if let h = filter.handler {
                 let known = manifests.map { "\($0.service).\($0.handler)" }
-                throw OperationError("no handler named '\(h)' in the registry (known: \(known.isEmpty ? "none" : known.joined(separator: ", ")))")
+                throw OperationError(
+                    "no handler named '\(h)' in the registry (known: \(known.isEmpty ? "none" : known.joined(separator: ", ")))"
+                )
             }
             throw OperationError("no handlers in the registry: has any handler service started on this broker?")
         }
@@ -64,8 +66,10 @@ public struct DeadLetterStore: Sendable {
     /// - Parameters:
     ///   - rate: at most this many letters per second (nil: as fast as confirms allow).
     ///   - progress: called after each step with (done, total).
-    public func replay(_ filter: DeadLetterFilter, dryRun: Bool = false, rate: Double? = nil,
-                       progress: @Sendable (Int, Int) -> Void = { _, _ in }) async throws -> ReplaySummary {
+    public func replay(
+        _ filter: DeadLetterFilter, dryRun: Bool = false, rate: Double? = nil,
+        progress: @Sendable (Int, Int) -> Void = { _, _ in }
+    ) async throws -> ReplaySummary {
         var summary = ReplaySummary()
         var remaining = filter.limit ?? Int.max
         for m in try handlers(for: filter) {
@@ -75,10 +79,8 @@ public struct DeadLetterStore: Sendable {
             while true {
                 round += 1
                 var progressed = 0
-                var truncated = false
                 let expected = try await depth(of: m)
-                try await withSnapshot(of: m) { letters, complete in
-                    truncated = !complete
+                try await withSnapshot(of: m) { letters, _ in
                     let matching = letters.filter { filter.matches($0.1) }
                     let selected = Array(matching.prefix(max(remaining, 0)))
                     if round == 1 || dryRun { summary.skipped += matching.count - selected.count }
@@ -108,14 +110,18 @@ public struct DeadLetterStore: Sendable {
                                 summary.failures.append("\(letter.id): \(error)")
                             }
                         }
-                        progress(summary.replayed, summary.replayed + max(0, min(remaining, Int(expected) - progressed)))
+                        progress(
+                            summary.replayed, summary.replayed + max(0, min(remaining, Int(expected) - progressed)))
                         if let rate, rate > 0 {
                             let wait = Duration.seconds(Double(part.count) / rate) - (ContinuousClock.now - started)
                             if wait > .zero { try await Task.sleep(for: wait) }
                         }
                     }
                 }
-                if dryRun || !truncated || progressed == 0 || remaining <= 0 { break }
+                // A snapshot that looked complete may still have missed letters that the previous round's
+                // channel close was returning to the queue while it was counted: stop only after a round
+                // that found nothing to replay.
+                if dryRun || progressed == 0 || remaining <= 0 { break }
             }
         }
         return summary
@@ -128,9 +134,7 @@ public struct DeadLetterStore: Sendable {
         for m in try handlers(for: filter) {
             while remaining > 0 {
                 var progressed = 0
-                var truncated = false
-                try await withSnapshot(of: m) { letters, complete in
-                    truncated = !complete
+                try await withSnapshot(of: m) { letters, _ in
                     for (delivery, _) in letters.filter({ filter.matches($0.1) }).prefix(remaining) {
                         try delivery.ack()
                         removed += 1
@@ -138,7 +142,7 @@ public struct DeadLetterStore: Sendable {
                         progressed += 1
                     }
                 }
-                if !truncated || progressed == 0 { break }
+                if progressed == 0 { break } // see replay: only a round that found nothing ends the work
             }
         }
         return removed
@@ -175,7 +179,9 @@ public struct DeadLetterStore: Sendable {
         for queue in Set(messages.map(\.routingKey)) {
             do { _ = try await channel.declareQueuePassive(queue) } catch {
                 if error.replyCode == AMQPError.ReplyCode.notFound {
-                    throw OperationError("dead-letter queue '\(queue)' does not exist on this broker (start its handler once to declare it)")
+                    throw OperationError(
+                        "dead-letter queue '\(queue)' does not exist on this broker (start its handler once to declare it)"
+                    )
                 }
                 throw error
             }
@@ -194,8 +200,10 @@ public struct DeadLetterStore: Sendable {
     /// Consumes a snapshot of a dead-letter queue without acknowledging; closing the channel gives back
     /// whatever `body` did not ack. `body` learns whether the snapshot holds the whole queue: the broker
     /// caps one consumer's unacknowledged messages (2,000 for quorum queues), so it may not.
-    private func withSnapshot(of manifest: HandlerManifest,
-                              _ body: ([(AMQPDelivery, DeadLetter)], Bool) async throws -> Void) async throws {
+    private func withSnapshot(
+        of manifest: HandlerManifest,
+        _ body: ([(AMQPDelivery, DeadLetter)], Bool) async throws -> Void
+    ) async throws {
         let channel = try await connection.openChannel()
         defer { Task { await channel.close() } }
         let expected: UInt32
@@ -207,7 +215,7 @@ public struct DeadLetterStore: Sendable {
             }
             throw error
         }
-        try await channel.setPrefetch(0) // no limit: the whole snapshot is held unacknowledged
+        try await channel.setPrefetch(0)  // no limit: the whole snapshot is held unacknowledged
         let consumer = try await channel.consume(queue: manifest.deadLetterQueue)
         let collected = DeliveryBuffer()
         let reader = Task {
@@ -222,14 +230,17 @@ public struct DeadLetterStore: Sendable {
             if expected > 0 && count >= Int(expected) { break }
             if count != last { last = count; lastProgress = .now }
             // An empty count may be a snapshot taken while another client's messages were being returned.
-            if ContinuousClock.now - lastProgress > (expected == 0 && count == 0 ? .milliseconds(250) : .seconds(1)) { break }
+            if ContinuousClock.now - lastProgress > (expected == 0 && count == 0 ? .milliseconds(250) : .seconds(1)) {
+                break
+            }
             try await Task.sleep(for: .milliseconds(5))
         }
         // The consumer stays until the channel closes: settling deliveries of a cancelled quorum-queue
         // consumer is not something to rely on. Whatever arrives from now on goes back at the close.
         reader.cancel()
         let deliveries = collected.items
-        try await body(deliveries.map { ($0, DeadLetter(delivery: $0, manifest: manifest)) }, deliveries.count >= Int(expected))
+        try await body(
+            deliveries.map { ($0, DeadLetter(delivery: $0, manifest: manifest)) }, deliveries.count >= Int(expected))
         await channel.close()
     }
 }

@@ -29,7 +29,8 @@ struct ExportedLetter: Codable {
         errorMessage = l.errorMessage
         let p = l.properties
         properties = Properties(
-            contentType: p.contentType, contentEncoding: p.contentEncoding, correlationID: p.correlationID, replyTo: p.replyTo,
+            contentType: p.contentType, contentEncoding: p.contentEncoding, correlationID: p.correlationID,
+            replyTo: p.replyTo,
             expiration: p.expiration, messageID: p.messageID, type: p.type, userID: p.userID, appID: p.appID,
             deliveryMode: p.deliveryMode, priority: p.priority, timestamp: p.timestamp,
             headers: p.headers?.filter { $0.key != "x-delivery-count" }.mapValues(TypedValue.init))
@@ -40,9 +41,11 @@ struct ExportedLetter: Codable {
         guard let bytes = Data(base64Encoded: body) else { throw OperationError("body is not base64") }
         let p = properties
         let props = AMQPProperties(
-            contentType: p.contentType, contentEncoding: p.contentEncoding, headers: try p.headers?.mapValues { try $0.value() },
+            contentType: p.contentType, contentEncoding: p.contentEncoding,
+            headers: try p.headers?.mapValues { try $0.value() },
             deliveryMode: p.deliveryMode, priority: p.priority, correlationID: p.correlationID, replyTo: p.replyTo,
-            expiration: p.expiration, messageID: p.messageID, timestamp: p.timestamp, type: p.type, userID: p.userID, appID: p.appID)
+            expiration: p.expiration, messageID: p.messageID, timestamp: p.timestamp, type: p.type, userID: p.userID,
+            appID: p.appID)
         return AMQPOutgoingMessage(exchange: "", routingKey: queue, body: bytes, properties: props)
     }
 }

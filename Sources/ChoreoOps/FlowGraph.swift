@@ -17,8 +17,10 @@ public struct FlowGraph: Sendable {
     public let unproduced: [String]
 
     public init(manifests: [HandlerManifest]) {
-        nodes = manifests.map { Node(service: $0.service, handler: $0.handler, consumes: $0.consumes, emits: $0.emits.sorted()) }
-            .sorted { $0.name < $1.name }
+        nodes = manifests.map {
+            Node(service: $0.service, handler: $0.handler, consumes: $0.consumes, emits: $0.emits.sorted())
+        }
+        .sorted { $0.name < $1.name }
         let consumed = Set(nodes.map(\.consumes))
         let emitted = Set(nodes.flatMap(\.emits))
         unconsumed = emitted.subtracting(consumed).sorted()

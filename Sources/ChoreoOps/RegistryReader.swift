@@ -21,14 +21,15 @@ public struct RegistryReader: Sendable {
         do {
             _ = try await channel.declareQueuePassive(WireNames.registryStream)
         } catch {
-            if error.replyCode == AMQPError.ReplyCode.notFound { return [] } // no runner has started on this broker yet
+            if error.replyCode == AMQPError.ReplyCode.notFound { return [] }  // no runner has started on this broker yet
             throw error
         }
         try await channel.enableConfirms()
         let probe = "probe-\(UUID().uuidString)"
-        try await channel.publish(AMQPOutgoingMessage(
-            exchange: "", routingKey: WireNames.registryStream, body: Data(),
-            properties: AMQPProperties(deliveryMode: 2, messageID: probe, type: "choreo.registry.probe")))
+        try await channel.publish(
+            AMQPOutgoingMessage(
+                exchange: "", routingKey: WireNames.registryStream, body: Data(),
+                properties: AMQPProperties(deliveryMode: 2, messageID: probe, type: "choreo.registry.probe")))
         let reader = try await connection.openChannel()
         defer { Task { await reader.close() } }
         let consumer = try await reader.consumeStream(queue: WireNames.registryStream, from: .first, prefetch: 500)
@@ -39,7 +40,8 @@ public struct RegistryReader: Sendable {
             try entry.ack()
             if entry.properties.messageID == probe { break }
             guard entry.properties.type == "choreo.manifest",
-                  let m = try? decoder.decode(HandlerManifest.self, from: entry.body) else { continue }
+                let m = try? decoder.decode(HandlerManifest.self, from: entry.body)
+            else { continue }
             let key = "\(m.service)/\(m.handler)"
             if let seen = latest[key], seen.startedAt > m.startedAt { continue }
             latest[key] = m

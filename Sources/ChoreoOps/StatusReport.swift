@@ -30,7 +30,8 @@ public struct StatusReport: Sendable {
         let channel = try await connection.openChannel()
         defer { Task { await channel.close() } }
         for m in manifests {
-            var s = HandlerStatus(service: m.service, handler: m.handler, queue: m.queue, lastSeen: m.startedAt, host: m.host)
+            var s = HandlerStatus(
+                service: m.service, handler: m.handler, queue: m.queue, lastSeen: m.startedAt, host: m.host)
             do {
                 let main = try await channel.declareQueuePassive(m.queue)
                 s.ready = main.messageCount

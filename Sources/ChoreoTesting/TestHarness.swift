@@ -72,9 +72,12 @@ public actor TestHarness {
 
     /// Publishes an event to every handler subscribed to its type. Returns its id.
     @discardableResult
-    public func publish<E: Event>(_ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
-                                  idempotencyKey: String? = nil) throws -> String {
-        let envelope = try EventEnvelope(event, source: "test", id: id, correlationID: correlationID, idempotencyKey: idempotencyKey)
+    public func publish<E: Event>(
+        _ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
+        idempotencyKey: String? = nil
+    ) throws -> String {
+        let envelope = try EventEnvelope(
+            event, source: "test", id: id, correlationID: correlationID, idempotencyKey: idempotencyKey)
         route(envelope)
         return envelope.id
     }
@@ -140,36 +143,43 @@ public actor TestHarness {
         do throws(EnvelopeDecodingError) {
             envelope = try EnvelopeCodec.decode(body: m.body, properties: m.properties)
         } catch {
-            deadLetters.append(DeadLetter(handler: h.name, eventID: m.properties.messageID, body: m.body,
-                                          errorType: "EnvelopeDecodingError", errorMessage: error.reason, attempts: m.attempt))
+            deadLetters.append(
+                DeadLetter(
+                    handler: h.name, eventID: m.properties.messageID, body: m.body,
+                    errorType: "EnvelopeDecodingError", errorMessage: error.reason, attempts: m.attempt))
             return
         }
         let prepared: HandlerDescriptor.Prepared
         do throws(EventRejection) {
             prepared = try h.prepare(envelope)
         } catch {
-            deadLetters.append(DeadLetter(handler: h.name, eventID: envelope.id, body: m.body, errorType: error.errorType,
-                                          errorMessage: error.message, attempts: m.attempt))
+            deadLetters.append(
+                DeadLetter(
+                    handler: h.name, eventID: envelope.id, body: m.body, errorType: error.errorType,
+                    errorMessage: error.message, attempts: m.attempt))
             return
         }
         let key = prepared.key ?? envelope.idempotencyKey ?? envelope.id
         let owner = "harness/\(UUID().uuidString)"
-        guard let claim = try? await ledger.claim(handler: h.name, key: key, owner: owner, lease: .seconds(60)) else { return }
+        guard let claim = try? await ledger.claim(handler: h.name, key: key, owner: owner, lease: .seconds(60)) else {
+            return
+        }
         switch claim {
         case .completed(let unpublished):
             for o in unpublished { emitted.append(o.envelope); route(o.envelope) }
             try? await ledger.markPublished(handler: h.name, key: key, indexes: unpublished.map(\.index))
             return
         case .heldElsewhere:
-            return // cannot happen here: the harness runs one message at a time
+            return  // cannot happen here: the harness runs one message at a time
         case .claimed:
             break
         }
         var logger = Logger(label: "choreo.testing")
         logger[metadataKey: "event.id"] = "\(envelope.id)"
-        let context = HandlerContext(envelope: envelope, attempt: m.attempt, idempotencyKey: key, logger: logger,
-                                     handlerName: h.name, source: "choreo://\(service)/\(h.name)",
-                                     exchange: WireNames.defaultExchange, allowedTypes: Set(h.emitTypes))
+        let context = HandlerContext(
+            envelope: envelope, attempt: m.attempt, idempotencyKey: key, logger: logger,
+            handlerName: h.name, source: "choreo://\(service)/\(h.name)",
+            exchange: WireNames.defaultExchange, allowedTypes: Set(h.emitTypes))
         invocationCounts[h.name, default: 0] += 1
         do {
             try await prepared.run(context)
@@ -180,17 +190,25 @@ public actor TestHarness {
                 var next = m
                 next.attempt += 1
                 retryMessages.append((now + delay, next))
-                pendingRetries.append(ScheduledRetry(handler: h.name, eventID: envelope.id, attempt: next.attempt, delay: delay,
-                                                     dueAt: now + delay))
+                pendingRetries.append(
+                    ScheduledRetry(
+                        handler: h.name, eventID: envelope.id, attempt: next.attempt, delay: delay,
+                        dueAt: now + delay))
             } else {
-                let type = (error as? NonRetryable).map { String(describing: Swift.type(of: $0.underlying)) }
+                let type =
+                    (error as? NonRetryable).map { String(describing: Swift.type(of: $0.underlying)) }
                     ?? String(describing: Swift.type(of: error))
-                deadLetters.append(DeadLetter(handler: h.name, eventID: envelope.id, body: m.body, errorType: type,
-                                              errorMessage: String(describing: error), attempts: m.attempt))
+                deadLetters.append(
+                    DeadLetter(
+                        handler: h.name, eventID: envelope.id, body: m.body, errorType: type,
+                        errorMessage: String(describing: error), attempts: m.attempt))
             }
             return
         }
-        guard let completion = try? await ledger.complete(handler: h.name, key: key, owner: owner, outbox: context.emitted) else { return }
+        guard
+            let completion = try? await ledger.complete(
+                handler: h.name, key: key, owner: owner, outbox: context.emitted)
+        else { return }
         let outbox: [OutboxMessage]
         switch completion {
         case .committed: outbox = context.emitted

@@ -20,8 +20,10 @@ struct ChoreoCommand: AsyncParsableCommand {
 
 /// Options every command that talks to the broker shares.
 struct ConnectionOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Broker URL, amqp://user:password@host:port/vhost (default: CHOREO_URL, else amqp://guest:guest@127.0.0.1:5672/).",
-                               valueName: "url"))
+    @Option(
+        help: ArgumentHelp(
+            "Broker URL, amqp://user:password@host:port/vhost (default: CHOREO_URL, else amqp://guest:guest@127.0.0.1:5672/).",
+            valueName: "url"))
     var url: String?
 
     var resolvedURL: String {
@@ -30,7 +32,9 @@ struct ConnectionOptions: ParsableArguments {
 
     func connect() async throws -> AMQPConnection {
         let config: AMQPConfiguration
-        do { config = try AMQPConfiguration(url: resolvedURL) } catch { throw ValidationError("--url: \((error as? AMQPError)?.message ?? "\(error)")") }
+        do { config = try AMQPConfiguration(url: resolvedURL) } catch {
+            throw ValidationError("--url: \((error as? AMQPError)?.message ?? "\(error)")")
+        }
         var named = config
         named.connectionName = "choreo cli"
         named.connectTimeout = .seconds(5)
@@ -42,7 +46,9 @@ struct ConnectionOptions: ParsableArguments {
             return connection
         } catch {
             if error.code == .authenticationFailed {
-                throw OperationError("cannot log in to \(config): the broker refused user '\(config.username)' (check the user name and password)")
+                throw OperationError(
+                    "cannot log in to \(config): the broker refused user '\(config.username)' (check the user name and password)"
+                )
             }
             throw OperationError("cannot reach the broker at \(config): \(error.message)")
         }
@@ -71,7 +77,8 @@ struct FilterOptions: ParsableArguments {
             since = d
         }
         if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
-        return DeadLetterFilter(handler: handler, ids: Set(ids), type: type, errorText: error, since: since, limit: limit)
+        return DeadLetterFilter(
+            handler: handler, ids: Set(ids), type: type, errorText: error, since: since, limit: limit)
     }
 
     static func parseSince(_ text: String, now: Date = Date()) -> Date? {
@@ -96,7 +103,9 @@ final class OpenConnections: Sendable {
     private let list = Mutex<[AMQPConnection]>([])
     func add(_ c: AMQPConnection) { list.withLock { $0.append(c) } }
     func closeAll() async {
-        for c in list.withLock({ l in defer { l = [] }; return l }) { await c.close() }
+        for c in list.withLock({ l in
+            defer { l = [] }; return l
+        }) { await c.close() }
     }
 }
 
@@ -109,8 +118,10 @@ func printError(_ text: String) {
 func table(_ header: [String], _ rows: [[String]]) -> String {
     let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
     func line(_ cells: [String]) -> String {
-        cells.enumerated().map { i, c in i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
-            .joined(separator: "  ")
+        cells.enumerated().map { i, c in
+            i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+        }
+        .joined(separator: "  ")
     }
     return ([line(header)] + rows.map(line)).joined(separator: "\n")
 }

@@ -23,7 +23,9 @@ struct DLQ: AsyncParsableCommand {
     }
 
     static func row(_ l: DeadLetter) -> Row {
-        Row(id: l.id, type: l.type, service: l.service, handler: l.handler, errorType: l.errorType, error: l.errorMessage,
+        Row(
+            id: l.id, type: l.type, service: l.service, handler: l.handler, errorType: l.errorType,
+            error: l.errorMessage,
             attempts: l.attempts, firstFailure: l.firstFailure, lastFailure: l.lastFailure)
     }
 
@@ -37,7 +39,7 @@ struct DLQ: AsyncParsableCommand {
         func run() async throws {
             let filter = try filters.filter()
             let store = try await DLQ.store(connection)
-                let letters = try await store.list(filter)
+            let letters = try await store.list(filter)
             if json {
                 for l in letters { print(try jsonLine(DLQ.row(l))) }
                 return
@@ -46,17 +48,24 @@ struct DLQ: AsyncParsableCommand {
                 print("no dead letters")
                 return
             }
-            print(table(["ID", "TYPE", "HANDLER", "ATTEMPTS", "FAILED", "ERROR"], letters.map { l in
-                let error = "\(l.errorType): \(l.errorMessage)"
-                return [l.id, l.type, "\(l.service).\(l.handler)", String(l.attempts), l.lastFailure.map(Timestamps.format) ?? "-",
-                        error.count > 100 ? String(error.prefix(97)) + "..." : error]
-            }))
+            print(
+                table(
+                    ["ID", "TYPE", "HANDLER", "ATTEMPTS", "FAILED", "ERROR"],
+                    letters.map { l in
+                        let error = "\(l.errorType): \(l.errorMessage)"
+                        return [
+                            l.id, l.type, "\(l.service).\(l.handler)", String(l.attempts),
+                            l.lastFailure.map(Timestamps.format) ?? "-",
+                            error.count > 100 ? String(error.prefix(97)) + "..." : error,
+                        ]
+                    }))
             print("\(letters.count) dead letter\(letters.count == 1 ? "" : "s")")
         }
     }
 
     struct Show: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show one dead letter: envelope, headers, failure and body.")
+        static let configuration = CommandConfiguration(
+            abstract: "Show one dead letter: envelope, headers, failure and body.")
         @OptionGroup var connection: ConnectionOptions
         @Argument(help: "The event id.")
         var id: String
@@ -65,7 +74,7 @@ struct DLQ: AsyncParsableCommand {
 
         func run() async throws {
             let store = try await DLQ.store(connection)
-                let l = try await store.show(id: id, handler: handler)
+            let l = try await store.show(id: id, handler: handler)
             var lines = [
                 "id:            \(l.id)",
                 "type:          \(l.type)",
@@ -90,7 +99,9 @@ struct DLQ: AsyncParsableCommand {
 
         static func pretty(_ body: Data) -> String {
             if let object = try? JSONSerialization.jsonObject(with: body, options: [.fragmentsAllowed]),
-               let data = try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .fragmentsAllowed]) {
+                let data = try? JSONSerialization.data(
+                    withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .fragmentsAllowed])
+            {
                 return String(decoding: data, as: UTF8.self)
             }
             if let text = String(validating: body, as: UTF8.self) { return text }
@@ -101,7 +112,9 @@ struct DLQ: AsyncParsableCommand {
     struct Replay: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Send dead letters back to the handler that failed them (its own queue only), then remove them.",
-            discussion: "A letter is removed only after the broker confirmed its replayed copy; an interrupted replay loses nothing, and the handler's ledger drops a copy replayed twice.")
+            discussion:
+                "A letter is removed only after the broker confirmed its replayed copy; an interrupted replay loses nothing, and the handler's ledger drops a copy replayed twice."
+        )
         @OptionGroup var connection: ConnectionOptions
         @Option(name: .customLong("id"), help: "Replay this event id (repeatable).")
         var ids: [String] = []
@@ -121,10 +134,11 @@ struct DLQ: AsyncParsableCommand {
         func run() async throws {
             let filter = try filters.filter(ids: ids)
             let store = try await DLQ.store(connection)
-                let interactive = isTerminal(2)
+            let interactive = isTerminal(2)
             let summary = try await store.replay(filter, dryRun: dryRun, rate: rate) { done, total in
                 if interactive || done == total || done % 1000 == 0 {
-                    FileHandle.standardError.write(Data("\(interactive ? "\r" : "")replayed \(done)/\(total)\(interactive ? "" : "\n")".utf8))
+                    FileHandle.standardError.write(
+                        Data("\(interactive ? "\r" : "")replayed \(done)/\(total)\(interactive ? "" : "\n")".utf8))
                 }
             }
             if interactive { printError("") }
@@ -135,12 +149,16 @@ struct DLQ: AsyncParsableCommand {
                 }
             }
             for f in summary.failures { printError("failed: \(f)") }
-            print("\(dryRun ? "would replay" : "replayed") \(summary.replayed), skipped \(summary.skipped), failed \(summary.failed)")
+            print(
+                "\(dryRun ? "would replay" : "replayed") \(summary.replayed), skipped \(summary.skipped), failed \(summary.failed)"
+            )
             if summary.failed > 0 { throw ExitCode(1) }
         }
 
         /// Ids that were found (replayed); a requested id that matched nothing is reported as unknown.
-        private func replayedIDs(_ summary: DeadLetterStore.ReplaySummary, store: DeadLetterStore, filter: DeadLetterFilter) async throws -> [String] {
+        private func replayedIDs(
+            _ summary: DeadLetterStore.ReplaySummary, store: DeadLetterStore, filter: DeadLetterFilter
+        ) async throws -> [String] {
             summary.replayed > 0 ? ids : []
         }
     }
@@ -166,23 +184,27 @@ struct DLQ: AsyncParsableCommand {
         func run() async throws {
             let filter = try filters.filter(ids: ids)
             let store = try await DLQ.store(connection)
-                if !yes {
+            if !yes {
                 let count = try await store.list(filter).count
                 if count == 0 { print("no dead letters match"); return }
-                FileHandle.standardOutput.write(Data("Delete \(count) dead letter\(count == 1 ? "" : "s") for good? [y/N] ".utf8))
+                FileHandle.standardOutput.write(
+                    Data("Delete \(count) dead letter\(count == 1 ? "" : "s") for good? [y/N] ".utf8))
                 guard let answer = readLine(), ["y", "yes"].contains(answer.lowercased()) else {
                     print("nothing deleted")
                     return
                 }
             }
             let removed = try await store.purge(filter)
-            if removed == 0 && !ids.isEmpty { throw OperationError("no dead letter with id '\(ids.joined(separator: "', '"))'") }
+            if removed == 0 && !ids.isEmpty {
+                throw OperationError("no dead letter with id '\(ids.joined(separator: "', '"))'")
+            }
             print("purged \(removed)")
         }
     }
 
     struct Export: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write dead letters as JSON lines (nothing is removed).")
+        static let configuration = CommandConfiguration(
+            abstract: "Write dead letters as JSON lines (nothing is removed).")
         @OptionGroup var connection: ConnectionOptions
         @Option(help: "The file to write.")
         var out: String
@@ -191,13 +213,14 @@ struct DLQ: AsyncParsableCommand {
         func run() async throws {
             let filter = try filters.filter()
             let store = try await DLQ.store(connection)
-                let n = try await store.export(filter, to: URL(fileURLWithPath: out))
+            let n = try await store.export(filter, to: URL(fileURLWithPath: out))
             print("exported \(n) to \(out)")
         }
     }
 
     struct Import: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Restore exported dead letters into their dead-letter queues.")
+        static let configuration = CommandConfiguration(
+            abstract: "Restore exported dead letters into their dead-letter queues.")
         @OptionGroup var connection: ConnectionOptions
         @Argument(help: "A file written by `choreo dlq export`.")
         var file: String
@@ -208,7 +231,7 @@ struct DLQ: AsyncParsableCommand {
 
         func run() async throws {
             let store = try await DLQ.store(connection)
-                let n = try await store.importLetters(from: URL(fileURLWithPath: file))
+            let n = try await store.importLetters(from: URL(fileURLWithPath: file))
             print("imported \(n)")
         }
     }

@@ -4,7 +4,8 @@ import Foundation
 
 struct Graph: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "The choreography as the running handlers declared it, with unconsumed and unproduced event types flagged.")
+        abstract:
+            "The choreography as the running handlers declared it, with unconsumed and unproduced event types flagged.")
 
     enum Format: String, ExpressibleByArgument, CaseIterable { case text, mermaid, dot }
 

@@ -26,7 +26,9 @@ struct Publish: AsyncParsableCommand {
     var exchange = WireNames.defaultExchange
 
     func validate() throws {
-        if type.isEmpty || type.contains(" ") { throw ValidationError("the event type must be a non-empty word such as order.placed") }
+        if type.isEmpty || type.contains(" ") {
+            throw ValidationError("the event type must be a non-empty word such as order.placed")
+        }
         if dataVersion < 1 { throw ValidationError("--data-version must be at least 1") }
     }
 
@@ -34,7 +36,9 @@ struct Publish: AsyncParsableCommand {
         var bytes: Data
         if data.hasPrefix("@") {
             let path = String(data.dropFirst())
-            guard let d = FileManager.default.contents(atPath: path) else { throw ValidationError("cannot read --data file '\(path)'") }
+            guard let d = FileManager.default.contents(atPath: path) else {
+                throw ValidationError("cannot read --data file '\(path)'")
+            }
             bytes = d
         } else {
             bytes = Data(data.utf8)
@@ -43,8 +47,9 @@ struct Publish: AsyncParsableCommand {
             throw ValidationError("--data is not valid JSON")
         }
         let eventID = id ?? UUID().uuidString.lowercased()
-        let envelope = EventEnvelope(id: eventID, source: source, type: type, dataVersion: dataVersion,
-                                     correlationID: correlationId ?? eventID, idempotencyKey: key, data: bytes)
+        let envelope = EventEnvelope(
+            id: eventID, source: source, type: type, dataVersion: dataVersion,
+            correlationID: correlationId ?? eventID, idempotencyKey: key, data: bytes)
         let amqp = try await connection.connect()
         let channel = try await amqp.openChannel()
         try await channel.enableConfirms()
@@ -55,7 +60,9 @@ struct Publish: AsyncParsableCommand {
             try await channel.publish(message)
         } catch {
             if error.code == .unroutable {
-                throw OperationError("no handler consumes '\(type)': no queue is bound to it on exchange '\(exchange)', so the event was not published")
+                throw OperationError(
+                    "no handler consumes '\(type)': no queue is bound to it on exchange '\(exchange)', so the event was not published"
+                )
             }
             throw error
         }

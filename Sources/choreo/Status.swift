@@ -24,9 +24,15 @@ struct Status: AsyncParsableCommand {
             return
         }
         func n(_ v: UInt32?) -> String { v.map(String.init) ?? "-" }
-        print(table(["SERVICE", "HANDLER", "READY", "CONSUMERS", "RETRYING", "DEAD", "LAST SEEN", "HOST"], statuses.map { s in
-            [s.service, s.handler, n(s.ready), n(s.consumers), n(s.retrying), n(s.deadLetters), Timestamps.format(s.lastSeen),
-             s.problem.map { "\(s.host) (\($0))" } ?? s.host]
-        }))
+        print(
+            table(
+                ["SERVICE", "HANDLER", "READY", "CONSUMERS", "RETRYING", "DEAD", "LAST SEEN", "HOST"],
+                statuses.map { s in
+                    [
+                        s.service, s.handler, n(s.ready), n(s.consumers), n(s.retrying), n(s.deadLetters),
+                        Timestamps.format(s.lastSeen),
+                        s.problem.map { "\(s.host) (\($0))" } ?? s.host,
+                    ]
+                }))
     }
 }

@@ -1,5 +1,6 @@
-@testable import ChoreoAMQP
 import Testing
+
+@testable import ChoreoAMQP
 
 @Suite("Ack coalescing state machine")
 struct AckCoalescerTests {
@@ -20,11 +21,17 @@ struct AckCoalescerTests {
     @Test("acks past a gap go out singly and are never repeated by a later multiple ack")
     func gapsAreSentSingly() {
         var c = delivered(1...5)
-        #expect(c.settle([.init(deliveryTag: 2, multiple: false, kind: .ack), .init(deliveryTag: 4, multiple: false, kind: .ack)])
-            == [.ack(deliveryTag: 2, multiple: false), .ack(deliveryTag: 4, multiple: false)])
+        #expect(
+            c.settle([
+                .init(deliveryTag: 2, multiple: false, kind: .ack), .init(deliveryTag: 4, multiple: false, kind: .ack),
+            ])
+                == [.ack(deliveryTag: 2, multiple: false), .ack(deliveryTag: 4, multiple: false)])
         #expect(c.outstanding == [1, 3, 5])
-        #expect(c.settle([.init(deliveryTag: 1, multiple: false, kind: .ack), .init(deliveryTag: 3, multiple: false, kind: .ack)])
-            == [.ack(deliveryTag: 3, multiple: true)])
+        #expect(
+            c.settle([
+                .init(deliveryTag: 1, multiple: false, kind: .ack), .init(deliveryTag: 3, multiple: false, kind: .ack),
+            ])
+                == [.ack(deliveryTag: 3, multiple: true)])
         #expect(c.outstanding == [5])
     }
 
@@ -36,16 +43,22 @@ struct AckCoalescerTests {
             .init(deliveryTag: 2, multiple: false, kind: .nack(requeue: false)),
             .init(deliveryTag: 3, multiple: false, kind: .reject(requeue: true)),
         ])
-        #expect(frames == [.ack(deliveryTag: 1, multiple: false), .nack(deliveryTag: 2, multiple: false, requeue: false),
-                           .reject(deliveryTag: 3, requeue: true)])
+        #expect(
+            frames == [
+                .ack(deliveryTag: 1, multiple: false), .nack(deliveryTag: 2, multiple: false, requeue: false),
+                .reject(deliveryTag: 3, requeue: true),
+            ])
         #expect(c.outstanding.isEmpty)
     }
 
     @Test("double settlement and unknown tags are dropped instead of costing the channel a 406")
     func unknownTagsDropped() {
         var c = delivered(1...2)
-        #expect(c.settle([.init(deliveryTag: 1, multiple: false, kind: .ack), .init(deliveryTag: 1, multiple: false, kind: .ack),
-                          .init(deliveryTag: 9, multiple: false, kind: .ack)]) == [.ack(deliveryTag: 1, multiple: false)])
+        #expect(
+            c.settle([
+                .init(deliveryTag: 1, multiple: false, kind: .ack), .init(deliveryTag: 1, multiple: false, kind: .ack),
+                .init(deliveryTag: 9, multiple: false, kind: .ack),
+            ]) == [.ack(deliveryTag: 1, multiple: false)])
         #expect(c.settle([.init(deliveryTag: 1, multiple: false, kind: .reject(requeue: false))]).isEmpty)
         #expect(c.outstanding == [2])
     }

@@ -28,7 +28,8 @@ struct BrokerIntegrationTests {
             contentType: "application/octet-stream", contentEncoding: "identity", headers: headers, deliveryMode: 2,
             priority: 3, correlationID: "corr-1", replyTo: "nowhere", expiration: "60000", messageID: "msg-1",
             timestamp: 1_764_000_001, type: "test.type", appID: "choreo-tests")
-        try await channel.publish(AMQPOutgoingMessage(exchange: "", routingKey: queue, body: body, properties: properties))
+        try await channel.publish(
+            AMQPOutgoingMessage(exchange: "", routingKey: queue, body: body, properties: properties))
 
         let consumer = try await channel.consume(queue: queue)
         var iterator = consumer.makeAsyncIterator()
@@ -70,19 +71,25 @@ struct BrokerIntegrationTests {
         try await channel.declareExchange(exchange, type: .topic, durable: false, autoDelete: false)
         defer { Task { try? await channel.deleteExchange(exchange) } }
 
-        let message = AMQPOutgoingMessage(exchange: exchange, routingKey: "nobody.listens", body: Data("x".utf8),
-                                          mandatory: true)
+        let message = AMQPOutgoingMessage(
+            exchange: exchange, routingKey: "nobody.listens", body: Data("x".utf8),
+            mandatory: true)
         let error = await #expect(throws: AMQPError.self) { try await channel.publish(message) }
         #expect(error?.code == .unroutable)
         #expect(error?.replyCode == AMQPError.ReplyCode.noRoute)
-        #expect(error?.description == "basic.publish to exchange '\(exchange)' with routing key 'nobody.listens' failed: 312 NO_ROUTE: no queue is bound for it")
+        #expect(
+            error?.description
+                == "basic.publish to exchange '\(exchange)' with routing key 'nobody.listens' failed: 312 NO_ROUTE: no queue is bound for it"
+        )
 
         // The same channel goes on: a routable mandatory publish is confirmed.
         let queue = TestBroker.uniqueName("bound")
         try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
         try await channel.bindQueue(queue, exchange: exchange, routingKey: "somebody.listens")
-        try await channel.publish(AMQPOutgoingMessage(exchange: exchange, routingKey: "somebody.listens",
-                                                      body: Data("y".utf8), mandatory: true))
+        try await channel.publish(
+            AMQPOutgoingMessage(
+                exchange: exchange, routingKey: "somebody.listens",
+                body: Data("y".utf8), mandatory: true))
     }
 
     @Test("nack without requeue and reject reach the dead-letter exchange")
@@ -161,12 +168,17 @@ struct BrokerIntegrationTests {
         }
         #expect(error?.code == .channelClosed)
         #expect(error?.replyCode == AMQPError.ReplyCode.preconditionFailed)
-        #expect(error?.description.hasPrefix("queue.declare '\(queue)' failed: 406 PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit'") == true)
+        #expect(
+            error?.description.hasPrefix(
+                "queue.declare '\(queue)' failed: 406 PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit'")
+                == true)
         #expect(connection.isOpen)
         // The same channel object reopens on its next use.
         let info = try await channel.declareQueue(queue, options: .quorum(deliveryLimit: 5))
         #expect(info.name == queue)
-        let missing = await #expect(throws: AMQPError.self) { try await channel.declareQueuePassive(queue + ".missing") }
+        let missing = await #expect(throws: AMQPError.self) {
+            try await channel.declareQueuePassive(queue + ".missing")
+        }
         #expect(missing?.replyCode == AMQPError.ReplyCode.notFound)
         #expect(try await channel.declareQueuePassive(queue).messageCount == 0)
     }
@@ -177,14 +189,17 @@ struct BrokerIntegrationTests {
         config.password = "not-the-password"
         let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
         #expect(error?.code == .authenticationFailed)
-        #expect(error?.description == "log in to amqp://\(config.username)@\(config.address)/ failed: 403 ACCESS_REFUSED: the broker refused user '\(config.username)' (wrong user name or password)")
+        #expect(
+            error?.description
+                == "log in to amqp://\(config.username)@\(config.address)/ failed: 403 ACCESS_REFUSED: the broker refused user '\(config.username)' (wrong user name or password)"
+        )
         #expect(error?.description.contains("not-the-password") == false)
     }
 
     @Test("a closed port gives a connection error within a bounded time")
     func closedPort() async throws {
         var config = try TestBroker.configuration
-        config.port = 1 // nothing listens on port 1 here
+        config.port = 1  // nothing listens on port 1 here
         config.connectTimeout = .seconds(3)
         let started = ContinuousClock.now
         let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
@@ -261,9 +276,10 @@ struct BrokerIntegrationTests {
                         // Bodies of different sizes, some spanning several frames, so interleaving would corrupt them.
                         let size = (t * 7919 + i * 104_729) % 300_000
                         let body = Data(repeating: UInt8(t), count: size) + Data("|\(t)/\(i)".utf8)
-                        try await channel.publish(AMQPOutgoingMessage(
-                            exchange: "", routingKey: queue, body: body,
-                            properties: AMQPProperties(headers: ["task": .int32(Int32(t)), "i": .int32(Int32(i))])))
+                        try await channel.publish(
+                            AMQPOutgoingMessage(
+                                exchange: "", routingKey: queue, body: body,
+                                properties: AMQPProperties(headers: ["task": .int32(Int32(t)), "i": .int32(Int32(i))])))
                     }
                 }
             }
@@ -331,7 +347,8 @@ struct BrokerIntegrationTests {
         #expect(error?.code == .consumerCancelled)
     }
 
-    @Test("a broker-side connection.close (320 CONNECTION_FORCED) ends the connection and its consumers with the reason")
+    @Test(
+        "a broker-side connection.close (320 CONNECTION_FORCED) ends the connection and its consumers with the reason")
     func connectionForced() async throws {
         let connection = try await TestBroker.connect()
         var config = try TestBroker.configuration

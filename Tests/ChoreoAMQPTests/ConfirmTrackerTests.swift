@@ -1,5 +1,6 @@
-@testable import ChoreoAMQP
 import Testing
+
+@testable import ChoreoAMQP
 
 @Suite("Publisher-confirm state machine")
 struct ConfirmTrackerTests {
@@ -21,7 +22,10 @@ struct ConfirmTrackerTests {
         _ = t.published(token: 1, mandatory: false, exchange: "x", routingKey: "a")
         _ = t.published(token: 2, mandatory: true, exchange: "x", routingKey: "b")
         t.returned(exchange: "x", routingKey: "b", replyCode: 312, replyText: "NO_ROUTE")
-        #expect(t.acked(deliveryTag: 2, multiple: false) == [.init(token: 2, outcome: .returned(replyCode: 312, replyText: "NO_ROUTE"))])
+        #expect(
+            t.acked(deliveryTag: 2, multiple: false) == [
+                .init(token: 2, outcome: .returned(replyCode: 312, replyText: "NO_ROUTE"))
+            ])
         #expect(t.acked(deliveryTag: 1, multiple: false) == [.init(token: 1, outcome: .confirmed)])
     }
 

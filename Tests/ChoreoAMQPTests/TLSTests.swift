@@ -40,8 +40,11 @@ struct TLSTests {
     @Test("a server whose CA is not trusted is refused")
     func untrustedCA() async throws {
         // The system's CA bundle does not know the test broker's throw-away CA.
-        let bundle = ["/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem"].first { FileManager.default.fileExists(atPath: $0) }
-        let config = try AMQPConfiguration(url: "amqps://guest:guest@localhost:\(Self.port)/" + (bundle.map { "?cacertfile=\($0)" } ?? ""))
+        let bundle = ["/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem"].first {
+            FileManager.default.fileExists(atPath: $0)
+        }
+        let config = try AMQPConfiguration(
+            url: "amqps://guest:guest@localhost:\(Self.port)/" + (bundle.map { "?cacertfile=\($0)" } ?? ""))
         let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
         #expect(error?.code == .connectionFailed)
         #expect(error?.message.hasPrefix("TLS handshake failed") == true, "\(String(describing: error))")

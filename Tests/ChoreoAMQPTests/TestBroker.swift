@@ -18,14 +18,16 @@ enum TestBroker {
         do {
             return try await AMQPConnection.connect(to: config)
         } catch {
-            Issue.record("the test broker at \(config) is not reachable (run scripts/test.sh, which starts it): \(error)")
+            Issue.record(
+                "the test broker at \(config) is not reachable (run scripts/test.sh, which starts it): \(error)")
             throw error
         }
     }
 
     /// Runs `rabbitmqctl` against the test broker through scripts/broker.sh.
     static func ctl(_ args: String...) throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
         let p = Process()
         p.executableURL = root.appendingPathComponent("scripts/broker.sh")
         p.arguments = ["ctl", ProcessInfo.processInfo.environment["CHOREO_TEST_BROKER_NAME"] ?? "choreo-test"] + args
@@ -34,7 +36,8 @@ enum TestBroker {
         try p.run()
         p.waitUntilExit()
         guard p.terminationStatus == 0 else {
-            throw AMQPError(.protocolFailure, message: "exit \(p.terminationStatus)", operation: "broker.sh ctl \(args)")
+            throw AMQPError(
+                .protocolFailure, message: "exit \(p.terminationStatus)", operation: "broker.sh ctl \(args)")
         }
     }
 
@@ -45,13 +48,16 @@ enum TestBroker {
 
 extension AMQPOutgoingMessage {
     static func toQueue(_ queue: String, _ text: String, headers: AMQPTable? = nil) -> AMQPOutgoingMessage {
-        AMQPOutgoingMessage(exchange: "", routingKey: queue, body: Data(text.utf8),
-                            properties: AMQPProperties(headers: headers, deliveryMode: 2))
+        AMQPOutgoingMessage(
+            exchange: "", routingKey: queue, body: Data(text.utf8),
+            properties: AMQPProperties(headers: headers, deliveryMode: 2))
     }
 }
 
 /// Takes the next delivery or fails the test after a generous bound instead of hanging.
-func nextDelivery(_ iterator: inout AMQPConsumer.AsyncIterator, within seconds: Double = 10) async throws -> AMQPDelivery {
+func nextDelivery(_ iterator: inout AMQPConsumer.AsyncIterator, within seconds: Double = 10) async throws
+    -> AMQPDelivery
+{
     let box = IteratorBox(iterator)
     let delivery = try await withThrowingTaskGroup(of: AMQPDelivery?.self) { group in
         group.addTask { try await box.next() }

@@ -28,7 +28,11 @@ private struct Flaky: Error {}
 
 private final class Counter: Sendable {
     let value = Mutex(0)
-    func next() -> Int { value.withLock { $0 += 1; return $0 } }
+    func next() -> Int {
+        value.withLock {
+            $0 += 1; return $0
+        }
+    }
 }
 
 private struct Reserve: EventHandler {
@@ -52,7 +56,9 @@ private struct Upcasting: EventHandler {
     let name = "upcasting"
     var acceptedVersions: Set<Int> { [2] }
     func upcast(_ data: Data, from version: Int) throws -> Data {
-        guard version == 1 else { throw NonRetryable(UnsupportedVersion(type: OrderPlacedV2.eventType, version: version, accepted: [2])) }
+        guard version == 1 else {
+            throw NonRetryable(UnsupportedVersion(type: OrderPlacedV2.eventType, version: version, accepted: [2]))
+        }
         var object = try JSONSerialization.jsonObject(with: data) as! [String: Any]
         object["quantity"] = object.removeValue(forKey: "qty")
         return try JSONSerialization.data(withJSONObject: object)
@@ -120,9 +126,14 @@ struct TestHarnessTests {
     @Test("bad input is dead-lettered with a reason")
     func badInput() async throws {
         let harness = TestHarness(handlers: [Reserve(failures: 0)])
-        await harness.publish(raw: Data("{".utf8), properties: AMQPProperties(contentType: "application/json", headers: [
-            "cloudEvents_id": "x", "cloudEvents_type": "order.placed", "cloudEvents_source": "t", "cloudEvents_specversion": "1.0",
-        ]), routingKey: "order.placed")
+        await harness.publish(
+            raw: Data("{".utf8),
+            properties: AMQPProperties(
+                contentType: "application/json",
+                headers: [
+                    "cloudEvents_id": "x", "cloudEvents_type": "order.placed", "cloudEvents_source": "t",
+                    "cloudEvents_specversion": "1.0",
+                ]), routingKey: "order.placed")
         await harness.runUntilIdle()
         #expect(await harness.deadLetters.map(\.errorType) == ["DecodingError"])
         #expect(await harness.deadLetters.first?.errorMessage.hasPrefix("body is not valid JSON") == true)
@@ -132,10 +143,14 @@ struct TestHarnessTests {
     func upcasting() async throws {
         let harness = TestHarness(handlers: [Upcasting()])
         for (id, version) in [("v1", 1), ("v3", 3)] {
-            await harness.publish(raw: Data(#"{"orderID":"A","qty":3}"#.utf8), properties: AMQPProperties(
-                contentType: "application/json",
-                headers: ["cloudEvents_id": .string(id), "cloudEvents_type": "order.placed.v", "cloudEvents_source": "t",
-                          "cloudEvents_dataversion": .string(String(version))]), routingKey: "order.placed.v")
+            await harness.publish(
+                raw: Data(#"{"orderID":"A","qty":3}"#.utf8),
+                properties: AMQPProperties(
+                    contentType: "application/json",
+                    headers: [
+                        "cloudEvents_id": .string(id), "cloudEvents_type": "order.placed.v", "cloudEvents_source": "t",
+                        "cloudEvents_dataversion": .string(String(version)),
+                    ]), routingKey: "order.placed.v")
         }
         await harness.runUntilIdle()
         #expect(await harness.invocations(of: "upcasting") == 1)

@@ -1,21 +1,24 @@
-@testable import Choreo
 import ChoreoAMQP
 import Foundation
 import Testing
+
+@testable import Choreo
 
 @Suite("Crashes, shutdowns and broker restarts lose nothing and double nothing", .serialized, .timeLimit(.minutes(5)))
 struct CrashTests {
     /// Starts the sink and waits until it consumes, so no pong is published before its queue exists.
     private func startSink(_ mesh: Mesh, channel: AMQPChannel) async throws -> ServiceProcess {
         let sink = try mesh.start("sink")
-        let info = await eventually({ try? await channel.declareQueuePassive("choreo.\(mesh.sinkService).sink") },
-                                    until: { ($0?.consumerCount ?? 0) > 0 })
+        let info = await eventually(
+            { try? await channel.declareQueuePassive("choreo.\(mesh.sinkService).sink") },
+            until: { ($0?.consumerCount ?? 0) > 0 })
         try #require((info?.consumerCount ?? 0) > 0, "the sink did not start: \(sink.output)")
         return sink
     }
 
-    @Test("a handler process killed between two protocol steps, then restarted, applies each effect exactly once",
-          arguments: FaultInjection.points)
+    @Test(
+        "a handler process killed between two protocol steps, then restarted, applies each effect exactly once",
+        arguments: FaultInjection.points)
     func crashBetweenSteps(point: String) async throws {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect(declaring: false)
@@ -27,8 +30,9 @@ struct CrashTests {
         let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0) }, on: channel)
 
         let marker = mesh.directory.appendingPathComponent("crashed-\(point)").path
-        let crashing = try mesh.start("ping", concurrency: 1,
-                                      environment: ["CHOREO_FAULT_POINT": point, "CHOREO_FAULT_MARKER": marker])
+        let crashing = try mesh.start(
+            "ping", concurrency: 1,
+            environment: ["CHOREO_FAULT_POINT": point, "CHOREO_FAULT_MARKER": marker])
         #expect(await crashing.waitForExit(seconds: 60), "the handler did not reach \(point)")
         #expect(crashing.process.terminationReason == .uncaughtSignal && crashing.exitStatus == SIGKILL)
         #expect(FileManager.default.fileExists(atPath: marker))
@@ -57,7 +61,7 @@ struct CrashTests {
         let first = try mesh.start("ping")
         let gateway = try mesh.gateway()
         await eventually({ gateway.effects("ping") }, until: { $0 >= 40 })
-        first.terminate() // SIGTERM
+        first.terminate()  // SIGTERM
         #expect(await first.waitForExit(seconds: 30))
         #expect(first.process.terminationReason == .exit && first.exitStatus == 0, "\(first.output)")
         let stoppedAt = gateway.effects("ping")
@@ -67,7 +71,8 @@ struct CrashTests {
         defer { second.terminate() }
         await eventually(within: 60, { gateway.effects("ping") }, until: { $0 >= n })
         #expect(gateway.effectKeys("ping") == Set(ids))
-        #expect(gateway.requests("ping") == n, "in-flight invocations finished and committed before exit: none ran twice")
+        #expect(
+            gateway.requests("ping") == n, "in-flight invocations finished and committed before exit: none ran twice")
     }
 
     @Test("a broker restart mid-stream is survived and the stream completes")

@@ -1,11 +1,13 @@
-@testable import Choreo
 import ChoreoAMQP
 import Foundation
 import Testing
 
+@testable import Choreo
+
 @Suite("Delivery protocol with real handler processes", .serialized, .timeLimit(.minutes(5)))
 struct DeliveryProtocolTests {
-    @Test("events flow through a handler to a downstream handler, each effect once; a duplicate publish gives one effect")
+    @Test(
+        "events flow through a handler to a downstream handler, each effect once; a duplicate publish gives one effect")
     func happyPathAndDuplicate() async throws {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect(declaring: false)
@@ -53,7 +55,8 @@ struct DeliveryProtocolTests {
         let ids = try await mesh.publishPings([Ping(n: 7, failTimes: 99)], on: channel)
         let ping = try mesh.start("ping")
         defer { ping.terminate() }
-        await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 1 })
+        await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 1 })
         let letters = try await peek(queue: mesh.pingQueues.deadLetter, expecting: 1, connection: connection)
         #expect(letters.count == 1)
         let h = letters.first?.properties.headers ?? [:]
@@ -74,7 +77,8 @@ struct DeliveryProtocolTests {
 
     /// Waits until a queue exists and has a consumer.
     private func waitForConsumer(_ queue: String, channel: AMQPChannel) async throws {
-        let info = await eventually({ try? await channel.declareQueuePassive(queue) }, until: { ($0?.consumerCount ?? 0) > 0 })
+        let info = await eventually(
+            { try? await channel.declareQueuePassive(queue) }, until: { ($0?.consumerCount ?? 0) > 0 })
         try #require((info?.consumerCount ?? 0) > 0, "no consumer on \(queue)")
     }
 }

@@ -1,14 +1,16 @@
-@testable import Choreo
 import ChoreoAMQP
 import Foundation
 import Testing
+
+@testable import Choreo
 
 @Suite("CloudEvents envelope over AMQP")
 struct EnvelopeCodecTests {
     @Test("binary mode: attributes as cloudEvents_ headers, id in message_id, type in type, persistent")
     func binaryRoundTrip() throws {
-        var e = try EventEnvelope(Ping(n: 3), source: "choreo://svc/h", id: "id-1", correlationID: "corr", causationID: "cause",
-                                  idempotencyKey: "k-1", subject: "order-9")
+        var e = try EventEnvelope(
+            Ping(n: 3), source: "choreo://svc/h", id: "id-1", correlationID: "corr", causationID: "cause",
+            idempotencyKey: "k-1", subject: "order-9")
         e.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         e.time = Date(timeIntervalSince1970: 1_764_000_000.5)
         let message = EnvelopeCodec.encode(e, exchange: "choreo.events")
@@ -17,24 +19,31 @@ struct EnvelopeCodecTests {
         #expect(message.properties.deliveryMode == 2 && message.properties.contentType == "application/json")
         #expect(message.properties.headers?["cloudEvents_specversion"] == "1.0")
         #expect(message.properties.headers?["cloudEvents_time"] == .string("2025-11-24T16:00:00.500Z"))
-        #expect(message.properties.headers?.values.allSatisfy { $0.stringValue != nil } == true, "flat string headers only")
+        #expect(
+            message.properties.headers?.values.allSatisfy { $0.stringValue != nil } == true, "flat string headers only")
         let decoded = try EnvelopeCodec.decode(body: message.body, properties: message.properties)
         #expect(decoded == e)
     }
 
     @Test("the older cloudEvents: prefix is accepted on input")
     func legacyPrefix() throws {
-        let props = AMQPProperties(contentType: "application/json", headers: [
-            "cloudEvents:id": "x1", "cloudEvents:type": "test.ping", "cloudEvents:source": "other", "cloudEvents:specversion": "1.0",
-        ])
+        let props = AMQPProperties(
+            contentType: "application/json",
+            headers: [
+                "cloudEvents:id": "x1", "cloudEvents:type": "test.ping", "cloudEvents:source": "other",
+                "cloudEvents:specversion": "1.0",
+            ])
         let e = try EnvelopeCodec.decode(body: Data(#"{"n":1}"#.utf8), properties: props)
         #expect(e.id == "x1" && e.type == "test.ping" && e.source == "other")
     }
 
     @Test("structured mode (application/cloudevents+json) is accepted on input")
     func structured() throws {
-        let body = Data(#"{"specversion":"1.0","id":"s1","type":"test.ping","source":"py","correlationid":"c9","data":{"n":5}}"#.utf8)
-        let e = try EnvelopeCodec.decode(body: body, properties: AMQPProperties(contentType: "application/cloudevents+json; charset=utf-8"))
+        let body = Data(
+            #"{"specversion":"1.0","id":"s1","type":"test.ping","source":"py","correlationid":"c9","data":{"n":5}}"#
+                .utf8)
+        let e = try EnvelopeCodec.decode(
+            body: body, properties: AMQPProperties(contentType: "application/cloudevents+json; charset=utf-8"))
         #expect(e.id == "s1" && e.correlationID == "c9" && e.source == "py")
         #expect(try JSONCoding.decoder.decode(Ping.self, from: e.data).n == 5)
     }
@@ -42,15 +51,24 @@ struct EnvelopeCodecTests {
     @Test("bad envelopes give reasons a person can act on")
     func reasons() {
         let e1 = #expect(throws: EnvelopeDecodingError.self) {
-            try EnvelopeCodec.decode(body: Data(), properties: AMQPProperties(headers: ["cloudEvents_id": "a", "cloudEvents_type": "t", "cloudEvents_specversion": "0.3"]))
+            try EnvelopeCodec.decode(
+                body: Data(),
+                properties: AMQPProperties(headers: [
+                    "cloudEvents_id": "a", "cloudEvents_type": "t", "cloudEvents_specversion": "0.3",
+                ]))
         }
         #expect(e1?.reason == "unsupported CloudEvents specversion '0.3', expected 1.0")
         let e2 = #expect(throws: EnvelopeDecodingError.self) {
-            try EnvelopeCodec.decode(body: Data("[1]".utf8), properties: AMQPProperties(contentType: "application/cloudevents+json"))
+            try EnvelopeCodec.decode(
+                body: Data("[1]".utf8), properties: AMQPProperties(contentType: "application/cloudevents+json"))
         }
         #expect(e2?.reason == "structured CloudEvent is not a JSON object")
         let e3 = #expect(throws: EnvelopeDecodingError.self) {
-            try EnvelopeCodec.decode(body: Data(), properties: AMQPProperties(headers: ["cloudEvents_id": "a", "cloudEvents_type": "t", "cloudEvents_dataversion": "two"]))
+            try EnvelopeCodec.decode(
+                body: Data(),
+                properties: AMQPProperties(headers: [
+                    "cloudEvents_id": "a", "cloudEvents_type": "t", "cloudEvents_dataversion": "two",
+                ]))
         }
         #expect(e3?.reason == "attribute 'dataversion' is not a positive integer: 'two'")
     }
@@ -79,31 +97,41 @@ struct EnvelopeCodecTests {
 @Suite("SQLite ledger")
 struct SQLiteLedgerTests {
     private func ledger() throws -> SQLiteLedger {
-        try SQLiteLedger(path: FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite").path)
+        try SQLiteLedger(
+            path: FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+                .path)
     }
 
     private func outbox(_ n: Int) throws -> [OutboxMessage] {
-        try (0..<n).map { OutboxMessage(index: $0, envelope: try EventEnvelope(Pong(n: $0), source: "s", id: "out-\($0)"),
-                                        exchange: "x", routingKey: "test.pong") }
+        try (0..<n).map {
+            OutboxMessage(
+                index: $0, envelope: try EventEnvelope(Pong(n: $0), source: "s", id: "out-\($0)"),
+                exchange: "x", routingKey: "test.pong")
+        }
     }
 
     @Test("claim, complete with outbox, then a duplicate sees the completed key and its unpublished outbox")
     func claimCompleteDuplicate() async throws {
         let l = try ledger()
         #expect(try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
-        guard case .heldElsewhere(let until) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)) else {
+        guard
+            case .heldElsewhere(let until) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
+        else {
             Issue.record("a live lease must hold the key for its owner"); return
         }
         #expect(until > Date())
         let out = try outbox(2)
         #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: out) == .committed)
-        guard case .completed(let pending) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)) else {
+        guard case .completed(let pending) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
+        else {
             Issue.record("expected completed"); return
         }
         #expect(pending.map(\.envelope.id) == ["out-0", "out-1"])
         #expect(pending[1].envelope.data == out[1].envelope.data)
         try await l.markPublished(handler: "h", key: "k", indexes: [0])
-        #expect(try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)) == .completed(unpublished: [pending[1]]))
+        #expect(
+            try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
+                == .completed(unpublished: [pending[1]]))
         // Keys are scoped by handler.
         #expect(try await l.claim(handler: "other", key: "k", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
     }

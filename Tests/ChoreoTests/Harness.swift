@@ -1,12 +1,15 @@
-@testable import Choreo
 import ChoreoAMQP
 import Foundation
 import GRDB
 import Testing
 
+@testable import Choreo
+
 /// The broker the integration tests use (started by scripts/test.sh).
 enum Broker {
-    static var url: String { ProcessInfo.processInfo.environment["CHOREO_TEST_URL"] ?? "amqp://guest:guest@127.0.0.1:5673/" }
+    static var url: String {
+        ProcessInfo.processInfo.environment["CHOREO_TEST_URL"] ?? "amqp://guest:guest@127.0.0.1:5673/"
+    }
     static var nodeName: String { ProcessInfo.processInfo.environment["CHOREO_TEST_BROKER_NAME"] ?? "choreo-test" }
 
     static func connect() async throws -> AMQPConnection {
@@ -17,8 +20,10 @@ enum Broker {
     }
 
     /// Runs the `choreo` CLI binary and returns its exit code, standard output and standard error.
-    static func choreo(_ args: [String], environment extra: [String: String] = [:], stdin: FileHandle? = nil,
-                       timeout: Double = 120) async throws -> (code: Int32, out: String, err: String) {
+    static func choreo(
+        _ args: [String], environment extra: [String: String] = [:], stdin: FileHandle? = nil,
+        timeout: Double = 120
+    ) async throws -> (code: Int32, out: String, err: String) {
         let p = Process()
         p.executableURL = ServiceProcess.productsDirectory.appendingPathComponent("choreo")
         p.arguments = args
@@ -37,15 +42,21 @@ enum Broker {
         try p.run()
         let deadline = ContinuousClock.now + .seconds(timeout)
         while p.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
-        if p.isRunning { kill(p.processIdentifier, SIGKILL); Issue.record("choreo \(args) did not finish in \(timeout) s") }
+        if p.isRunning {
+            kill(p.processIdentifier, SIGKILL); Issue.record("choreo \(args) did not finish in \(timeout) s")
+        }
         p.waitUntilExit()
         let code = p.terminationReason == .uncaughtSignal ? -p.terminationStatus : p.terminationStatus
-        return (code, (try? String(contentsOf: outURL, encoding: .utf8)) ?? "", (try? String(contentsOf: errURL, encoding: .utf8)) ?? "")
+        return (
+            code, (try? String(contentsOf: outURL, encoding: .utf8)) ?? "",
+            (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
+        )
     }
 
     /// Runs `scripts/broker.sh ctl <node> ARGS` (stop_app, start_app).
     static func ctl(_ args: String...) throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
         let p = Process()
         p.executableURL = root.appendingPathComponent("scripts/broker.sh")
         p.arguments = ["ctl", nodeName] + args
@@ -53,7 +64,9 @@ enum Broker {
         p.standardError = FileHandle.nullDevice
         try p.run()
         p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw ConfigurationError("broker.sh ctl \(args) exited \(p.terminationStatus)") }
+        guard p.terminationStatus == 0 else {
+            throw ConfigurationError("broker.sh ctl \(args) exited \(p.terminationStatus)")
+        }
     }
 }
 
@@ -67,15 +80,18 @@ struct Mesh {
     var gatewayPath: String { directory.appendingPathComponent("gateway.sqlite").path }
 
     init() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("choreo-test-\(UUID().uuidString.prefix(8))")
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "choreo-test-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
     }
 
     var pingQueues: WireNames.HandlerQueues { .init(service: pingService, handler: "ping") }
 
     /// Starts the fixture service as a real process.
-    func start(_ role: String, concurrency: Int = 8, arguments: [String] = [],
-               environment extra: [String: String] = [:]) throws -> ServiceProcess {
+    func start(
+        _ role: String, concurrency: Int = 8, arguments: [String] = [],
+        environment extra: [String: String] = [:]
+    ) throws -> ServiceProcess {
         let service = role == "sink" ? sinkService : role == "audit" ? "audit-\(id)" : pingService
         var env = ProcessInfo.processInfo.environment
         env["FIXTURE_ROLE"] = role
@@ -85,10 +101,12 @@ struct Mesh {
         env["CHOREO_LOG_LEVEL"] = "warning"
         for (k, v) in extra { env[k] = v }
         let log = directory.appendingPathComponent("\(role).log")
-        return try ServiceProcess(arguments: [
-            "--url", Broker.url, "--exchange", exchange, "--ledger", directory.appendingPathComponent("\(role).ledger.sqlite").path,
-            "--concurrency", String(concurrency),
-        ] + arguments, environment: env, log: log)
+        return try ServiceProcess(
+            arguments: [
+                "--url", Broker.url, "--exchange", exchange, "--ledger",
+                directory.appendingPathComponent("\(role).ledger.sqlite").path,
+                "--concurrency", String(concurrency),
+            ] + arguments, environment: env, log: log)
     }
 
     /// Publishes test.ping events through the mesh's exchange, with confirms; returns their ids.
@@ -158,20 +176,30 @@ struct GatewayView {
     }
 
     func effects(_ handler: String) -> Int {
-        (try? read { try Int.fetchOne($0, sql: "SELECT count(*) FROM effects WHERE handler = ?", arguments: [handler]) ?? 0 }) ?? 0
+        (try? read {
+            try Int.fetchOne($0, sql: "SELECT count(*) FROM effects WHERE handler = ?", arguments: [handler]) ?? 0
+        }) ?? 0
     }
 
     func requests(_ handler: String) -> Int {
-        (try? read { try Int.fetchOne($0, sql: "SELECT count(*) FROM requests WHERE handler = ?", arguments: [handler]) ?? 0 }) ?? 0
+        (try? read {
+            try Int.fetchOne($0, sql: "SELECT count(*) FROM requests WHERE handler = ?", arguments: [handler]) ?? 0
+        }) ?? 0
     }
 
     func effectKeys(_ handler: String) -> Set<String> {
-        Set((try? read { try String.fetchAll($0, sql: "SELECT key FROM effects WHERE handler = ?", arguments: [handler]) }) ?? [])
+        Set(
+            (try? read {
+                try String.fetchAll($0, sql: "SELECT key FROM effects WHERE handler = ?", arguments: [handler])
+            }) ?? [])
     }
 
     func attempts(_ handler: String, key: String) -> [Int] {
-        (try? read { try Int.fetchAll($0, sql: "SELECT attempt FROM requests WHERE handler = ? AND key = ? ORDER BY attempt",
-                                      arguments: [handler, key]) }) ?? []
+        (try? read {
+            try Int.fetchAll(
+                $0, sql: "SELECT attempt FROM requests WHERE handler = ? AND key = ? ORDER BY attempt",
+                arguments: [handler, key])
+        }) ?? []
     }
 }
 
@@ -221,7 +249,9 @@ final class ServiceProcess: @unchecked Sendable {
 
 /// Polls a condition until it holds or `seconds` pass; returns the last value seen.
 @discardableResult
-func eventually<T>(within seconds: Double = 30, _ what: () async throws -> T, until done: (T) -> Bool) async rethrows -> T {
+func eventually<T>(within seconds: Double = 30, _ what: () async throws -> T, until done: (T) -> Bool) async rethrows
+    -> T
+{
     let deadline = ContinuousClock.now + .seconds(seconds)
     var value = try await what()
     while !done(value) && ContinuousClock.now < deadline {
@@ -232,7 +262,9 @@ func eventually<T>(within seconds: Double = 30, _ what: () async throws -> T, un
 }
 
 /// Reads every message in a queue without removing it (consume, collect, then close the channel to requeue).
-func peek(queue: String, expecting count: Int, connection: AMQPConnection, seconds: Double = 20) async throws -> [AMQPDelivery] {
+func peek(queue: String, expecting count: Int, connection: AMQPConnection, seconds: Double = 20) async throws
+    -> [AMQPDelivery]
+{
     let channel = try await connection.openChannel()
     try await channel.setPrefetch(UInt16(clamping: max(count, 1) + 10))
     let consumer = try await channel.consume(queue: queue)

@@ -8,12 +8,15 @@ import Testing
 /// The sample choreography end to end: each service a real process, against the test broker.
 @Suite("Order fulfillment choreography", .serialized, .timeLimit(.minutes(5)))
 struct OrderFulfillmentTests {
-    static var url: String { ProcessInfo.processInfo.environment["CHOREO_TEST_URL"] ?? "amqp://guest:guest@127.0.0.1:5673/" }
+    static var url: String {
+        ProcessInfo.processInfo.environment["CHOREO_TEST_URL"] ?? "amqp://guest:guest@127.0.0.1:5673/"
+    }
 
     final class Service: @unchecked Sendable {
         let process = Process()
         init(_ name: String, state: URL, exchange: String, environment: [String: String] = [:]) throws {
-            let products = Bundle.allBundles.first { $0.bundlePath.hasSuffix(".xctest") }?.bundleURL.deletingLastPathComponent()
+            let products =
+                Bundle.allBundles.first { $0.bundlePath.hasSuffix(".xctest") }?.bundleURL.deletingLastPathComponent()
                 ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
             process.executableURL = products.appendingPathComponent(name)
             process.arguments = ["--url", OrderFulfillmentTests.url, "--exchange", exchange]
@@ -23,7 +26,9 @@ struct OrderFulfillmentTests {
             for (k, v) in environment { env[k] = v }
             process.environment = env
             let log = state.appendingPathComponent("\(name).log")
-            if !FileManager.default.fileExists(atPath: log.path) { FileManager.default.createFile(atPath: log.path, contents: nil) }
+            if !FileManager.default.fileExists(atPath: log.path) {
+                FileManager.default.createFile(atPath: log.path, contents: nil)
+            }
             let handle = try FileHandle(forWritingTo: log)
             handle.seekToEndOfFile()
             process.standardOutput = handle
@@ -40,10 +45,32 @@ struct OrderFulfillmentTests {
     static func order(_ i: Int) -> (Kind, OrderPlaced) {
         let id = "t-\(i)"
         switch i % 4 {
-        case 0: return (.fulfilledWidgets, OrderPlaced(orderID: id, customer: "c\(i)", sku: "widget", quantity: 2, amountCents: 2500, address: "1 Main St"))
-        case 1: return (.outOfStock, OrderPlaced(orderID: id, customer: "c\(i)", sku: "gadget", quantity: 50, amountCents: 5000, address: "1 Main St"))
-        case 2: return (.declined, OrderPlaced(orderID: id, customer: "c\(i)", sku: "gizmo", quantity: 3, amountCents: 99_900, address: "1 Main St"))
-        default: return (.fulfilledGizmo, OrderPlaced(orderID: id, customer: "c\(i)", sku: "gizmo", quantity: 1, amountCents: 1000, address: "1 Main St"))
+        case 0:
+            return (
+                .fulfilledWidgets,
+                OrderPlaced(
+                    orderID: id, customer: "c\(i)", sku: "widget", quantity: 2, amountCents: 2500, address: "1 Main St")
+            )
+        case 1:
+            return (
+                .outOfStock,
+                OrderPlaced(
+                    orderID: id, customer: "c\(i)", sku: "gadget", quantity: 50, amountCents: 5000, address: "1 Main St"
+                )
+            )
+        case 2:
+            return (
+                .declined,
+                OrderPlaced(
+                    orderID: id, customer: "c\(i)", sku: "gizmo", quantity: 3, amountCents: 99_900, address: "1 Main St"
+                )
+            )
+        default:
+            return (
+                .fulfilledGizmo,
+                OrderPlaced(
+                    orderID: id, customer: "c\(i)", sku: "gizmo", quantity: 1, amountCents: 1000, address: "1 Main St")
+            )
         }
     }
 
@@ -53,7 +80,8 @@ struct OrderFulfillmentTests {
 
     @Test("500 orders of four kinds reach the right outcome while payment is killed with SIGKILL and restarted")
     func fiveHundredOrdersWithPaymentKilled() async throws {
-        let state = FileManager.default.temporaryDirectory.appendingPathComponent("orders-\(UUID().uuidString.prefix(8))")
+        let state = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "orders-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: state, withIntermediateDirectories: true)
         let exchange = "test.orders.\(UUID().uuidString.prefix(8))"
         var services: [String: Service] = [:]
@@ -66,11 +94,15 @@ struct OrderFulfillmentTests {
         let connection = try await AMQPConnection.connect(to: try AMQPConfiguration(url: Self.url))
         defer { Task { await connection.close() } }
         let channel = try await connection.openChannel()
-        let queues = ["inventory.reserve-stock", "inventory.release-stock", "payment.charge-payment", "shipping.schedule-shipment",
-                      "notifications.notify-shipped", "order-service.track-shipped"].map { "choreo.\($0)" }
+        let queues = [
+            "inventory.reserve-stock", "inventory.release-stock", "payment.charge-payment",
+            "shipping.schedule-shipment",
+            "notifications.notify-shipped", "order-service.track-shipped",
+        ].map { "choreo.\($0)" }
         let deadline = ContinuousClock.now + .seconds(60)
         for q in queues {
-            while (try? await channel.declareQueuePassive(q))?.consumerCount ?? 0 == 0 && ContinuousClock.now < deadline {
+            while (try? await channel.declareQueuePassive(q))?.consumerCount ?? 0 == 0 && ContinuousClock.now < deadline
+            {
                 try await Task.sleep(for: .milliseconds(100))
             }
         }
@@ -78,9 +110,10 @@ struct OrderFulfillmentTests {
         let n = 500
         let publisher = try await EventPublisher.connect(url: Self.url, exchange: exchange, source: "test")
         for start in stride(from: 0, to: n, by: 50) {
-            try await publisher.publish(contentsOf: try (start..<start + 50).map { i in
-                try EventEnvelope(Self.order(i).1, source: "test", id: "placed-t-\(i)")
-            })
+            try await publisher.publish(
+                contentsOf: try (start..<start + 50).map { i in
+                    try EventEnvelope(Self.order(i).1, source: "test", id: "placed-t-\(i)")
+                })
             if start == 100 {
                 // Payment dies mid-run, hard, and comes back.
                 services["payment"]!.kill9()
@@ -91,14 +124,18 @@ struct OrderFulfillmentTests {
 
         // Every order reaches a final state in the order service's view.
         let orders = state.appendingPathComponent("order-service.state.sqlite")
-        let finals: Set<String> = [ShipmentScheduled.eventType, InventoryRejected.eventType, InventoryReleased.eventType]
+        let finals: Set<String> = [
+            ShipmentScheduled.eventType, InventoryRejected.eventType, InventoryReleased.eventType,
+        ]
         let waitUntil = ContinuousClock.now + .seconds(180)
         var done = 0
         while ContinuousClock.now < waitUntil {
-            done = (try? sqlite(orders) { db in
-                try Int.fetchOne(db, sql: "SELECT count(DISTINCT order_id) FROM events WHERE type IN (?, ?, ?)",
-                                 arguments: StatementArguments(Array(finals))) ?? 0
-            }) ?? 0
+            done =
+                (try? sqlite(orders) { db in
+                    try Int.fetchOne(
+                        db, sql: "SELECT count(DISTINCT order_id) FROM events WHERE type IN (?, ?, ?)",
+                        arguments: StatementArguments(Array(finals))) ?? 0
+                }) ?? 0
             if done >= n { break }
             try await Task.sleep(for: .milliseconds(200))
         }
@@ -107,7 +144,9 @@ struct OrderFulfillmentTests {
         // Each kind of order ended as it should, with the events it should have.
         let types: [String: Set<String>] = try sqlite(orders) { db in
             var out: [String: Set<String>] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT order_id, type FROM events") { out[row["order_id"], default: []].insert(row["type"]) }
+            for row in try Row.fetchAll(db, sql: "SELECT order_id, type FROM events") {
+                out[row["order_id"], default: []].insert(row["type"])
+            }
             return out
         }
         var wrong: [String] = []
@@ -122,20 +161,28 @@ struct OrderFulfillmentTests {
             case .declined:
                 expected = ["order.placed", "inventory.reserved", "payment.failed", "inventory.released"]
             }
-            if types[order.orderID] != expected { wrong.append("\(order.orderID): \(types[order.orderID]?.sorted() ?? [])") }
+            if types[order.orderID] != expected {
+                wrong.append("\(order.orderID): \(types[order.orderID]?.sorted() ?? [])")
+            }
         }
         #expect(wrong.isEmpty, "\(wrong.prefix(5))")
 
         // Released inventory equals reserved inventory for every failed payment; stock adds up.
         let inventory = state.appendingPathComponent("inventory.state.sqlite")
         let holds: [String: String] = try sqlite(inventory) { db in
-            Dictionary(uniqueKeysWithValues: try Row.fetchAll(db, sql: "SELECT order_id, status FROM holds").map { ($0["order_id"], $0["status"]) })
+            Dictionary(
+                uniqueKeysWithValues: try Row.fetchAll(db, sql: "SELECT order_id, status FROM holds").map {
+                    ($0["order_id"], $0["status"])
+                })
         }
         let count = { (k: Kind) in (0..<n).filter { Self.order($0).0 == k }.count }
         let declinedIDs = (0..<n).filter { Self.order($0).0 == .declined }.map { Self.order($0).1.orderID }
         #expect(declinedIDs.allSatisfy { holds[$0] == "released" })
         let stock: [String: Int] = try sqlite(inventory) { db in
-            Dictionary(uniqueKeysWithValues: try Row.fetchAll(db, sql: "SELECT sku, available FROM stock").map { ($0["sku"], $0["available"]) })
+            Dictionary(
+                uniqueKeysWithValues: try Row.fetchAll(db, sql: "SELECT sku, available FROM stock").map {
+                    ($0["sku"], $0["available"])
+                })
         }
         #expect(stock["widget"] == 1_000_000 - 2 * count(.fulfilledWidgets))
         #expect(stock["gizmo"] == 1_000_000 - 1 * count(.fulfilledGizmo), "declined gizmo holds were all released")
@@ -144,8 +191,11 @@ struct OrderFulfillmentTests {
         // No customer is charged twice: one charge per paid order, whatever the gateway was asked.
         let gateway = state.appendingPathComponent("payment-gateway.state.sqlite")
         let (approved, perOrderMax): (Int, Int) = try sqlite(gateway) { db in
-            (try Int.fetchOne(db, sql: "SELECT count(*) FROM charges WHERE outcome = 'approved'") ?? -1,
-             try Int.fetchOne(db, sql: "SELECT max(c) FROM (SELECT count(*) AS c FROM charges GROUP BY order_id)") ?? -1)
+            (
+                try Int.fetchOne(db, sql: "SELECT count(*) FROM charges WHERE outcome = 'approved'") ?? -1,
+                try Int.fetchOne(db, sql: "SELECT max(c) FROM (SELECT count(*) AS c FROM charges GROUP BY order_id)")
+                    ?? -1
+            )
         }
         #expect(approved == count(.fulfilledWidgets) + count(.fulfilledGizmo))
         #expect(perOrderMax == 1)
@@ -153,6 +203,8 @@ struct OrderFulfillmentTests {
             try Int.fetchOne(db, sql: "SELECT count(*) FROM messages") ?? -1
         }
         #expect(messages == n, "one customer message per final outcome")
-        for q in queues { #expect(try await channel.declareQueuePassive(q + ".dlq").messageCount == 0, "\(q) has dead letters") }
+        for q in queues {
+            #expect(try await channel.declareQueuePassive(q + ".dlq").messageCount == 0, "\(q) has dead letters")
+        }
     }
 }

@@ -10,10 +10,12 @@ import OrderFulfillmentShared
 //   order-service run [--url ...]
 //   order-service show [--order ID]
 
-let db = try ServiceState.open("order-service", schema: """
-    CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, order_id TEXT, type TEXT, source TEXT,
-                                       causation_id TEXT, at REAL, summary TEXT);
-    """)
+let db = try ServiceState.open(
+    "order-service",
+    schema: """
+        CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, order_id TEXT, type TEXT, source TEXT,
+                                           causation_id TEXT, at REAL, summary TEXT);
+        """)
 
 /// Records one event of an order's flow; the event id keys it, so hearing it twice records it once.
 struct Track<E: OrderEvent>: EventHandler {
@@ -24,15 +26,20 @@ struct Track<E: OrderEvent>: EventHandler {
     func handle(_ event: E, context: HandlerContext) async throws {
         let e = context.envelope
         try await db.write { db in
-            try db.execute(sql: "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", arguments: [
-                e.id, event.orderID, e.type, e.source, e.causationID, (e.time ?? Date()).timeIntervalSince1970, summary(event),
-            ])
+            try db.execute(
+                sql: "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                arguments: [
+                    e.id, event.orderID, e.type, e.source, e.causationID, (e.time ?? Date()).timeIntervalSince1970,
+                    summary(event),
+                ])
         }
     }
 }
 
 let trackers: [any EventHandler] = [
-    Track<OrderPlaced>(name: "track-placed") { "\($0.quantity) x \($0.sku) for \($0.customer), \($0.amountCents) cents" },
+    Track<OrderPlaced>(name: "track-placed") {
+        "\($0.quantity) x \($0.sku) for \($0.customer), \($0.amountCents) cents"
+    },
     Track<InventoryReserved>(name: "track-reserved") { "\($0.quantity) x \($0.sku) held" },
     Track<InventoryRejected>(name: "track-rejected") { $0.reason },
     Track<PaymentCaptured>(name: "track-captured") { "charge \($0.chargeID)" },
@@ -54,8 +61,9 @@ func status(of types: Set<String>) -> String {
 
 func show(order: String?) throws {
     let rows = try db.read { db in
-        try Row.fetchAll(db, sql: "SELECT * FROM events \(order == nil ? "" : "WHERE order_id = ?") ORDER BY at",
-                         arguments: order.map { [$0] } ?? [])
+        try Row.fetchAll(
+            db, sql: "SELECT * FROM events \(order == nil ? "" : "WHERE order_id = ?") ORDER BY at",
+            arguments: order.map { [$0] } ?? [])
     }
     var byOrder: [String: [Row]] = [:]
     var orderOf: [String] = []
@@ -75,7 +83,9 @@ func show(order: String?) throws {
         func walk(_ parent: String?, depth: Int) {
             for e in children(of: parent) {
                 let source = (e["source"] as String).replacingOccurrences(of: "choreo://", with: "")
-                print("  \(String(repeating: "  ", count: depth))\(e["type"] as String)  [\(source)]  \(e["summary"] as String)")
+                print(
+                    "  \(String(repeating: "  ", count: depth))\(e["type"] as String)  [\(source)]  \(e["summary"] as String)"
+                )
                 walk(e["event_id"], depth: depth + 1)
             }
         }
@@ -92,19 +102,28 @@ let args = Array(CommandLine.arguments.dropFirst())
 switch args.first {
 case "place":
     guard let customer = value("--customer", in: args), let sku = value("--sku", in: args),
-          let quantity = value("--quantity", in: args).flatMap(Int.init), quantity > 0,
-          let amount = value("--amount-cents", in: args).flatMap(Int.init), amount >= 0 else {
-        FileHandle.standardError.write(Data("usage: order-service place --customer C --sku S --quantity N --amount-cents N [--address A] [--id ID] [--url URL]\n".utf8))
+        let quantity = value("--quantity", in: args).flatMap(Int.init), quantity > 0,
+        let amount = value("--amount-cents", in: args).flatMap(Int.init), amount >= 0
+    else {
+        FileHandle.standardError.write(
+            Data(
+                "usage: order-service place --customer C --sku S --quantity N --amount-cents N [--address A] [--id ID] [--url URL]\n"
+                    .utf8))
         exit(2)
     }
     let id = value("--id", in: args) ?? "ord-" + UUID().uuidString.prefix(8).lowercased()
-    let url = value("--url", in: args) ?? ProcessInfo.processInfo.environment["CHOREO_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/"
+    let url =
+        value("--url", in: args) ?? ProcessInfo.processInfo.environment["CHOREO_URL"]
+        ?? "amqp://guest:guest@127.0.0.1:5672/"
     do {
-        let publisher = try await EventPublisher.connect(url: url, exchange: value("--exchange", in: args) ?? WireNames.defaultExchange,
-                                                         source: "choreo://order-service/place")
-        try await publisher.publish(OrderPlaced(orderID: id, customer: customer, sku: sku, quantity: quantity, amountCents: amount,
-                                                address: value("--address", in: args) ?? "1 Main Street"),
-                                    id: "placed-\(id)", subject: id)
+        let publisher = try await EventPublisher.connect(
+            url: url, exchange: value("--exchange", in: args) ?? WireNames.defaultExchange,
+            source: "choreo://order-service/place")
+        try await publisher.publish(
+            OrderPlaced(
+                orderID: id, customer: customer, sku: sku, quantity: quantity, amountCents: amount,
+                address: value("--address", in: args) ?? "1 Main Street"),
+            id: "placed-\(id)", subject: id)
         await publisher.close()
         print(id)
     } catch {
@@ -115,7 +134,13 @@ case "show":
     try show(order: value("--order", in: args))
 default:
     let runArgs = args.first == "run" ? Array(args.dropFirst()) : args
-    await Choreo.run(service: "order-service", handlers: trackers,
-                     arguments: runArgs + (runArgs.contains("--ledger") || ProcessInfo.processInfo.environment["CHOREO_LEDGER"] != nil
-                        ? [] : ["--ledger", "\(ProcessInfo.processInfo.environment["CHOREO_STATE_DIR"] ?? ".")/order-service.ledger.sqlite"]))
+    await Choreo.run(
+        service: "order-service", handlers: trackers,
+        arguments: runArgs
+            + (runArgs.contains("--ledger") || ProcessInfo.processInfo.environment["CHOREO_LEDGER"] != nil
+                ? []
+                : [
+                    "--ledger",
+                    "\(ProcessInfo.processInfo.environment["CHOREO_STATE_DIR"] ?? ".")/order-service.ledger.sqlite",
+                ]))
 }

@@ -12,23 +12,30 @@ struct FakeGateway {
     let db: DatabaseQueue
 
     init() throws {
-        db = try ServiceState.open("payment-gateway", schema: """
-            CREATE TABLE IF NOT EXISTS requests (idempotency_key TEXT, order_id TEXT, amount_cents INTEGER, at REAL);
-            CREATE TABLE IF NOT EXISTS charges (idempotency_key TEXT PRIMARY KEY, order_id TEXT, amount_cents INTEGER, outcome TEXT, charge_id TEXT);
-            """)
+        db = try ServiceState.open(
+            "payment-gateway",
+            schema: """
+                CREATE TABLE IF NOT EXISTS requests (idempotency_key TEXT, order_id TEXT, amount_cents INTEGER, at REAL);
+                CREATE TABLE IF NOT EXISTS charges (idempotency_key TEXT PRIMARY KEY, order_id TEXT, amount_cents INTEGER, outcome TEXT, charge_id TEXT);
+                """)
     }
 
     /// Charges once per key; a repeated key returns the first outcome.
     func charge(key: String, orderID: String, amountCents: Int) throws -> (approved: Bool, chargeID: String) {
         try db.write { db in
-            try db.execute(sql: "INSERT INTO requests VALUES (?, ?, ?, ?)", arguments: [key, orderID, amountCents, Date().timeIntervalSince1970])
-            if let row = try Row.fetchOne(db, sql: "SELECT outcome, charge_id FROM charges WHERE idempotency_key = ?", arguments: [key]) {
+            try db.execute(
+                sql: "INSERT INTO requests VALUES (?, ?, ?, ?)",
+                arguments: [key, orderID, amountCents, Date().timeIntervalSince1970])
+            if let row = try Row.fetchOne(
+                db, sql: "SELECT outcome, charge_id FROM charges WHERE idempotency_key = ?", arguments: [key])
+            {
                 return ((row["outcome"] as String) == "approved", row["charge_id"])
             }
             let approved = amountCents <= 50_000
             let chargeID = "ch_" + orderID
-            try db.execute(sql: "INSERT INTO charges VALUES (?, ?, ?, ?, ?)",
-                           arguments: [key, orderID, amountCents, approved ? "approved" : "declined", chargeID])
+            try db.execute(
+                sql: "INSERT INTO charges VALUES (?, ?, ?, ?, ?)",
+                arguments: [key, orderID, amountCents, approved ? "approved" : "declined", chargeID])
             return (approved, chargeID)
         }
     }
@@ -43,14 +50,20 @@ struct ChargePayment: EventHandler {
     func idempotencyKey(for event: InventoryReserved, envelope: EventEnvelope) -> String? { "charge-\(event.orderID)" }
 
     func handle(_ reserved: InventoryReserved, context: HandlerContext) async throws {
-        let result = try gateway.charge(key: context.idempotencyKey, orderID: reserved.orderID, amountCents: reserved.amountCents)
+        let result = try gateway.charge(
+            key: context.idempotencyKey, orderID: reserved.orderID, amountCents: reserved.amountCents)
         if result.approved {
-            try context.emit(PaymentCaptured(orderID: reserved.orderID, customer: reserved.customer, chargeID: result.chargeID,
-                                             amountCents: reserved.amountCents, address: reserved.address), subject: reserved.orderID)
+            try context.emit(
+                PaymentCaptured(
+                    orderID: reserved.orderID, customer: reserved.customer, chargeID: result.chargeID,
+                    amountCents: reserved.amountCents, address: reserved.address), subject: reserved.orderID)
         } else {
-            try context.emit(PaymentFailed(orderID: reserved.orderID, customer: reserved.customer,
-                                           reason: "card declined for \(reserved.amountCents / 100).\(String(format: "%02d", reserved.amountCents % 100))",
-                                           sku: reserved.sku, quantity: reserved.quantity), subject: reserved.orderID)
+            try context.emit(
+                PaymentFailed(
+                    orderID: reserved.orderID, customer: reserved.customer,
+                    reason:
+                        "card declined for \(reserved.amountCents / 100).\(String(format: "%02d", reserved.amountCents % 100))",
+                    sku: reserved.sku, quantity: reserved.quantity), subject: reserved.orderID)
         }
     }
 }

@@ -7,9 +7,11 @@ import OrderFulfillmentShared
 // know ("Nowhere ...") with a retryable error, so such an order is retried and ends as a dead letter;
 // `SHIPPING_ACCEPT_ALL_ADDRESSES=1` is the fix an operator deploys before replaying it.
 
-let db = try ServiceState.open("shipping", schema: """
-    CREATE TABLE IF NOT EXISTS shipments (order_id TEXT PRIMARY KEY, tracking_id TEXT);
-    """)
+let db = try ServiceState.open(
+    "shipping",
+    schema: """
+        CREATE TABLE IF NOT EXISTS shipments (order_id TEXT PRIMARY KEY, tracking_id TEXT);
+        """)
 let acceptAll = ProcessInfo.processInfo.environment["SHIPPING_ACCEPT_ALL_ADDRESSES"] == "1"
 
 struct AddressRejected: Error, CustomStringConvertible {
@@ -28,8 +30,11 @@ struct ScheduleShipment: EventHandler {
         try await db.write { db in
             try db.execute(sql: "INSERT OR IGNORE INTO shipments VALUES (?, ?)", arguments: [paid.orderID, tracking])
         }
-        try context.emit(ShipmentScheduled(orderID: paid.orderID, customer: paid.customer, trackingID: tracking), subject: paid.orderID)
+        try context.emit(
+            ShipmentScheduled(orderID: paid.orderID, customer: paid.customer, trackingID: tracking),
+            subject: paid.orderID)
     }
 }
 
-await Choreo.run(service: "shipping", handlers: [ScheduleShipment()], arguments: ServiceState.defaultArguments("shipping"))
+await Choreo.run(
+    service: "shipping", handlers: [ScheduleShipment()], arguments: ServiceState.defaultArguments("shipping"))

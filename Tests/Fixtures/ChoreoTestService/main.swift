@@ -38,10 +38,11 @@ final class Gateway: Sendable {
         config.busyMode = .timeout(10)
         queue = try DatabaseQueue(path: path, configuration: config)
         try queue.write { db in
-            try db.execute(sql: """
-                CREATE TABLE IF NOT EXISTS requests (handler TEXT, key TEXT, attempt INTEGER);
-                CREATE TABLE IF NOT EXISTS effects (handler TEXT, key TEXT, PRIMARY KEY (handler, key));
-                """)
+            try db.execute(
+                sql: """
+                    CREATE TABLE IF NOT EXISTS requests (handler TEXT, key TEXT, attempt INTEGER);
+                    CREATE TABLE IF NOT EXISTS effects (handler TEXT, key TEXT, PRIMARY KEY (handler, key));
+                    """)
         }
     }
 
