@@ -8,6 +8,8 @@ struct ChainDriver {
     let count: Int
     let rate: Double
     let seconds: Double
+    /// Events sent through each chain before anything is timed.
+    let warmup = 2000
 
     struct Result {
         var throughput: Double
@@ -43,7 +45,7 @@ struct ChainDriver {
     private func runChoreo(_ config: AMQPConfiguration) async throws -> Result {
         let dir = try scratch("choreo")
         let latency = dir.appendingPathComponent("latency.txt")
-        FileManager.default.createFile(atPath: latency.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: latency.path, contents: nil)
         var hops: [Process] = []
         defer { for p in hops { p.terminate(); p.waitUntilExit() } }
         for role in ["sink", "b", "a"] {
@@ -52,7 +54,7 @@ struct ChainDriver {
             p.arguments = [
                 "hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger",
                 dir.appendingPathComponent("\(role).sqlite").path,
-                "--concurrency", "64",
+                "--concurrency", ProcessInfo.processInfo.environment["CHAIN_CONCURRENCY"] ?? "64",
             ]
             var env = ProcessInfo.processInfo.environment
             env["CHAIN_LATENCY_FILE"] = latency.path
@@ -83,7 +85,7 @@ struct ChainDriver {
     private func runBaseline(_ config: AMQPConfiguration) async throws -> Result {
         let dir = try scratch("c")
         let latency = dir.appendingPathComponent("latency.txt")
-        FileManager.default.createFile(atPath: latency.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: latency.path, contents: nil)
         let connection = try await AMQPConnection.connect(to: config)
         defer { Task { await connection.close() } }
         let channel = try await connection.openChannel()
@@ -97,7 +99,7 @@ struct ChainDriver {
             try await channel.purgeQueue(queue)
             try await channel.bindQueue(queue, exchange: "bench.c", routingKey: key)
         }
-        let total = count + Int(rate * seconds)
+        let total = warmup + count + Int(rate * seconds)
         var hops: [Process] = []
         defer { for p in hops where p.isRunning { p.terminate(); p.waitUntilExit() } }
         for (queue, _, next) in stages {
@@ -130,6 +132,10 @@ struct ChainDriver {
     private func measure(channel: AMQPChannel, latency: URL, message: (Int) throws -> AMQPOutgoingMessage) async throws
         -> Result
     {
+        // Warm-up: the broker's fresh quorum queues and each hop's first events are not what is measured.
+        for r in await channel.publish(contentsOf: try (0..<warmup).map { try message(-1 - $0) }) { try r.get() }
+        try await waitForLines(latency, warmup, timeout: .seconds(120))
+
         let started = ContinuousClock.now
         var n = 0
         while n < count {
@@ -137,7 +143,7 @@ struct ChainDriver {
             for r in await channel.publish(contentsOf: batch) { try r.get() }
             n += batch.count
         }
-        try await waitForLines(latency, count, timeout: .seconds(600))
+        try await waitForLines(latency, warmup + count, timeout: .seconds(600))
         let elapsed = ContinuousClock.now - started
         let throughput =
             Double(count) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
@@ -151,7 +157,7 @@ struct ChainDriver {
             if due > now { try await Task.sleep(until: due, clock: .continuous) }
             try await channel.publish(try message(count + i))
         }
-        try await waitForLines(latency, count + paced, timeout: .seconds(120))
+        try await waitForLines(latency, warmup + count + paced, timeout: .seconds(120))
         let lines = try String(contentsOf: latency, encoding: .utf8).split(separator: "\n").suffix(paced)
         let micros = lines.compactMap { Double($0) }.sorted()
         func pct(_ p: Double) -> Double {

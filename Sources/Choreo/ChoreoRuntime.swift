@@ -59,9 +59,21 @@ public final class ChoreoRuntime: Service, Sendable {
     }
 
     public func run() async throws {
-        _ = try? await ledger.prune(completedBefore: Date().addingTimeInterval(-configuration.retention.seconds))
+        // Retention: prune on start, then every hour while running.
+        let pruning = Task { [ledger, retention = configuration.retention, logger] in
+            while !Task.isCancelled {
+                do {
+                    let removed = try await ledger.prune(completedBefore: Date().addingTimeInterval(-retention.seconds))
+                    if removed > 0 { logger.debug("pruned completed keys", metadata: ["count": "\(removed)"]) }
+                } catch {
+                    logger.warning("could not prune the ledger", metadata: ["error": "\(error)"])
+                }
+                try? await Task.sleep(for: .seconds(3600))
+            }
+        }
+        defer { pruning.cancel() }
         var backoff = configuration.reconnectBackoff.initial
-        try await withGracefulShutdownHandler {
+        await withGracefulShutdownHandler {
             while !isShuttingDown {
                 do {
                     try await runConnected()

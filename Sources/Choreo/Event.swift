@@ -79,10 +79,10 @@ public struct EventEnvelope: Sendable, Hashable {
 
 /// The JSON settings Choreo uses for `data`: ISO 8601 dates, sorted keys (stable bytes).
 public enum JSONCoding {
-    /// One encoder and decoder for the runtime's own use: encoding and decoding are safe to run concurrently
-    /// as long as nobody changes their settings, and building one per event is measurably slow.
-    nonisolated(unsafe) static let sharedEncoder = JSONCoding.encoder
-    nonisolated(unsafe) static let sharedDecoder = JSONCoding.decoder
+    /// One encoder and decoder for the runtime's own use (both are Sendable; nobody changes their settings):
+    /// building one per event is measurably slow.
+    static let sharedEncoder = JSONCoding.encoder
+    static let sharedDecoder = JSONCoding.decoder
 
     public static var encoder: JSONEncoder {
         let e = JSONEncoder()

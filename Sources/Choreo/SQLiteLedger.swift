@@ -247,13 +247,13 @@ public final class SQLiteLedger: IdempotencyLedger {
     }
 }
 
-nonisolated(unsafe) private let attributeEncoder: JSONEncoder = {
+private let attributeEncoder: JSONEncoder = {
     let e = JSONEncoder()
     e.dateEncodingStrategy = .secondsSince1970
     return e
 }()
 
-nonisolated(unsafe) private let attributeDecoder: JSONDecoder = {
+private let attributeDecoder: JSONDecoder = {
     let d = JSONDecoder()
     d.dateDecodingStrategy = .secondsSince1970
     return d

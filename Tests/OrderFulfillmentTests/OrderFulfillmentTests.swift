@@ -27,7 +27,7 @@ struct OrderFulfillmentTests {
             process.environment = env
             let log = state.appendingPathComponent("\(name).log")
             if !FileManager.default.fileExists(atPath: log.path) {
-                FileManager.default.createFile(atPath: log.path, contents: nil)
+                _ = FileManager.default.createFile(atPath: log.path, contents: nil)
             }
             let handle = try FileHandle(forWritingTo: log)
             handle.seekToEndOfFile()
