@@ -106,6 +106,13 @@ stop)
         pid=$(cat "$dir/pid" 2>/dev/null || true)
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
     fi
+    # The Erlang port mapper outlives the node; stop it too once no other node on this machine uses it.
+    epmd_bin=$(ls /usr/lib/erlang/erts-*/bin/epmd 2>/dev/null | head -n 1 || true)
+    if [ -n "$epmd_bin" ] && pgrep -x epmd >/dev/null 2>&1; then
+        if ! "$epmd_bin" -names 2>/dev/null | grep -q '^name '; then
+            "$epmd_bin" -kill >/dev/null 2>&1 || true
+        fi
+    fi
     ;;
 status)
     ctl status >/dev/null 2>&1
