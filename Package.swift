@@ -113,9 +113,14 @@ let package = Package(
             dependencies: ["ChoreoAMQP"],
             path: "Samples/AMQPHello"
         ),
+        .target(
+            name: "TestEvents",
+            dependencies: ["Choreo"],
+            path: "Tests/Fixtures/TestEvents"
+        ),
         .executableTarget(
             name: "ChoreoTestService",
-            dependencies: ["Choreo", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: ["Choreo", "TestEvents", .product(name: "GRDB", package: "GRDB.swift")],
             path: "Tests/Fixtures/ChoreoTestService"
         ),
         .executableTarget(
@@ -146,7 +151,7 @@ let package = Package(
         .testTarget(
             name: "ChoreoTests",
             dependencies: [
-                "Choreo", "ChoreoAMQP", "ChoreoTesting", "ChoreoTestService",
+                "Choreo", "ChoreoAMQP", "ChoreoTesting", "ChoreoTestService", "TestEvents",
                 .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),

@@ -56,7 +56,7 @@ public struct DeadLetterStore: Sendable {
     /// The dead letter with this event id.
     public func show(id: String, handler: String? = nil) async throws -> DeadLetter {
         let found = try await list(DeadLetterFilter(handler: handler, ids: [id]))
-        guard let letter = found.first else { throw OperationError("no dead letter with id '\(id)'") }
+        guard let letter = found.first else { throw OperationError.noDeadLetter([id]) }
         return letter
     }
 

@@ -5,3 +5,10 @@ public struct OperationError: Error, CustomStringConvertible, Equatable {
     public init(_ message: String) { self.message = message }
     public var description: String { message }
 }
+
+extension OperationError {
+    /// Ids that matched no dead letter.
+    public static func noDeadLetter(_ ids: [String]) -> OperationError {
+        OperationError("no dead letter with id '\(ids.sorted().joined(separator: "', '"))'")
+    }
+}

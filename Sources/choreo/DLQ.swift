@@ -142,12 +142,7 @@ struct DLQ: AsyncParsableCommand {
                 }
             }
             if interactive { printError("") }
-            if !ids.isEmpty {
-                let missing = Set(ids).subtracting(try await Set(replayedIDs(summary, store: store, filter: filter)))
-                if summary.replayed == 0 && !missing.isEmpty {
-                    throw OperationError("no dead letter with id '\(missing.sorted().joined(separator: "', '"))'")
-                }
-            }
+            if summary.replayed == 0 && !ids.isEmpty { throw OperationError.noDeadLetter(ids) }
             for f in summary.failures { printError("failed: \(f)") }
             print(
                 "\(dryRun ? "would replay" : "replayed") \(summary.replayed), skipped \(summary.skipped), failed \(summary.failed)"
@@ -155,12 +150,6 @@ struct DLQ: AsyncParsableCommand {
             if summary.failed > 0 { throw ExitCode(1) }
         }
 
-        /// Ids that were found (replayed); a requested id that matched nothing is reported as unknown.
-        private func replayedIDs(
-            _ summary: DeadLetterStore.ReplaySummary, store: DeadLetterStore, filter: DeadLetterFilter
-        ) async throws -> [String] {
-            summary.replayed > 0 ? ids : []
-        }
     }
 
     struct Purge: AsyncParsableCommand {
@@ -195,9 +184,7 @@ struct DLQ: AsyncParsableCommand {
                 }
             }
             let removed = try await store.purge(filter)
-            if removed == 0 && !ids.isEmpty {
-                throw OperationError("no dead letter with id '\(ids.joined(separator: "', '"))'")
-            }
+            if removed == 0 && !ids.isEmpty { throw OperationError.noDeadLetter(ids) }
             print("purged \(removed)")
         }
     }

@@ -1,5 +1,6 @@
 import ChoreoAMQP
 import Foundation
+import TestEvents
 import Testing
 
 @testable import Choreo

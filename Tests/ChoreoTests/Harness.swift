@@ -1,6 +1,7 @@
 import ChoreoAMQP
 import Foundation
 import GRDB
+import TestEvents
 import Testing
 
 @testable import Choreo
@@ -140,21 +141,6 @@ struct Mesh {
         if declaring { try await declare(on: channel) }
         return (connection, channel)
     }
-}
-
-/// The fixture's payload types, mirrored for publishing.
-struct Ping: Event {
-    static let eventType = "test.ping"
-    var n: Int
-    var failTimes: Int?
-    var poison: Bool?
-    var workMilliseconds: Int?
-    var crash: Bool?
-}
-
-struct Pong: Event {
-    static let eventType = "test.pong"
-    var n: Int
 }
 
 /// Same name, input and retry policy as the fixture's ping handler, for declaring its topology from tests.

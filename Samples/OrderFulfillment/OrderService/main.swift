@@ -136,11 +136,5 @@ default:
     let runArgs = args.first == "run" ? Array(args.dropFirst()) : args
     await Choreo.run(
         service: "order-service", handlers: trackers,
-        arguments: runArgs
-            + (runArgs.contains("--ledger") || ProcessInfo.processInfo.environment["CHOREO_LEDGER"] != nil
-                ? []
-                : [
-                    "--ledger",
-                    "\(ProcessInfo.processInfo.environment["CHOREO_STATE_DIR"] ?? ".")/order-service.ledger.sqlite",
-                ]))
+        arguments: ServiceState.defaultArguments("order-service", arguments: runArgs))
 }

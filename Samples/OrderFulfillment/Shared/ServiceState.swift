@@ -16,8 +16,10 @@ public enum ServiceState {
     }
 
     /// The ledger path for a service, in the same directory, unless `--ledger` or `CHOREO_LEDGER` says otherwise.
-    public static func defaultArguments(_ service: String) -> [String] {
-        var args = Array(CommandLine.arguments.dropFirst())
+    public static func defaultArguments(
+        _ service: String, arguments: [String] = Array(CommandLine.arguments.dropFirst())
+    ) -> [String] {
+        var args = arguments
         let env = ProcessInfo.processInfo.environment
         if !args.contains("--ledger") && env["CHOREO_LEDGER"] == nil {
             args += ["--ledger", "\(env["CHOREO_STATE_DIR"] ?? ".")/\(service).ledger.sqlite"]

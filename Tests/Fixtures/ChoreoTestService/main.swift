@@ -1,29 +1,12 @@
 import Choreo
 import Foundation
 import GRDB
+import TestEvents
 
 // A handler service for the integration tests, run as a real subprocess.
 //   FIXTURE_ROLE=ping  consumes test.ping, "charges" the fake gateway with the idempotency key, emits test.pong
 //   FIXTURE_ROLE=sink  consumes test.pong and records each one it handles
 // FIXTURE_GATEWAY is the SQLite file both record into; FIXTURE_RETRY_MS the retry delay.
-
-struct Ping: Event {
-    static let eventType = "test.ping"
-    var n: Int
-    /// Fail the first `failTimes` attempts with a retryable error.
-    var failTimes: Int?
-    /// Fail with a non-retryable error.
-    var poison: Bool?
-    /// Work this long before returning.
-    var workMilliseconds: Int?
-    /// Kill the whole process, every time (a poison message).
-    var crash: Bool?
-}
-
-struct Pong: Event {
-    static let eventType = "test.pong"
-    var n: Int
-}
 
 struct GatewayError: Error, CustomStringConvertible {
     var description: String
