@@ -205,47 +205,9 @@ public final class ChoreoRuntime: Service, Sendable {
     }
 
     private func consume(_ consumer: AMQPConsumer, with runner: HandlerRunner, concurrency: Int) async throws {
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            var inFlight = 0
-            do {
-                for try await delivery in consumer {
-                    if isShuttingDown { break }  // never started: the broker requeues it when the channel closes
-                    if inFlight >= concurrency {
-                        try await group.next()
-                        inFlight -= 1
-                    }
-                    inFlight += 1
-                    group.addTask { await runner.process(delivery) }
-                }
-            } catch {
-                await drain(&group, inFlight: inFlight)
-                throw error
-            }
-            await drain(&group, inFlight: inFlight)
-        }
-    }
-
-    /// Waits for in-flight invocations to publish and ack, at most `shutdownTimeout`; then cancels the rest.
-    private func drain(_ group: inout ThrowingTaskGroup<Void, Error>, inFlight: Int) async {
-        let timeout = configuration.shutdownTimeout
-        group.addTask {
-            try await Task.sleep(for: timeout)
-            throw CancellationError()
-        }
-        var remaining = inFlight
-        while remaining > 0 {
-            do {
-                try await group.next()
-                remaining -= 1
-            } catch {
-                if !Task.isCancelled {
-                    logger.warning(
-                        "shutdown timeout: \(remaining) invocations did not finish; their events will be redelivered")
-                }
-                break
-            }
-        }
-        group.cancelAll()
+        try await runner.consume(
+            consumer, concurrency: concurrency, drainTimeout: configuration.shutdownTimeout,
+            shouldStop: { self.isShuttingDown })
     }
 
     private func appendManifests(_ channel: AMQPChannel) async throws {

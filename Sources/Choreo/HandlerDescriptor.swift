@@ -13,6 +13,7 @@ package struct HandlerDescriptor: Sendable {
     package let inputVersion: Int
     package let acceptedVersions: Set<Int>
     package let emitTypes: [String]
+    package let emitTypeSet: Set<String>
     package let retryPolicy: RetryPolicy
     package let concurrency: Int?
     /// Decodes (upcasting when needed) and binds the handler. Throws ``EventRejection`` for input no retry can fix.
@@ -24,6 +25,7 @@ package struct HandlerDescriptor: Sendable {
         inputVersion = H.Input.schemaVersion
         acceptedVersions = handler.acceptedVersions
         emitTypes = handler.emits.map { $0.eventType }
+        emitTypeSet = Set(emitTypes)
         retryPolicy = handler.retryPolicy
         concurrency = handler.concurrency
         prepare = { envelope throws(EventRejection) in

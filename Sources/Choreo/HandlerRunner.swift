@@ -21,110 +21,272 @@ struct HandlerRunner: Sendable {
     let leases: LeaseKeeper
     let logger: Logger
 
-    func process(_ delivery: AMQPDelivery) async {
-        var logger = self.logger
-        logger[metadataKey: "handler"] = "\(handler.name)"
-        let attempt = Int(delivery.properties.headers?[WireNames.Headers.attempt]?.stringValue ?? "") ?? 1
+    /// A delivery that decoded and that the handler accepts, with everything its invocation needs.
+    struct Admitted: Sendable {
+        var delivery: AMQPDelivery
+        var envelope: EventEnvelope
+        var prepared: HandlerDescriptor.Prepared
+        var key: String
+        var owner: String
+        var attempt: Int
+        var logger: Logger
+    }
 
-        // 1. Decode: anything unusable is dead-lettered at once, with the reason.
-        if delivery.body.count > maxBodyBytes {
-            await deadLetter(
-                delivery, errorType: "BodyTooLarge",
-                message:
-                    "body of \(delivery.body.count) bytes exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)",
-                attempts: attempt, logger: logger)
-            return
+    /// Consumes until the consumer ends, `shouldStop` turns true or the connection is lost, with at most
+    /// `concurrency` deliveries in flight; then waits up to `drainTimeout` for those to settle.
+    ///
+    /// Deliveries that arrived together travel together: one ledger write claims them all, and the
+    /// invocations that finish while an earlier group is being committed are committed, published and
+    /// acked as the next group (see ``Completer``). Each delivery still follows DESIGN.md's protocol.
+    func consume(
+        _ consumer: AMQPConsumer, concurrency: Int, drainTimeout: Duration, shouldStop: @escaping @Sendable () -> Bool
+    ) async throws {
+        let inFlight = InFlight(limit: max(1, concurrency))
+        let completer = Completer(runner: self, inFlight: inFlight)
+        try await withThrowingDiscardingTaskGroup { group in
+            var failure: (any Error)?
+            do {
+                while true {
+                    let room = await inFlight.room()
+                    guard let batch = try await consumer.next(max: room) else { break }
+                    // Deliveries not started go back to the queue when the channel closes.
+                    if shouldStop() { break }
+                    inFlight.add(batch.count)
+                    await admit(batch, completer: completer, inFlight: inFlight, group: &group)
+                }
+            } catch {
+                failure = error
+            }
+            if await !inFlight.drained(within: drainTimeout) {
+                logger.warning(
+                    "shutdown timeout: \(inFlight.count) invocations did not finish; their events will be redelivered",
+                    metadata: ["handler": "\(handler.name)"])
+            }
+            group.cancelAll()
+            if let failure { throw failure }
         }
-        let envelope: EventEnvelope
-        let prepared: HandlerDescriptor.Prepared
-        do throws(EnvelopeDecodingError) {
-            envelope = try EnvelopeCodec.decode(delivery)
-        } catch {
-            await deadLetter(
-                delivery, errorType: "EnvelopeDecodingError", message: error.reason, attempts: attempt, logger: logger)
-            return
-        }
-        logger[metadataKey: "event.id"] = "\(envelope.id)"
-        logger[metadataKey: "event.type"] = "\(envelope.type)"
-        do throws(EventRejection) {
-            prepared = try handler.prepare(envelope)
-        } catch {
-            await deadLetter(
-                delivery, errorType: error.errorType, message: error.message, attempts: attempt, logger: logger)
-            return
-        }
+    }
 
-        // 2. Claim the key.
-        let key = prepared.key ?? envelope.idempotencyKey ?? envelope.id
-        let owner = "\(self.owner)/\(delivery.deliveryTag)"
+    /// Decodes a batch, claims its keys in one ledger write and starts the invocations.
+    private func admit(
+        _ batch: [AMQPDelivery], completer: Completer, inFlight: InFlight,
+        group: inout ThrowingDiscardingTaskGroup<any Error>
+    ) async {
+        var admitted: [Admitted] = []
+        admitted.reserveCapacity(batch.count)
+        for delivery in batch {
+            switch decode(delivery) {
+            case .success(let a): admitted.append(a)
+            case .failure(let rejection):
+                group.addTask {
+                    await deadLetter(
+                        delivery, errorType: rejection.errorType, message: rejection.message,
+                        attempts: rejection.attempt, logger: rejection.logger)
+                    inFlight.settled(1)
+                }
+            }
+        }
+        guard !admitted.isEmpty else { return }
+        let claims: [LedgerClaim]
         do {
-            claiming: while true {
-                switch try await ledger.claim(handler: handler.name, key: key, owner: owner, lease: leaseDuration) {
+            claims = try await ledger.claim(
+                admitted.map { ClaimRequest(handler: handler.name, key: $0.key, owner: $0.owner) }, lease: leaseDuration
+            )
+        } catch {
+            let admitted = admitted
+            group.addTask {
+                await giveBack(admitted, because: "ledger unavailable: \(error)")
+                inFlight.settled(admitted.count)
+            }
+            return
+        }
+        FaultInjection.reached("after-claim")
+        for (a, claim) in zip(admitted, claims) {
+            switch claim {
+            case .claimed:
+                group.addTask { await invoke(a, completer: completer, inFlight: inFlight) }
+            case .completed(let unpublished):
+                a.logger.debug("duplicate: already handled, not running the handler again")
+                if completer.submit(.duplicate(a, unpublished: unpublished)) {
+                    group.addTask { await completer.settleAll() }
+                }
+            case .heldElsewhere:
+                group.addTask { await waitForKey(a, completer: completer, inFlight: inFlight) }
+            }
+        }
+    }
+
+    /// Another invocation holds the key (a concurrent duplicate): keep this copy until that one settles.
+    private func waitForKey(_ a: Admitted, completer: Completer, inFlight: InFlight) async {
+        do {
+            while true {
+                switch try await ledger.claim(handler: handler.name, key: a.key, owner: a.owner, lease: leaseDuration) {
                 case .claimed:
-                    break claiming
+                    await invoke(a, completer: completer, inFlight: inFlight)
+                    return
                 case .completed(let unpublished):
-                    logger.debug("duplicate: already handled, not running the handler again")
-                    try await publishOutbox(unpublished, key: key)
-                    ack(delivery, logger: logger)
+                    a.logger.debug("duplicate: already handled, not running the handler again")
+                    if completer.submit(.duplicate(a, unpublished: unpublished)) { await completer.settleAll() }
                     return
                 case .heldElsewhere(let until):
-                    // Another invocation holds the key (a concurrent duplicate); keep this copy until it settles.
                     let wait = min(max(until.timeIntervalSinceNow, 0.05), 0.5)
                     try await Task.sleep(for: .seconds(wait))
                 }
             }
         } catch {
-            await giveBack(delivery, because: "ledger or broker unavailable: \(error)", logger: logger)
-            return
+            await giveBack([a], because: "ledger or broker unavailable: \(error)")
+            inFlight.settled(1)
         }
-        FaultInjection.reached("after-claim")
+    }
 
-        // 3. Run the handler, emits buffered in its context.
+    /// Runs the handler with its emits buffered; success goes to the completer, failure to a retry tier or the DLQ.
+    private func invoke(_ a: Admitted, completer: Completer, inFlight: InFlight) async {
         let context = HandlerContext(
-            envelope: envelope, attempt: attempt, idempotencyKey: key, logger: logger, handlerName: handler.name,
-            source: "choreo://\(service)/\(handler.name)", exchange: exchange, allowedTypes: Set(handler.emitTypes))
+            envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: a.logger,
+            handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet)
         do {
-            try await withLeaseRenewal(key: key, owner: owner) { try await prepared.run(context) }
+            try await withLeaseRenewal(key: a.key, owner: a.owner) { try await a.prepared.run(context) }
         } catch {
             await failed(
-                delivery, envelope: envelope, error: error, attempt: attempt, key: key, owner: owner, logger: logger)
+                a.delivery, envelope: a.envelope, error: error, attempt: a.attempt, key: a.key, owner: a.owner,
+                logger: a.logger)
+            inFlight.settled(1)
             return
         }
         FaultInjection.reached("after-handler")
-
-        // 4. Commit: key completed and outbox recorded, atomically.  5. Publish, mark, ack.
-        do {
-            let outbox: [OutboxMessage]
-            switch try await ledger.complete(handler: handler.name, key: key, owner: owner, outbox: context.emitted) {
-            case .committed:
-                outbox = context.emitted
-            case .alreadyCompleted(let unpublished):
-                logger.info("another invocation completed this key first; its outputs stand")
-                outbox = unpublished
-            case .leaseLost:
-                logger.info("the lease on this key passed to another invocation; leaving it to that one")
-                ack(delivery, logger: logger)
-                return
-            }
-            FaultInjection.reached("after-commit")
-            try await publishOutbox(outbox, key: key)
-        } catch {
-            await giveBack(delivery, because: "commit or outbox publish failed: \(error)", logger: logger)
-            return
-        }
-        FaultInjection.reached("before-ack")
-        ack(delivery, logger: logger)
+        if completer.submit(.ran(a, outbox: context.emitted)) { await completer.settleAll() }
     }
 
-    /// Publishes outbox entries with confirms, then records them as published.
-    private func publishOutbox(_ outbox: [OutboxMessage], key: String) async throws {
-        guard !outbox.isEmpty else { return }
-        let messages = outbox.map {
-            EnvelopeCodec.encode($0.envelope, exchange: $0.exchange, routingKey: $0.routingKey)
+    /// Why a delivery was refused before its handler could run.
+    struct Rejection: Error {
+        var errorType: String
+        var message: String
+        var attempt: Int
+        var logger: Logger
+    }
+
+    /// Step 1: decodes the delivery and lets the handler vet it; anything unusable comes back as a rejection.
+    private func decode(_ delivery: AMQPDelivery) -> Result<Admitted, Rejection> {
+        var logger = self.logger
+        logger[metadataKey: "handler"] = "\(handler.name)"
+        let attempt = Int(delivery.properties.headers?[WireNames.Headers.attempt]?.stringValue ?? "") ?? 1
+        if delivery.body.count > maxBodyBytes {
+            return .failure(
+                Rejection(
+                    errorType: "BodyTooLarge",
+                    message:
+                        "body of \(delivery.body.count) bytes exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)",
+                    attempt: attempt, logger: logger))
         }
-        for result in await publisher.publish(contentsOf: messages) { try result.get() }
-        FaultInjection.reached("after-publish")
-        try await ledger.markPublished(handler: handler.name, key: key, indexes: outbox.map(\.index))
+        let envelope: EventEnvelope
+        do throws(EnvelopeDecodingError) {
+            envelope = try EnvelopeCodec.decode(delivery)
+        } catch {
+            return .failure(
+                Rejection(errorType: "EnvelopeDecodingError", message: error.reason, attempt: attempt, logger: logger))
+        }
+        logger[metadataKey: "event.id"] = "\(envelope.id)"
+        logger[metadataKey: "event.type"] = "\(envelope.type)"
+        let prepared: HandlerDescriptor.Prepared
+        do throws(EventRejection) {
+            prepared = try handler.prepare(envelope)
+        } catch {
+            return .failure(
+                Rejection(errorType: error.errorType, message: error.message, attempt: attempt, logger: logger))
+        }
+        return .success(
+            Admitted(
+                delivery: delivery, envelope: envelope, prepared: prepared,
+                key: prepared.key ?? envelope.idempotencyKey ?? envelope.id, owner: "\(owner)/\(delivery.deliveryTag)",
+                attempt: attempt, logger: logger))
+    }
+
+    /// Steps 4 and 5 for a group of finished invocations: one ledger write commits them all, their outboxes
+    /// go out in one pipelined publish, one write records the confirms, then each delivery is acked.
+    /// A delivery whose commit, publish or record failed is given back for redelivery (the ledger then
+    /// republishes what is recorded and unconfirmed; downstream ledgers drop the copies).
+    fileprivate func settle(_ group: [Completer.Finished]) async {
+        // What each delivery of the group publishes; nil while unknown (and for good when its commit failed).
+        var outboxes: [[OutboxMessage]?] = group.map {
+            if case .duplicate(_, let unpublished) = $0 { return unpublished }
+            return nil
+        }
+        var lostLease = Set<Int>()
+
+        // 4. Commit the invocations that ran: each key completed together with its outbox.
+        var ran: [(index: Int, request: CompletionRequest)] = []
+        for (i, f) in group.enumerated() {
+            if case .ran(let a, let outbox) = f {
+                ran.append((i, CompletionRequest(handler: handler.name, key: a.key, owner: a.owner, outbox: outbox)))
+            }
+        }
+        if !ran.isEmpty {
+            do {
+                let results = try await ledger.complete(ran.map(\.request))
+                for ((i, request), result) in zip(ran, results) {
+                    let logger = group[i].admitted.logger
+                    switch result {
+                    case .committed:
+                        outboxes[i] = request.outbox
+                    case .alreadyCompleted(let unpublished):
+                        logger.info("another invocation completed this key first; its outputs stand")
+                        outboxes[i] = unpublished
+                    case .leaseLost:
+                        logger.info("the lease on this key passed to another invocation; leaving it to that one")
+                        lostLease.insert(i)
+                    }
+                }
+            } catch {
+                await giveBack(ran.map { group[$0.index].admitted }, because: "commit failed: \(error)")
+            }
+            FaultInjection.reached("after-commit")
+        }
+
+        // 5. Publish every outbox of the group with confirms, record what was confirmed, then ack.
+        var messages: [AMQPOutgoingMessage] = []
+        var publishedBy: [Int] = []
+        for (i, outbox) in outboxes.enumerated() {
+            for m in outbox ?? [] {
+                messages.append(EnvelopeCodec.encode(m.envelope, exchange: m.exchange, routingKey: m.routingKey))
+                publishedBy.append(i)
+            }
+        }
+        var publishFailure: [Int: any Error] = [:]
+        if !messages.isEmpty {
+            for (n, result) in (await publisher.publish(contentsOf: messages)).enumerated() {
+                if case .failure(let error) = result { publishFailure[publishedBy[n]] = error }
+            }
+            FaultInjection.reached("after-publish")
+        }
+        var toAck = lostLease
+        var confirmed: [(index: Int, entries: PublishedEntries)] = []
+        var unconfirmed: [Admitted] = []
+        for (i, outbox) in outboxes.enumerated() {
+            guard let outbox else { continue }
+            let a = group[i].admitted
+            if publishFailure[i] != nil {
+                unconfirmed.append(a)
+            } else if outbox.isEmpty {
+                toAck.insert(i)
+            } else {
+                confirmed.append((i, PublishedEntries(handler: handler.name, key: a.key, indexes: outbox.map(\.index))))
+            }
+        }
+        if let error = publishFailure.values.first {
+            await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
+        }
+        if !confirmed.isEmpty {
+            do {
+                try await ledger.markPublished(confirmed.map(\.entries))
+                toAck.formUnion(confirmed.map(\.index))
+            } catch {
+                await giveBack(
+                    confirmed.map { group[$0.index].admitted },
+                    because: "could not record the published outbox: \(error)")
+            }
+        }
+        FaultInjection.reached("before-ack")
+        for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
     }
 
     private func failed(
@@ -224,6 +386,16 @@ struct HandlerRunner: Sendable {
         try? delivery.nack(requeue: true)
     }
 
+    /// ``giveBack(_:because:logger:)`` for several deliveries, with one pause for all.
+    private func giveBack(_ admitted: [Admitted], because reason: String) async {
+        guard !admitted.isEmpty else { return }
+        for a in admitted { a.logger.warning("leaving the event for redelivery: \(reason)") }
+        try? await Task.sleep(for: .seconds(1))
+        for a in admitted { try? a.delivery.nack(requeue: true) }
+    }
+
+    private var source: String { "choreo://\(service)/\(handler.name)" }
+
     private func withLeaseRenewal(key: String, owner: String, _ body: @Sendable () async throws -> Void) async throws {
         leases.hold(handler: handler.name, key: key, owner: owner)
         defer { leases.drop(owner: owner) }
@@ -233,6 +405,136 @@ struct HandlerRunner: Sendable {
     static func typeName(of error: any Error) -> String {
         if let n = error as? NonRetryable { return typeName(of: n.underlying) }
         return String(describing: type(of: error))
+    }
+}
+
+/// Counts a runner's deliveries taken and not yet settled (acked, given back or dead-lettered), which
+/// `--concurrency` limits, and makes the consumer wait for room.
+final class InFlight: Sendable {
+    private struct State {
+        var taken = 0
+        let limit: Int
+        /// The consumer loop waiting for room (or, when draining, for nothing taken).
+        var waiter: CheckedContinuation<Void, Never>?
+        var waitingForZero = false
+
+        var ready: Bool { waitingForZero ? taken == 0 : taken < limit }
+    }
+
+    private let state: Mutex<State>
+
+    init(limit: Int) {
+        state = Mutex(State(limit: limit))
+    }
+
+    var count: Int { state.withLock { $0.taken } }
+
+    func add(_ n: Int) {
+        state.withLock { $0.taken += n }
+    }
+
+    /// Deliveries settled.
+    func settled(_ n: Int) {
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.taken -= n
+            guard s.ready else { return nil }
+            defer { s.waiter = nil }
+            return s.waiter
+        }
+        waiter?.resume()
+    }
+
+    /// Waits for room; returns how many deliveries may be taken now.
+    func room() async -> Int {
+        await wait(forZero: false)
+        return state.withLock { max(1, $0.limit - $0.taken) }
+    }
+
+    /// Waits until every delivery settled, at most `timeout`; false when some had not.
+    func drained(within timeout: Duration) async -> Bool {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.wait(forZero: true) }
+            group.addTask { try? await Task.sleep(for: timeout) }
+            await group.next()
+            group.cancelAll()
+        }
+        return count == 0
+    }
+
+    private func wait(forZero: Bool) async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { s -> Bool in
+                    s.waitingForZero = forZero
+                    // Checked under the lock: a cancel that came before this registration finds no waiter.
+                    if Task.isCancelled || s.ready { return true }
+                    s.waiter = continuation
+                    return false
+                }
+                if ready { continuation.resume() }
+            }
+        } onCancel: {
+            let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+                defer { s.waiter = nil }
+                return s.waiter
+            }
+            waiter?.resume()
+        }
+    }
+}
+
+/// Collects finished invocations and settles them in groups: an invocation that finds fewer than
+/// ``maxSettlers`` groups being settled settles everything that is waiting, and again for what arrived
+/// meanwhile, until none is left. So a burst shares one commit, one publish and one ack pass, a lone
+/// event goes through at once, and one group's commit overlaps another's wait for confirms.
+final class Completer: Sendable {
+    enum Finished: Sendable {
+        /// The handler ran; its emits are to be committed and published.
+        case ran(HandlerRunner.Admitted, outbox: [OutboxMessage])
+        /// The key was completed before; publish what is still unpublished, then ack.
+        case duplicate(HandlerRunner.Admitted, unpublished: [OutboxMessage])
+
+        var admitted: HandlerRunner.Admitted {
+            switch self {
+            case .ran(let a, _), .duplicate(let a, _): return a
+            }
+        }
+    }
+
+    private let runner: HandlerRunner
+    private let inFlight: InFlight
+    private let state = Mutex<(waiting: [Finished], settlers: Int)>(([], 0))
+    static let maxSettlers = 2
+
+    init(runner: HandlerRunner, inFlight: InFlight) {
+        self.runner = runner
+        self.inFlight = inFlight
+    }
+
+    /// Hands over a finished invocation. False when another task is settling (it takes this one along);
+    /// true when the caller must now run ``settleAll()``.
+    func submit(_ finished: Finished) -> Bool {
+        state.withLock { s -> Bool in
+            s.waiting.append(finished)
+            if s.settlers >= Self.maxSettlers { return false }
+            s.settlers += 1
+            return true
+        }
+    }
+
+    /// Settles groups until nothing waits; run by the task that ``submit(_:)`` told to.
+    func settleAll() async {
+        while true {
+            let group = state.withLock { s -> [Finished] in
+                let g = s.waiting
+                s.waiting.removeAll(keepingCapacity: true)
+                if g.isEmpty { s.settlers -= 1 }
+                return g
+            }
+            if group.isEmpty { return }
+            await runner.settle(group)
+            inFlight.settled(group.count)
+        }
     }
 }
 

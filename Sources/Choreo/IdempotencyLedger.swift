@@ -36,6 +36,47 @@ public enum LedgerCompletion: Sendable, Hashable {
     case leaseLost
 }
 
+/// One key to claim in ``IdempotencyLedger/claim(_:lease:)``.
+public struct ClaimRequest: Sendable, Hashable {
+    public var handler: String
+    public var key: String
+    public var owner: String
+
+    public init(handler: String, key: String, owner: String) {
+        self.handler = handler
+        self.key = key
+        self.owner = owner
+    }
+}
+
+/// One claimed key to complete in ``IdempotencyLedger/complete(_:)``, with the outbox of its invocation.
+public struct CompletionRequest: Sendable, Hashable {
+    public var handler: String
+    public var key: String
+    public var owner: String
+    public var outbox: [OutboxMessage]
+
+    public init(handler: String, key: String, owner: String, outbox: [OutboxMessage]) {
+        self.handler = handler
+        self.key = key
+        self.owner = owner
+        self.outbox = outbox
+    }
+}
+
+/// Outbox entries of one key that the broker confirmed, for ``IdempotencyLedger/markPublished(_:)``.
+public struct PublishedEntries: Sendable, Hashable {
+    public var handler: String
+    public var key: String
+    public var indexes: [Int]
+
+    public init(handler: String, key: String, indexes: [Int]) {
+        self.handler = handler
+        self.key = key
+        self.indexes = indexes
+    }
+}
+
 /// The store that turns at-least-once delivery into exactly-once effects.
 ///
 /// Keys are scoped by handler. Implementations must make ``complete(handler:key:owner:outbox:)``
@@ -60,4 +101,43 @@ public protocol IdempotencyLedger: Sendable {
     func prune(completedBefore date: Date) async throws -> Int
     /// Checks that the store is reachable and writable.
     func check() async throws
+
+    /// Claims several keys, in order, as one write where the store can: the runner claims every
+    /// delivery that arrived together at once. The results are in the order of `requests`; a key that
+    /// appears twice is claimed by the first request and found held by the second.
+    func claim(_ requests: [ClaimRequest], lease: Duration) async throws -> [LedgerClaim]
+    /// Completes several keys as one write where the store can; each one atomically with its outbox,
+    /// exactly as ``complete(handler:key:owner:outbox:)``. Results in the order of `requests`.
+    func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion]
+    /// Records several keys' confirmed outbox entries as one write where the store can.
+    func markPublished(_ entries: [PublishedEntries]) async throws
+}
+
+extension IdempotencyLedger {
+    /// One call per key; stores that can batch writes override it.
+    public func claim(_ requests: [ClaimRequest], lease: Duration) async throws -> [LedgerClaim] {
+        var results: [LedgerClaim] = []
+        results.reserveCapacity(requests.count)
+        for r in requests {
+            results.append(try await claim(handler: r.handler, key: r.key, owner: r.owner, lease: lease))
+        }
+        return results
+    }
+
+    /// One call per key; stores that can batch writes override it.
+    public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
+        var results: [LedgerCompletion] = []
+        results.reserveCapacity(requests.count)
+        for r in requests {
+            results.append(try await complete(handler: r.handler, key: r.key, owner: r.owner, outbox: r.outbox))
+        }
+        return results
+    }
+
+    /// One call per key; stores that can batch writes override it.
+    public func markPublished(_ entries: [PublishedEntries]) async throws {
+        for e in entries where !e.indexes.isEmpty {
+            try await markPublished(handler: e.handler, key: e.key, indexes: e.indexes)
+        }
+    }
 }

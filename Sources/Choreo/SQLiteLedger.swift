@@ -62,35 +62,43 @@ public final class SQLiteLedger: IdempotencyLedger {
     }
 
     public func claim(handler: String, key: String, owner: String, lease: Duration) async throws -> LedgerClaim {
+        try await claim([ClaimRequest(handler: handler, key: key, owner: owner)], lease: lease)[0]
+    }
+
+    public func claim(_ requests: [ClaimRequest], lease: Duration) async throws -> [LedgerClaim] {
         let now = Date().timeIntervalSince1970
         let expires = now + lease.seconds
-        return try await writes.run { db -> LedgerClaim in
-            let row = try Row.fetchOne(
-                db.cachedStatement(
-                    sql: "SELECT state, owner, lease_expires, attempts FROM claim WHERE handler = ? AND key = ?"),
-                arguments: [handler, key])
-            guard let row else {
-                try db.cachedStatement(
-                    sql:
-                        "INSERT INTO claim (handler, key, state, owner, lease_expires, attempts) VALUES (?, ?, 'claimed', ?, ?, 1)"
-                ).execute(arguments: [handler, key, owner, expires])
-                return .claimed(attempts: 1)
-            }
-            let state: String = row["state"]
-            if state == "completed" {
-                return .completed(unpublished: try Self.outbox(db, handler: handler, key: key, unpublishedOnly: true))
-            }
-            let holder: String? = row["owner"]
-            let until: Double = row["lease_expires"] ?? 0
-            if let holder, holder != owner, until > now {
-                return .heldElsewhere(until: Date(timeIntervalSince1970: until))
-            }
-            let attempts: Int = (row["attempts"] ?? 0) + 1
-            try db.cachedStatement(
-                sql: "UPDATE claim SET owner = ?, lease_expires = ?, attempts = ? WHERE handler = ? AND key = ?"
-            ).execute(arguments: [owner, expires, attempts, handler, key])
-            return .claimed(attempts: attempts)
+        return try await writes.run { db in
+            try requests.map { try Self.claim($0, now: now, expires: expires, db) }
         }
+    }
+
+    private static func claim(_ r: ClaimRequest, now: Double, expires: Double, _ db: Database) throws -> LedgerClaim {
+        let row = try Row.fetchOne(
+            db.cachedStatement(
+                sql: "SELECT state, owner, lease_expires, attempts FROM claim WHERE handler = ? AND key = ?"),
+            arguments: [r.handler, r.key])
+        guard let row else {
+            try db.cachedStatement(
+                sql:
+                    "INSERT INTO claim (handler, key, state, owner, lease_expires, attempts) VALUES (?, ?, 'claimed', ?, ?, 1)"
+            ).execute(arguments: [r.handler, r.key, r.owner, expires])
+            return .claimed(attempts: 1)
+        }
+        let state: String = row["state"]
+        if state == "completed" {
+            return .completed(unpublished: try outbox(db, handler: r.handler, key: r.key, unpublishedOnly: true))
+        }
+        let holder: String? = row["owner"]
+        let until: Double = row["lease_expires"] ?? 0
+        if let holder, holder != r.owner, until > now {
+            return .heldElsewhere(until: Date(timeIntervalSince1970: until))
+        }
+        let attempts: Int = (row["attempts"] ?? 0) + 1
+        try db.cachedStatement(
+            sql: "UPDATE claim SET owner = ?, lease_expires = ?, attempts = ? WHERE handler = ? AND key = ?"
+        ).execute(arguments: [r.owner, expires, attempts, r.handler, r.key])
+        return .claimed(attempts: attempts)
     }
 
     public func renew(handler: String, key: String, owner: String, lease: Duration) async throws -> Bool {
@@ -107,43 +115,57 @@ public final class SQLiteLedger: IdempotencyLedger {
     public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws
         -> LedgerCompletion
     {
+        try await complete([CompletionRequest(handler: handler, key: key, owner: owner, outbox: outbox)])[0]
+    }
+
+    public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
         let now = Date().timeIntervalSince1970
-        let encoded = try outbox.map { ($0, try Self.encodeAttributes($0.envelope)) }
-        return try await writes.run { db -> LedgerCompletion in
-            let row = try Row.fetchOne(
-                db.cachedStatement(sql: "SELECT state, owner FROM claim WHERE handler = ? AND key = ?"),
-                arguments: [handler, key])
-            let state: String? = row?["state"]
-            if state == "completed" {
-                return .alreadyCompleted(
-                    unpublished: try Self.outbox(db, handler: handler, key: key, unpublishedOnly: true))
-            }
-            let holder: String? = row?["owner"]
-            guard holder == owner else { return .leaseLost }
-            try db.cachedStatement(
-                sql:
-                    "UPDATE claim SET state = 'completed', owner = NULL, lease_expires = NULL, completed_at = ? WHERE handler = ? AND key = ?"
-            ).execute(arguments: [now, handler, key])
-            for (message, attributes) in encoded {
-                try db.cachedStatement(
-                    sql: """
-                        INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data) VALUES (?, ?, ?, ?, ?, ?, ?)
-                        """
-                ).execute(arguments: [
-                    handler, key, message.index, message.exchange, message.routingKey, attributes,
-                    message.envelope.data,
-                ])
-            }
-            return .committed
+        let encoded = try requests.map { r in try r.outbox.map { try Self.encodeAttributes($0.envelope) } }
+        return try await writes.run { db in
+            try zip(requests, encoded).map { try Self.complete($0, attributes: $1, now: now, db) }
         }
     }
 
+    private static func complete(_ r: CompletionRequest, attributes: [String], now: Double, _ db: Database) throws
+        -> LedgerCompletion
+    {
+        let row = try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT state, owner FROM claim WHERE handler = ? AND key = ?"),
+            arguments: [r.handler, r.key])
+        let state: String? = row?["state"]
+        if state == "completed" {
+            return .alreadyCompleted(unpublished: try outbox(db, handler: r.handler, key: r.key, unpublishedOnly: true))
+        }
+        let holder: String? = row?["owner"]
+        guard holder == r.owner else { return .leaseLost }
+        try db.cachedStatement(
+            sql:
+                "UPDATE claim SET state = 'completed', owner = NULL, lease_expires = NULL, completed_at = ? WHERE handler = ? AND key = ?"
+        ).execute(arguments: [now, r.handler, r.key])
+        for (message, attributes) in zip(r.outbox, attributes) {
+            try db.cachedStatement(
+                sql: """
+                    INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data) VALUES (?, ?, ?, ?, ?, ?, ?)
+                    """
+            ).execute(arguments: [
+                r.handler, r.key, message.index, message.exchange, message.routingKey, attributes,
+                message.envelope.data,
+            ])
+        }
+        return .committed
+    }
+
     public func markPublished(handler: String, key: String, indexes: [Int]) async throws {
-        guard !indexes.isEmpty else { return }
+        try await markPublished([PublishedEntries(handler: handler, key: key, indexes: indexes)])
+    }
+
+    public func markPublished(_ entries: [PublishedEntries]) async throws {
+        guard entries.contains(where: { !$0.indexes.isEmpty }) else { return }
         try await writes.run { db in
-            for index in indexes {
-                try db.cachedStatement(sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ?")
-                    .execute(arguments: [handler, key, index])
+            let update = try db.cachedStatement(
+                sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ?")
+            for e in entries {
+                for index in e.indexes { try update.execute(arguments: [e.handler, e.key, index]) }
             }
         }
     }
@@ -281,6 +303,8 @@ final class GroupCommit: Sendable {
 
     private let pool: DatabasePool
     private let state = Mutex<(queue: [Pending], running: Bool)>(([], false))
+    /// Where batches are written: one thread at a time, outside Swift's cooperative pool (SQLite blocks).
+    private let writer = DispatchQueue(label: "choreo.ledger.group-commit")
 
     init(pool: DatabasePool) {
         self.pool = pool
@@ -303,11 +327,11 @@ final class GroupCommit: Sendable {
                 s.running = true
                 return true
             }
-            if start { Task { await self.drain() } }
+            if start { writer.async { self.drain() } }
         }
     }
 
-    private func drain() async {
+    private func drain() {
         while true {
             let batch = state.withLock { s -> [Pending] in
                 let b = s.queue
@@ -317,7 +341,13 @@ final class GroupCommit: Sendable {
             }
             if batch.isEmpty { return }
             do {
-                try await pool.write { db in
+                try pool.write { db in
+                    if batch.count == 1 {
+                        // No savepoint needed: the transaction is the operation's alone.
+                        do { try batch[0].work(db) } catch { batch[0].outcome = .failure(error) }
+                        if case .failure = batch[0].outcome { throw RollBack() }
+                        return
+                    }
                     for op in batch {
                         do {
                             try db.inSavepoint {
@@ -331,11 +361,16 @@ final class GroupCommit: Sendable {
                     }
                 }
                 for op in batch { op.finish(op.outcome) }
+            } catch is RollBack {
+                for op in batch { op.finish(op.outcome) }
             } catch {
                 for op in batch { op.finish(.failure(error)) }
             }
         }
     }
+
+    /// Rolls back a single operation's transaction after it threw (its own error is reported).
+    private struct RollBack: Error {}
 }
 
 extension Duration {

@@ -214,7 +214,7 @@ public final class AMQPChannel: Sendable {
         arguments: AMQPTable = [:]
     ) async throws(AMQPError) -> AMQPConsumer {
         let id = number
-        let (stream, continuation) = AsyncThrowingStream<AMQPDelivery, Error>.makeStream()
+        let buffer = DeliveryBuffer()
         let tag = try await loop.perform { core throws(AMQPError) -> String in
             let arena = CArena()
             let q = try arena.convert { try arena.bytes(queue) }
@@ -224,10 +224,10 @@ public final class AMQPChannel: Sendable {
                 guard let ok = amqp_basic_consume(state, id, q, t, 0, 0, exclusive ? 1 : 0, args) else { return "" }
                 return CDecode.string(ok.pointee.consumer_tag)
             }
-            core.addConsumer(tag: tag, channel: id, sink: .init(continuation: continuation, channel: self))
+            core.addConsumer(tag: tag, channel: id, sink: .init(buffer: buffer, channel: self))
             return tag
         }
-        return AMQPConsumer(consumerTag: tag, stream: stream, channel: self)
+        return AMQPConsumer(consumerTag: tag, buffer: buffer, channel: self)
     }
 
     /// Consumes a stream queue from an offset. Sets the prefetch, which streams require.
@@ -249,7 +249,7 @@ public final class AMQPChannel: Sendable {
             _ = try core.request("basic.cancel '\(consumerTag)'", channel: id) { state in
                 amqp_basic_cancel(state, id, t)
             }
-            core.removeConsumer(tag: consumerTag, channel: id)?.continuation.finish()
+            core.removeConsumer(tag: consumerTag, channel: id)?.buffer.finish()
         }
     }
 

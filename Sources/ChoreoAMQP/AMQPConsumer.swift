@@ -17,11 +17,34 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
     public typealias Element = AMQPDelivery
 
     public let consumerTag: String
-    let stream: AsyncThrowingStream<AMQPDelivery, Error>
+    let buffer: DeliveryBuffer
     let channel: AMQPChannel
 
-    public func makeAsyncIterator() -> AsyncThrowingStream<AMQPDelivery, Error>.AsyncIterator {
-        stream.makeAsyncIterator()
+    /// Waits for at least one delivery and returns every one already received, up to `max`, oldest first;
+    /// nil once the consumer ended normally (after ``cancel()``) or the calling task was cancelled.
+    /// Throws when the broker cancelled the consumer, the channel closed or the connection was lost.
+    public func next(max: Int) async throws -> [AMQPDelivery]? {
+        try await buffer.next(max: max)
+    }
+
+    public func makeAsyncIterator() -> Iterator {
+        Iterator(buffer: buffer)
+    }
+
+    public struct Iterator: AsyncIteratorProtocol {
+        let buffer: DeliveryBuffer
+        var pending: [AMQPDelivery] = []
+        var index = 0
+
+        public mutating func next() async throws -> AMQPDelivery? {
+            if index == pending.count {
+                guard let more = try await buffer.next(max: 256) else { return nil }
+                pending = more
+                index = 0
+            }
+            defer { index += 1 }
+            return pending[index]
+        }
     }
 
     /// Stops the consumer (basic.cancel). Deliveries already buffered are still yielded, then the sequence ends.

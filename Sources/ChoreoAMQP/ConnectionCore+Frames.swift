@@ -39,7 +39,7 @@ extension ConnectionCore {
             let c = method.decoded.assumingMemoryBound(to: amqp_basic_cancel_t.self).pointee
             let tag = CDecode.string(c.consumer_tag)
             if let sink = removeConsumer(tag: tag, channel: id) {
-                sink.continuation.finish(
+                sink.buffer.finish(
                     throwing: AMQPError(
                         .consumerCancelled, message: "the broker cancelled consumer '\(tag)' (queue deleted or moved)",
                         operation: "consume"))
@@ -133,7 +133,7 @@ extension ConnectionCore {
             exchange: exchange, routingKey: routingKey, consumerTag: consumerTag,
             channel: sink.channel, generation: channel.generation)
         channel.deliveries.delivered(deliveryTag)
-        sink.continuation.yield(delivery)
+        sink.buffer.yield(delivery)
     }
 
     private func channelClosedByBroker(_ id: UInt16, error: AMQPError) {

@@ -13,7 +13,7 @@ final class ConnectionCore {
 
     /// A consumer's delivery sink and identity.
     struct ConsumerSink {
-        var continuation: AsyncThrowingStream<AMQPDelivery, Error>.Continuation
+        var buffer: DeliveryBuffer
         var channel: AMQPChannel
     }
 
@@ -463,7 +463,7 @@ final class ConnectionCore {
         }
         for completion in channel.completions.values { completion(.failure(reason)) }
         channel.completions.removeAll()
-        for sink in channel.consumers.values { sink.continuation.finish(throwing: reason) }
+        for sink in channel.consumers.values { sink.buffer.finish(throwing: reason) }
         channel.consumers.removeAll()
         channel.open = false
         channel.status.closed()

@@ -142,7 +142,7 @@ public struct DeadLetterStore: Sendable {
                         progressed += 1
                     }
                 }
-                if progressed == 0 { break } // see replay: only a round that found nothing ends the work
+                if progressed == 0 { break }  // see replay: only a round that found nothing ends the work
             }
         }
         return removed

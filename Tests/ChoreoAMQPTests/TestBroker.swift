@@ -76,12 +76,8 @@ func nextDelivery(_ iterator: inout AMQPConsumer.AsyncIterator, within seconds: 
     return delivery
 }
 
-extension AMQPConsumer {
-    typealias AsyncIterator = AsyncThrowingStream<AMQPDelivery, Error>.AsyncIterator
-}
-
 private final class IteratorBox: @unchecked Sendable {
-    var iterator: AsyncThrowingStream<AMQPDelivery, Error>.AsyncIterator
-    init(_ iterator: AsyncThrowingStream<AMQPDelivery, Error>.AsyncIterator) { self.iterator = iterator }
+    var iterator: AMQPConsumer.AsyncIterator
+    init(_ iterator: AMQPConsumer.AsyncIterator) { self.iterator = iterator }
     func next() async throws -> AMQPDelivery? { try await iterator.next() }
 }

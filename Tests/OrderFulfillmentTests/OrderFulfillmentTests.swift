@@ -75,7 +75,11 @@ struct OrderFulfillmentTests {
     }
 
     private func sqlite<T>(_ path: URL, _ body: (Database) throws -> T) throws -> T {
-        try DatabaseQueue(path: path.path).read(body)
+        // The services write these files while the test reads them: wait for their locks instead of failing.
+        var config = Configuration()
+        config.readonly = true
+        config.busyMode = .timeout(10)
+        return try DatabaseQueue(path: path.path, configuration: config).read(body)
     }
 
     @Test("500 orders of four kinds reach the right outcome while payment is killed with SIGKILL and restarted")
