@@ -30,7 +30,9 @@ struct HopB: EventHandler {
 final class LatencyLog: Sendable {
     private let handle: Mutex<FileHandle>
     init(path: String) throws {
-        if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
+        if !FileManager.default.fileExists(atPath: path) {
+            _ = FileManager.default.createFile(atPath: path, contents: nil)
+        }
         let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
         h.seekToEndOfFile()
         handle = Mutex(h)

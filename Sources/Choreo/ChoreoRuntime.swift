@@ -143,6 +143,7 @@ public final class ChoreoRuntime: Service, Sendable {
         }
         try await Topology.declareRegistry(on: publisher)
         try await appendManifests(publisher)
+        for h in handlers { try await publishLeftoverOutbox(of: h, on: publisher) }
 
         let owner =
             "\(ProcessInfo.processInfo.hostName)/\(ProcessInfo.processInfo.processIdentifier)/\(UUID().uuidString.prefix(8))"
@@ -158,7 +159,7 @@ public final class ChoreoRuntime: Service, Sendable {
                 service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
                 ledger: ledger, publisher: publisher, owner: owner,
                 leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
-                leases: leases, logger: logger)
+                leases: leases, logger: Self.logger(logger, handler: h.name))
             started.append((runner, consumer, concurrency))
         }
         consumers.withLock { $0 = started.map(\.1) }
@@ -204,10 +205,39 @@ public final class ChoreoRuntime: Service, Sendable {
         }
     }
 
+    private static func logger(_ base: Logger, handler: String) -> Logger {
+        var logger = base
+        logger[metadataKey: "handler"] = "\(handler)"
+        return logger
+    }
+
     private func consume(_ consumer: AMQPConsumer, with runner: HandlerRunner, concurrency: Int) async throws {
         try await runner.consume(
             consumer, concurrency: concurrency, drainTimeout: configuration.shutdownTimeout,
             shouldStop: { self.isShuttingDown })
+    }
+
+    /// Publishes outbox entries that an earlier run committed and may not have published, or published
+    /// and acked without recording it (a crash between the ack and the record): downstream ledgers drop
+    /// the copies by id. Runs before consuming, when no invocation of this process is in flight.
+    private func publishLeftoverOutbox(of h: HandlerDescriptor, on channel: AMQPChannel) async throws {
+        var total = 0
+        while true {
+            let pending = try await ledger.unpublished(handler: h.name, limit: 500)
+            if pending.isEmpty { break }
+            let messages = pending.flatMap { p in
+                p.messages.map { EnvelopeCodec.encode($0.envelope, exchange: $0.exchange, routingKey: $0.routingKey) }
+            }
+            for result in await channel.publish(contentsOf: messages) { try result.get() }
+            try await ledger.markPublished(
+                pending.map { PublishedEntries(handler: h.name, key: $0.key, indexes: $0.messages.map(\.index)) })
+            total += messages.count
+        }
+        if total > 0 {
+            logger.info(
+                "published outbox entries left unrecorded by an earlier run",
+                metadata: ["handler": "\(h.name)", "count": "\(total)"])
+        }
     }
 
     private func appendManifests(_ channel: AMQPChannel) async throws {

@@ -76,7 +76,9 @@ public enum EnvelopeCodec {
             guard let text = stringValue(value) else {
                 throw EnvelopeDecodingError("header '\(name)' has AMQP type \(typeName(value)), expected a string")
             }
-            attributes[attribute.lowercased()] = text
+            attributes[
+                attribute.utf8.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) ? attribute.lowercased() : attribute] =
+                text
         }
         // message_id and type mirror the attributes; accept them when a plain AMQP client sent only those.
         if attributes[CE.id] == nil, let id = properties.messageID, !id.isEmpty { attributes[CE.id] = id }
@@ -155,21 +157,27 @@ public enum EnvelopeCodec {
             }
             version = n
         }
-        let known: Set<String> = [
-            CE.id, CE.type, CE.source, CE.specVersion, CE.time, CE.subject, CE.dataContentType,
-            CE.dataSchema, CE.dataVersion, CE.correlationID, CE.causationID, CE.traceparent,
-            CE.idempotencyKey,
-        ]
         var e = EventEnvelope(
             id: id, source: source, type: type, time: time, subject: a[CE.subject], dataContentType: contentType,
             dataSchema: a[CE.dataSchema], dataVersion: version, correlationID: a[CE.correlationID],
             causationID: a[CE.causationID], traceparent: a[CE.traceparent], idempotencyKey: a[CE.idempotencyKey],
-            extensions: a.filter { !known.contains($0.key) }, data: data)
+            extensions: a.filter { !knownAttributes.contains($0.key) }, data: data)
         e.specVersion = spec
         return e
     }
 
+    /// The attributes with a field of their own in ``EventEnvelope``; any other is an extension.
+    private static let knownAttributes: Set<String> = {
+        typealias CE = WireNames.CloudEvents
+        return [
+            CE.id, CE.type, CE.source, CE.specVersion, CE.time, CE.subject, CE.dataContentType,
+            CE.dataSchema, CE.dataVersion, CE.correlationID, CE.causationID, CE.traceparent,
+            CE.idempotencyKey,
+        ]
+    }()
+
     static func isJSON(_ contentType: String) -> Bool {
+        if contentType == "application/json" { return true }
         let base =
             contentType.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
         return base == "application/json" || base.hasSuffix("+json") || base == "text/json"
@@ -198,14 +206,109 @@ public enum EnvelopeCodec {
     }
 }
 
-/// RFC 3339 timestamps as CloudEvents writes them.
+/// RFC 3339 timestamps as CloudEvents writes them: UTC, milliseconds (`2026-11-25T14:58:03.123Z`).
+///
+/// Written and read by hand on the hot path (every event carries one); other RFC 3339 forms (offsets,
+/// no fraction) are read through Foundation's ISO 8601 parser.
 public enum Timestamps {
     public static func format(_ date: Date) -> String {
-        date.formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
+        let millisTotal = (date.timeIntervalSince1970 * 1000).rounded(.down)
+        guard millisTotal.isFinite, millisTotal >= 0, millisTotal < 253_402_300_800_000 else {
+            return date.formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
+        }
+        let totalMillis = Int64(millisTotal)
+        let millis = Int(totalMillis % 1000)
+        let seconds = totalMillis / 1000
+        let days = Int(seconds / 86_400)
+        let secondOfDay = Int(seconds % 86_400)
+        let (y, m, d) = civil(fromDays: days)
+        var out = [UInt8]()
+        out.reserveCapacity(24)
+        func digits(_ value: Int, _ count: Int) {
+            var divisor = 1
+            for _ in 1..<count { divisor *= 10 }
+            var v = value
+            while divisor > 0 {
+                out.append(UInt8(ascii: "0") + UInt8(v / divisor))
+                v %= divisor
+                divisor /= 10
+            }
+        }
+        digits(y, 4)
+        out.append(UInt8(ascii: "-"))
+        digits(m, 2)
+        out.append(UInt8(ascii: "-"))
+        digits(d, 2)
+        out.append(UInt8(ascii: "T"))
+        digits(secondOfDay / 3600, 2)
+        out.append(UInt8(ascii: ":"))
+        digits(secondOfDay / 60 % 60, 2)
+        out.append(UInt8(ascii: ":"))
+        digits(secondOfDay % 60, 2)
+        out.append(UInt8(ascii: "."))
+        digits(millis, 3)
+        out.append(UInt8(ascii: "Z"))
+        return String(decoding: out, as: UTF8.self)
     }
 
     public static func parse(_ text: String) -> Date? {
+        if let d = parseUTC(text) { return d }
         if let d = try? Date(text, strategy: Date.ISO8601FormatStyle(includingFractionalSeconds: true)) { return d }
         return try? Date(text, strategy: Date.ISO8601FormatStyle())
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (also with a lowercase `t`/`z`); nil for anything else.
+    private static func parseUTC(_ text: String) -> Date? {
+        let b = Array(text.utf8)
+        guard b.count >= 20, b[4] == UInt8(ascii: "-"), b[7] == UInt8(ascii: "-"),
+            b[10] | 0x20 == UInt8(ascii: "t"), b[13] == UInt8(ascii: ":"), b[16] == UInt8(ascii: ":"),
+            b[b.count - 1] | 0x20 == UInt8(ascii: "z")
+        else { return nil }
+        func number(_ from: Int, _ count: Int) -> Int? {
+            var v = 0
+            for i in from..<(from + count) {
+                let c = b[i]
+                guard c >= UInt8(ascii: "0"), c <= UInt8(ascii: "9") else { return nil }
+                v = v * 10 + Int(c - UInt8(ascii: "0"))
+            }
+            return v
+        }
+        guard let y = number(0, 4), let mo = number(5, 2), let d = number(8, 2), let h = number(11, 2),
+            let mi = number(14, 2), let s = number(17, 2), (1...12).contains(mo), (1...31).contains(d), h < 24,
+            mi < 60, s < 61
+        else { return nil }
+        var fraction = 0.0
+        if b.count > 20 {
+            guard b[19] == UInt8(ascii: "."), b.count > 21, let f = number(20, b.count - 21) else { return nil }
+            fraction = Double(f) / pow(10, Double(b.count - 21))
+        } else if b.count != 20 {
+            return nil
+        }
+        let days = Self.days(fromCivil: y, mo, d)
+        let seconds = Double(days) * 86_400 + Double(h * 3600 + mi * 60 + s)
+        return Date(timeIntervalSince1970: seconds + fraction)
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    static func days(fromCivil year: Int, _ month: Int, _ day: Int) -> Int {
+        let y = month <= 2 ? year - 1 : year
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let doy = (153 * (month + (month > 2 ? -3 : 9)) + 2) / 5 + day - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        return era * 146_097 + doe - 719_468
+    }
+
+    /// The date of a day count since 1970-01-01 (inverse of ``days(fromCivil:_:_:)``).
+    static func civil(fromDays days: Int) -> (year: Int, month: Int, day: Int) {
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        return (yoe + era * 400 + (month <= 2 ? 1 : 0), month, day)
     }
 }

@@ -11,7 +11,9 @@
 /// SIGKILL the first time it reaches that point (it creates the marker file first, so the restarted
 /// process goes on). The crash tests use this to prove that no step boundary loses or doubles anything.
 package enum FaultInjection {
-    package static let points = ["after-claim", "after-handler", "after-commit", "after-publish", "before-ack"]
+    package static let points = [
+        "after-claim", "after-handler", "after-commit", "after-publish", "before-ack", "after-ack",
+    ]
 
     package static func reached(_ point: String) {
         #if DEBUG

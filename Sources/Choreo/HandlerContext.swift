@@ -16,13 +16,15 @@ public final class HandlerContext: Sendable {
     /// The key this invocation is deduplicated by; pass it to external APIs as their idempotency key.
     public let idempotencyKey: String
     /// Carries `event.id`, `event.type` and `handler` as metadata.
-    public let logger: Logger
+    public var logger: Logger { HandlerRunner.logger(handlerLogger, for: envelope) }
+    private let handlerLogger: Logger
     let handlerName: String
     let source: String
     let exchange: String
     let allowedTypes: Set<String>
     private let buffer = Mutex<[OutboxMessage]>([])
 
+    /// `logger` is the handler's; the event's id and type are added when the handler logs.
     package init(
         envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
         source: String, exchange: String, allowedTypes: Set<String>
@@ -30,7 +32,7 @@ public final class HandlerContext: Sendable {
         self.envelope = envelope
         self.attempt = attempt
         self.idempotencyKey = idempotencyKey
-        self.logger = logger
+        self.handlerLogger = logger
         self.handlerName = handlerName
         self.source = source
         self.exchange = exchange

@@ -22,14 +22,39 @@ struct HandlerRunner: Sendable {
     let logger: Logger
 
     /// A delivery that decoded and that the handler accepts, with everything its invocation needs.
-    struct Admitted: Sendable {
-        var delivery: AMQPDelivery
-        var envelope: EventEnvelope
-        var prepared: HandlerDescriptor.Prepared
-        var key: String
-        var owner: String
-        var attempt: Int
-        var logger: Logger
+    /// A class: it travels through several stages and arrays, and copying its fields each time costs more
+    /// than the rest of the bookkeeping.
+    final class Admitted: Sendable {
+        let delivery: AMQPDelivery
+        let envelope: EventEnvelope
+        let prepared: HandlerDescriptor.Prepared
+        let key: String
+        let owner: String
+        let attempt: Int
+        private let handlerLogger: Logger
+
+        init(
+            delivery: AMQPDelivery, envelope: EventEnvelope, prepared: HandlerDescriptor.Prepared, key: String,
+            owner: String, attempt: Int, handlerLogger: Logger
+        ) {
+            self.delivery = delivery
+            self.envelope = envelope
+            self.prepared = prepared
+            self.key = key
+            self.owner = owner
+            self.attempt = attempt
+            self.handlerLogger = handlerLogger
+        }
+
+        /// The handler's logger with the event's id and type; built when something is logged, not per event.
+        var logger: Logger { HandlerRunner.logger(handlerLogger, for: envelope) }
+    }
+
+    static func logger(_ base: Logger, for envelope: EventEnvelope) -> Logger {
+        var logger = base
+        logger[metadataKey: "event.id"] = "\(envelope.id)"
+        logger[metadataKey: "event.type"] = "\(envelope.type)"
+        return logger
     }
 
     /// Consumes until the consumer ends, `shouldStop` turns true or the connection is lost, with at most
@@ -142,7 +167,7 @@ struct HandlerRunner: Sendable {
     /// Runs the handler with its emits buffered; success goes to the completer, failure to a retry tier or the DLQ.
     private func invoke(_ a: Admitted, completer: Completer, inFlight: InFlight) async {
         let context = HandlerContext(
-            envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: a.logger,
+            envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: logger,
             handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet)
         do {
             try await withLeaseRenewal(key: a.key, owner: a.owner) { try await a.prepared.run(context) }
@@ -167,8 +192,7 @@ struct HandlerRunner: Sendable {
 
     /// Step 1: decodes the delivery and lets the handler vet it; anything unusable comes back as a rejection.
     private func decode(_ delivery: AMQPDelivery) -> Result<Admitted, Rejection> {
-        var logger = self.logger
-        logger[metadataKey: "handler"] = "\(handler.name)"
+        let logger = self.logger
         let attempt = Int(delivery.properties.headers?[WireNames.Headers.attempt]?.stringValue ?? "") ?? 1
         if delivery.body.count > maxBodyBytes {
             return .failure(
@@ -185,20 +209,20 @@ struct HandlerRunner: Sendable {
             return .failure(
                 Rejection(errorType: "EnvelopeDecodingError", message: error.reason, attempt: attempt, logger: logger))
         }
-        logger[metadataKey: "event.id"] = "\(envelope.id)"
-        logger[metadataKey: "event.type"] = "\(envelope.type)"
         let prepared: HandlerDescriptor.Prepared
         do throws(EventRejection) {
             prepared = try handler.prepare(envelope)
         } catch {
             return .failure(
-                Rejection(errorType: error.errorType, message: error.message, attempt: attempt, logger: logger))
+                Rejection(
+                    errorType: error.errorType, message: error.message, attempt: attempt,
+                    logger: Self.logger(logger, for: envelope)))
         }
         return .success(
             Admitted(
                 delivery: delivery, envelope: envelope, prepared: prepared,
                 key: prepared.key ?? envelope.idempotencyKey ?? envelope.id, owner: "\(owner)/\(delivery.deliveryTag)",
-                attempt: attempt, logger: logger))
+                attempt: attempt, handlerLogger: logger))
     }
 
     /// Steps 4 and 5 for a group of finished invocations: one ledger write commits them all, their outboxes
@@ -242,7 +266,7 @@ struct HandlerRunner: Sendable {
             FaultInjection.reached("after-commit")
         }
 
-        // 5. Publish every outbox of the group with confirms, record what was confirmed, then ack.
+        // 5. Publish every outbox of the group with confirms, ack, then record what was confirmed.
         var messages: [AMQPOutgoingMessage] = []
         var publishedBy: [Int] = []
         for (i, outbox) in outboxes.enumerated() {
@@ -272,21 +296,25 @@ struct HandlerRunner: Sendable {
                 confirmed.append((i, PublishedEntries(handler: handler.name, key: a.key, indexes: outbox.map(\.index))))
             }
         }
+        toAck.formUnion(confirmed.map(\.index))
+        FaultInjection.reached("before-ack")
+        for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
+        FaultInjection.reached("after-ack")
         if let error = publishFailure.values.first {
             await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
         }
+        // Bookkeeping after the ack, off the event's path: the broker confirmed these entries already.
+        // If the record is lost (a crash right here, or the ledger failing), the outbox sweep at the next
+        // start publishes them once more and records them; downstream ledgers drop the copies by id.
         if !confirmed.isEmpty {
             do {
                 try await ledger.markPublished(confirmed.map(\.entries))
-                toAck.formUnion(confirmed.map(\.index))
             } catch {
-                await giveBack(
-                    confirmed.map { group[$0.index].admitted },
-                    because: "could not record the published outbox: \(error)")
+                logger.warning(
+                    "could not record published outbox entries; the next start publishes them again",
+                    metadata: ["error": "\(error)"])
             }
         }
-        FaultInjection.reached("before-ack")
-        for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
     }
 
     private func failed(

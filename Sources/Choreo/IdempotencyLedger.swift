@@ -77,6 +77,17 @@ public struct PublishedEntries: Sendable, Hashable {
     }
 }
 
+/// A completed key's outbox entries not recorded as published, from ``IdempotencyLedger/unpublished(handler:limit:)``.
+public struct PendingOutbox: Sendable, Hashable {
+    public var key: String
+    public var messages: [OutboxMessage]
+
+    public init(key: String, messages: [OutboxMessage]) {
+        self.key = key
+        self.messages = messages
+    }
+}
+
 /// The store that turns at-least-once delivery into exactly-once effects.
 ///
 /// Keys are scoped by handler. Implementations must make ``complete(handler:key:owner:outbox:)``
@@ -101,6 +112,9 @@ public protocol IdempotencyLedger: Sendable {
     func prune(completedBefore date: Date) async throws -> Int
     /// Checks that the store is reachable and writable.
     func check() async throws
+    /// Completed keys of the handler with outbox entries not recorded as published, at most `limit` keys:
+    /// the runner publishes them again at start (their record may have been lost after the ack).
+    func unpublished(handler: String, limit: Int) async throws -> [PendingOutbox]
 
     /// Claims several keys, in order, as one write where the store can: the runner claims every
     /// delivery that arrived together at once. The results are in the order of `requests`; a key that

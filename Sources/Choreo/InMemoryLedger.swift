@@ -109,6 +109,20 @@ public final class InMemoryLedger: IdempotencyLedger {
 
     public func check() async throws {}
 
+    public func unpublished(handler: String, limit: Int) async throws -> [PendingOutbox] {
+        let prefix = "\(handler)\u{0}"
+        return entries.withLock { entries in
+            entries.filter { $0.key.hasPrefix(prefix) && $0.value.completed }
+                .sorted { $0.key < $1.key }
+                .compactMap { id, e -> PendingOutbox? in
+                    let pending = e.outbox.filter { !e.published.contains($0.index) }
+                    return pending.isEmpty
+                        ? nil : PendingOutbox(key: String(id.dropFirst(prefix.count)), messages: pending)
+                }
+                .prefix(limit).map { $0 }
+        }
+    }
+
     /// How many times a key was claimed (handler invocations started), or 0.
     public func claims(handler: String, key: String) -> Int {
         entries.withLock { $0[id(handler, key)]?.attempts ?? 0 }

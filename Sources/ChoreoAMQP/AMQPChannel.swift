@@ -327,9 +327,12 @@ private final class PublishBatch: @unchecked Sendable {
     func publish(_ messages: [AMQPOutgoingMessage], from start: Int, channel: UInt16, core: ConnectionCore) {
         let end = min(start + Self.chunk, messages.count)
         let arena = CArena(pageSize: 16_384)
-        for i in start..<end {
-            core.publish(messages[i], channel: channel, arena: arena) { [self] result in self.settled(i, result) }
+        let write = {
+            for i in start..<end {
+                core.publish(messages[i], channel: channel, arena: arena) { [self] result in self.settled(i, result) }
+            }
         }
+        if end - start > 1 { core.corked(write) } else { write() }
         guard end < messages.count else { return }
         // Let the loop read confirms (and serve other jobs) before the next chunk.
         let ended = core.loop.submit { [self] core in self.publish(messages, from: end, channel: channel, core: core) }

@@ -317,6 +317,23 @@ final class ConnectionCore {
 
     // MARK: - Publishing
 
+    /// Runs `body`, which writes several messages, with the socket corked: rabbitmq-c sends every frame
+    /// with its own send(), and without the cork each message would leave as its own TCP segment, which
+    /// costs this process and the broker a wake-up and a read per message.
+    func corked(_ body: () -> Void) {
+        guard let state else { return body() }
+        let fd = amqp_get_sockfd(state)
+        guard fd >= 0 else { return body() }
+        var on: Int32 = 1
+        let size = socklen_t(MemoryLayout<Int32>.size)
+        let didCork = setsockopt(fd, Int32(IPPROTO_TCP), TCP_CORK, &on, size) == 0
+        body()
+        if didCork {
+            var off: Int32 = 0
+            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_CORK, &off, size)
+        }
+    }
+
     /// Publishes one message. With confirms on, `completion` runs when the broker settles it; else at once.
     ///
     /// `arena` holds the encoded properties until the call returns; a batch shares one per chunk.

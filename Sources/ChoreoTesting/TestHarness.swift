@@ -175,7 +175,7 @@ public actor TestHarness {
             break
         }
         var logger = Logger(label: "choreo.testing")
-        logger[metadataKey: "event.id"] = "\(envelope.id)"
+        logger[metadataKey: "handler"] = "\(h.name)"
         let context = HandlerContext(
             envelope: envelope, attempt: m.attempt, idempotencyKey: key, logger: logger,
             handlerName: h.name, source: "choreo://\(service)/\(h.name)",

@@ -50,6 +50,13 @@ struct CrashTests {
         #expect(gateway.effectKeys("sink") == pongs, "each output delivered downstream once after deduplication")
         #expect(gateway.requests("sink") == n, "the downstream ledger drops republished copies")
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+        // Every output is recorded as published in the end: after a crash between the ack and that record
+        // ("after-ack"), by the restarted process's outbox sweep.
+        let ledger = try SQLiteLedger(path: mesh.directory.appendingPathComponent("ping.ledger.sqlite").path)
+        let left = await eventually(
+            within: 30, { (try? await ledger.unpublished(handler: "ping", limit: 1000).count) ?? -1 },
+            until: { $0 == 0 })
+        #expect(left == 0, "outbox entries never recorded as published")
     }
 
     @Test("graceful shutdown under load finishes in-flight work, exits 0, and loses nothing")

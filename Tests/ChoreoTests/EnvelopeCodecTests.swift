@@ -1,5 +1,6 @@
 import ChoreoAMQP
 import Foundation
+import GRDB
 import TestEvents
 import Testing
 
@@ -24,6 +25,28 @@ struct EnvelopeCodecTests {
             message.properties.headers?.values.allSatisfy { $0.stringValue != nil } == true, "flat string headers only")
         let decoded = try EnvelopeCodec.decode(body: message.body, properties: message.properties)
         #expect(decoded == e)
+    }
+
+    @Test("timestamps are written exactly as Foundation's ISO 8601 style writes them, and read back")
+    func timestamps() throws {
+        let style = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+        var generator = SystemRandomNumberGenerator()
+        // Mid-millisecond instants, so that truncating to milliseconds is unambiguous in binary floating point.
+        var milliseconds: [Int64] = [0, 951_782_400_000, 1_709_164_800_999, 4_102_444_799_500, 253_402_300_799_000]
+        for _ in 0..<2000 { milliseconds.append(Int64.random(in: 0..<4_200_000_000_000, using: &generator)) }
+        let dates = milliseconds.map { Date(timeIntervalSince1970: (Double($0) + 0.4) / 1000) }
+        for date in dates {
+            let text = Timestamps.format(date)
+            #expect(text == date.formatted(style), "\(date.timeIntervalSince1970)")
+            let back = try #require(Timestamps.parse(text))
+            #expect(abs(back.timeIntervalSince1970 - date.timeIntervalSince1970) < 0.001)
+        }
+        #expect(Timestamps.parse("2026-11-25T14:58:03Z") == Date(timeIntervalSince1970: 1_795_618_683))
+        #expect(Timestamps.parse("2026-11-25t14:58:03.25z") == Date(timeIntervalSince1970: 1_795_618_683.25))
+        #expect(Timestamps.parse("2026-11-25T15:58:03+01:00") == Date(timeIntervalSince1970: 1_795_618_683))
+        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-25T14:58:03", "2026-11-25T14:58:03.Z"] {
+            #expect(Timestamps.parse(bad) == nil, "\(bad)")
+        }
     }
 
     @Test("the older cloudEvents: prefix is accepted on input")
@@ -148,6 +171,132 @@ struct SQLiteLedgerTests {
         #expect(try await l.claim(handler: "h", key: "k", owner: "c", lease: .seconds(60)) == .claimed(attempts: 3))
         try await l.releaseAllLeases(handler: "h")
         #expect(try await l.claim(handler: "h", key: "k", owner: "d", lease: .seconds(60)) == .claimed(attempts: 4))
+    }
+
+    @Test("every attribute of an outbox event survives the ledger, whatever characters its strings hold")
+    func outboxAttributesRoundTrip() async throws {
+        let l = try ledger()
+        let tricky = "quote \" backslash \\ newline \n tab \t nul \u{0} bell \u{7} é 日本 🎉 </script>"
+        var e = try EventEnvelope(Pong(n: 1), source: "choreo://s/\(tricky)", id: "id-\(tricky)")
+        e.time = Date(timeIntervalSince1970: 1_764_082_680.123456)
+        e.subject = tricky
+        e.dataSchema = "https://example.com/schema"
+        e.correlationID = "corr"
+        e.causationID = "cause"
+        e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        e.idempotencyKey = tricky
+        e.extensions = ["zeta": tricky, "alpha": "", "mid": "{\"json\": [1, 2]}"]
+        let message = OutboxMessage(index: 0, envelope: e, exchange: "x", routingKey: "test.pong")
+        _ = try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60))
+        #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: [message]) == .committed)
+        guard case .completed(let stored) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)),
+            var back = stored.first
+        else {
+            Issue.record("expected the completed key with its outbox"); return
+        }
+        #expect(abs(back.envelope.time!.timeIntervalSince1970 - e.time!.timeIntervalSince1970) < 1e-6)
+        back.envelope.time = e.time
+        #expect(back == message)
+        // No optional attribute set: absent ones stay absent.
+        let bare = try EventEnvelope(Pong(n: 2), source: "s", id: "bare")
+        let plain = OutboxMessage(index: 0, envelope: bare, exchange: "x", routingKey: "test.pong")
+        _ = try await l.claim(handler: "h", key: "bare", owner: "a", lease: .seconds(60))
+        _ = try await l.complete(handler: "h", key: "bare", owner: "a", outbox: [plain])
+        guard case .completed(let again) = try await l.claim(handler: "h", key: "bare", owner: "b", lease: .seconds(60))
+        else {
+            Issue.record("expected completed"); return
+        }
+        #expect(again.first?.envelope.subject == nil && again.first?.envelope.idempotencyKey == nil)
+        #expect(again.first?.envelope.id == "bare" && again.first?.envelope.data == bare.data)
+    }
+
+    @Test("batch claim and complete give each key its own outcome, in order, in one write")
+    func batches() async throws {
+        let l = try ledger()
+        let doneOutbox = try outbox(1)
+        _ = try await l.claim(handler: "h", key: "done", owner: "x", lease: .seconds(60))
+        _ = try await l.complete(handler: "h", key: "done", owner: "x", outbox: doneOutbox)
+        let claims = try await l.claim(
+            [
+                ClaimRequest(handler: "h", key: "new", owner: "a"),
+                ClaimRequest(handler: "h", key: "new", owner: "b"),  // the same key again in the batch
+                ClaimRequest(handler: "h", key: "done", owner: "c"),
+                ClaimRequest(handler: "h", key: "other", owner: "d"),
+            ], lease: .seconds(60))
+        #expect(claims[0] == .claimed(attempts: 1))
+        guard case .heldElsewhere = claims[1] else {
+            Issue.record("the second copy of a key in one batch must find it held: \(claims[1])"); return
+        }
+        #expect(claims[2] == .completed(unpublished: doneOutbox))
+        #expect(claims[3] == .claimed(attempts: 1))
+        let results = try await l.complete([
+            CompletionRequest(handler: "h", key: "new", owner: "a", outbox: try outbox(2)),
+            CompletionRequest(handler: "h", key: "other", owner: "not-the-holder", outbox: []),
+            CompletionRequest(handler: "h", key: "done", owner: "c", outbox: []),
+        ])
+        #expect(results == [.committed, .leaseLost, .alreadyCompleted(unpublished: doneOutbox)])
+        try await l.markPublished([
+            PublishedEntries(handler: "h", key: "new", indexes: [0, 1]),
+            PublishedEntries(handler: "h", key: "done", indexes: [0]),
+        ])
+        #expect(
+            try await l.claim(handler: "h", key: "new", owner: "e", lease: .seconds(60)) == .completed(unpublished: []))
+        #expect(
+            try await l.claim(handler: "h", key: "done", owner: "e", lease: .seconds(60)) == .completed(unpublished: [])
+        )
+        #expect(try await l.status(handler: "h", key: "other")?.state == "claimed")
+    }
+
+    @Test("a ledger file of the first schema is migrated with its completed keys and unpublished outbox")
+    func migratesVersionOne() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "ledger-v1-\(UUID().uuidString).sqlite")
+        let attributes = try SQLiteLedger.encodeAttributes(try EventEnvelope(Pong(n: 7), source: "s", id: "out-7"))
+        let queue = try DatabaseQueue(path: path.path)
+        try await queue.write { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY);
+                    INSERT INTO grdb_migrations VALUES ('v1');
+                    CREATE TABLE claim (
+                        handler TEXT NOT NULL, key TEXT NOT NULL,
+                        state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
+                        owner TEXT, lease_expires REAL, attempts INTEGER NOT NULL DEFAULT 0, completed_at REAL,
+                        PRIMARY KEY (handler, key)) WITHOUT ROWID;
+                    CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
+                    CREATE TABLE outbox (
+                        handler TEXT NOT NULL, key TEXT NOT NULL, idx INTEGER NOT NULL, exchange TEXT NOT NULL,
+                        routing_key TEXT NOT NULL, attributes TEXT NOT NULL, data BLOB NOT NULL,
+                        published INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (handler, key, idx)) WITHOUT ROWID;
+                    INSERT INTO claim VALUES ('h', 'done', 'completed', NULL, NULL, 1, 100);
+                    INSERT INTO claim VALUES ('h', 'half', 'completed', NULL, NULL, 2, 200);
+                    INSERT INTO claim VALUES ('h', 'left', 'claimed', 'old-owner', 9e12, 1, NULL);
+                    """)
+            for (key, idx, published) in [("done", 0, 1), ("half", 0, 1), ("half", 1, 0)] {
+                try db.execute(
+                    sql: "INSERT INTO outbox VALUES ('h', ?, ?, 'x', 'test.pong', ?, ?, ?)",
+                    arguments: [key, idx, attributes, Data("{\"n\":7}".utf8), published])
+            }
+        }
+        try await queue.close()
+        let l = try SQLiteLedger(path: path.path)
+        let pending = try await l.unpublished(handler: "h", limit: 10)
+        #expect(pending.map(\.key) == ["half"] && pending.first?.messages.map(\.index) == [1])
+        #expect(pending.first?.messages.first?.envelope.id == "out-7")
+        guard
+            case .completed(let unpublished) = try await l.claim(
+                handler: "h", key: "done", owner: "a", lease: .seconds(9))
+        else {
+            Issue.record("a completed key of the old file must stay completed"); return
+        }
+        #expect(unpublished.isEmpty)
+        // A lease the old file kept is voided at start, like any lease of a dead incarnation.
+        try await l.releaseAllLeases(handler: "h")
+        #expect(try await l.claim(handler: "h", key: "left", owner: "a", lease: .seconds(9)) == .claimed(attempts: 1))
+        #expect(try await l.complete(handler: "h", key: "left", owner: "a", outbox: []) == .committed)
+        #expect(try await l.prune(completedBefore: Date()) >= 1)
+        #expect(try await l.status(handler: "h", key: "done") == nil)
+        #expect(try await l.status(handler: "h", key: "half")?.state == "completed", "its outbox is not all published")
     }
 
     @Test("pruning removes old completed keys whose outbox is published, and keeps the rest")
