@@ -54,7 +54,7 @@ struct ChainDriver {
             p.arguments = [
                 "hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger",
                 dir.appendingPathComponent("\(role).sqlite").path,
-                "--concurrency", ProcessInfo.processInfo.environment["CHAIN_CONCURRENCY"] ?? "64",
+                "--concurrency", ProcessInfo.processInfo.environment["CHAIN_CONCURRENCY"] ?? "256",
             ]
             var env = ProcessInfo.processInfo.environment
             env["CHAIN_LATENCY_FILE"] = latency.path

@@ -131,7 +131,11 @@ struct HandlerRunner: Sendable {
             case .claimed:
                 group.addTask { await invoke(a, completer: completer, inFlight: inFlight) }
             case .completed(let unpublished):
-                a.logger.debug("duplicate: already handled, not running the handler again")
+                if logger.logLevel <= .debug {
+                    if logger.logLevel <= .debug {
+                        a.logger.debug("duplicate: already handled, not running the handler again")
+                    }
+                }
                 if completer.submit(.duplicate(a, unpublished: unpublished)) {
                     group.addTask { await completer.settleAll() }
                 }
@@ -150,7 +154,11 @@ struct HandlerRunner: Sendable {
                     await invoke(a, completer: completer, inFlight: inFlight)
                     return
                 case .completed(let unpublished):
-                    a.logger.debug("duplicate: already handled, not running the handler again")
+                    if logger.logLevel <= .debug {
+                    if logger.logLevel <= .debug {
+                        a.logger.debug("duplicate: already handled, not running the handler again")
+                    }
+                }
                     if completer.submit(.duplicate(a, unpublished: unpublished)) { await completer.settleAll() }
                     return
                 case .heldElsewhere(let until):
@@ -248,15 +256,14 @@ struct HandlerRunner: Sendable {
             do {
                 let results = try await ledger.complete(ran.map(\.request))
                 for ((i, request), result) in zip(ran, results) {
-                    let logger = group[i].admitted.logger
                     switch result {
                     case .committed:
                         outboxes[i] = request.outbox
                     case .alreadyCompleted(let unpublished):
-                        logger.info("another invocation completed this key first; its outputs stand")
+                        group[i].admitted.logger.info("another invocation completed this key first; its outputs stand")
                         outboxes[i] = unpublished
                     case .leaseLost:
-                        logger.info("the lease on this key passed to another invocation; leaving it to that one")
+                        group[i].admitted.logger.info("the lease on this key passed to another invocation; leaving it to that one")
                         lostLease.insert(i)
                     }
                 }
@@ -400,9 +407,10 @@ struct HandlerRunner: Sendable {
         return out
     }
 
-    private func ack(_ delivery: AMQPDelivery, logger: Logger) {
+    /// `logger` is built only when the ack fails.
+    private func ack(_ delivery: AMQPDelivery, logger: @autoclosure () -> Logger) {
         do { try delivery.ack() } catch {
-            logger.info(
+            logger().info(
                 "ack failed; the broker will redeliver and the ledger drops the copy", metadata: ["error": "\(error)"])
         }
     }
