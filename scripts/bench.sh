@@ -22,7 +22,9 @@ amqp)
     .build/release/AMQPBenchmark "$@"
     ;;
 chain)
-    swift build -c release --product chain-benchmark --product chain-baseline-c
+    # One product per call: given several --product flags, swift build builds only the last.
+    swift build -c release --product chain-benchmark
+    swift build -c release --product chain-baseline-c
     .build/release/chain-benchmark "$@"
     ;;
 *)

@@ -99,7 +99,7 @@ struct ChainDriver {
             try await channel.purgeQueue(queue)
             try await channel.bindQueue(queue, exchange: "bench.c", routingKey: key)
         }
-        let total = warmup + count + Int(rate * seconds)
+        let total = warmup + count + Int(rate) + Int(rate * seconds)
         var hops: [Process] = []
         defer { for p in hops where p.isRunning { p.terminate(); p.waitUntilExit() } }
         for (queue, _, next) in stages {
@@ -128,7 +128,8 @@ struct ChainDriver {
     // MARK: Shared
 
     /// Throughput: `count` events published as fast as confirms allow, timed until the sink saw them all.
-    /// Latency: events published one by one at `rate` per second for `seconds`; percentiles of the sink's figures.
+    /// Latency: events published one by one at `rate` per second, after one uncounted second, for `seconds`;
+    /// percentiles of the sink's figures.
     private func measure(channel: AMQPChannel, latency: URL, message: (Int) throws -> AMQPOutgoingMessage) async throws
         -> Result
     {
@@ -148,16 +149,20 @@ struct ChainDriver {
         let throughput =
             Double(count) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
 
+        // Latency at a steady rate: a pause after the burst (checkpoints, the broker's own clean-up), then one
+        // second of paced events that is not counted, then `seconds` counted.
+        try await Task.sleep(for: .seconds(2))
+        let settling = Int(rate)
         let paced = Int(rate * seconds)
         let interval = Duration.seconds(1 / rate)
         let begin = ContinuousClock.now
-        for i in 0..<paced {
+        for i in 0..<(settling + paced) {
             let due = begin + interval * i
             let now = ContinuousClock.now
             if due > now { try await Task.sleep(until: due, clock: .continuous) }
             try await channel.publish(try message(count + i))
         }
-        try await waitForLines(latency, warmup + count + paced, timeout: .seconds(120))
+        try await waitForLines(latency, warmup + count + settling + paced, timeout: .seconds(120))
         let lines = try String(contentsOf: latency, encoding: .utf8).split(separator: "\n").suffix(paced)
         let micros = lines.compactMap { Double($0) }.sorted()
         func pct(_ p: Double) -> Double {

@@ -155,10 +155,10 @@ struct HandlerRunner: Sendable {
                     return
                 case .completed(let unpublished):
                     if logger.logLevel <= .debug {
-                    if logger.logLevel <= .debug {
-                        a.logger.debug("duplicate: already handled, not running the handler again")
+                        if logger.logLevel <= .debug {
+                            a.logger.debug("duplicate: already handled, not running the handler again")
+                        }
                     }
-                }
                     if completer.submit(.duplicate(a, unpublished: unpublished)) { await completer.settleAll() }
                     return
                 case .heldElsewhere(let until):
@@ -263,7 +263,8 @@ struct HandlerRunner: Sendable {
                         group[i].admitted.logger.info("another invocation completed this key first; its outputs stand")
                         outboxes[i] = unpublished
                     case .leaseLost:
-                        group[i].admitted.logger.info("the lease on this key passed to another invocation; leaving it to that one")
+                        group[i].admitted.logger.info(
+                            "the lease on this key passed to another invocation; leaving it to that one")
                         lostLease.insert(i)
                     }
                 }

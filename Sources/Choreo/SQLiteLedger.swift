@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import GRDBSQLite
 import Synchronization
 
 /// The embedded ledger: one SQLite file in WAL mode, for a handler that runs as a single replica.
@@ -160,9 +161,10 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// reload the pages the writer just changed (several times slower on this hot path).
     private func readCompleted(_ requests: [ClaimRequest]) async throws -> [[OutboxMessage]?] {
         try await writes.run { db in
-            let state = try db.cachedStatement(sql: "SELECT state FROM claim WHERE handler = ? AND key = ?")
-            return try requests.map { r in
-                guard try String.fetchOne(state, arguments: [r.handler, r.key]) == "completed" else { return nil }
+            try requests.map { r in
+                let state = try Raw.text(
+                    db, "SELECT state FROM claim WHERE handler = ? AND key = ?", [.text(r.handler), .text(r.key)])
+                guard state == "completed" else { return nil }
                 return try Self.unpublishedOutbox(db, handler: r.handler, key: r.key)
             }
         }
@@ -212,26 +214,27 @@ public final class SQLiteLedger: IdempotencyLedger {
         _ r: CompletionRequest, holding attempts: Int?, attributes: [String], now: Double, _ db: Database
     ) throws -> LedgerCompletion {
         if let attempts {
-            try db.cachedStatement(
-                sql: """
-                    INSERT INTO claim (handler, key, state, attempts, completed_at) VALUES (?, ?, 'completed', ?, ?)
-                    ON CONFLICT (handler, key) DO UPDATE
-                    SET state = 'completed', owner = NULL, lease_expires = NULL, attempts = excluded.attempts,
-                        completed_at = excluded.completed_at
-                    WHERE claim.state = 'claimed'
-                    """
-            ).execute(arguments: [r.handler, r.key, attempts, now])
+            try Raw.run(
+                db,
+                """
+                INSERT INTO claim (handler, key, state, attempts, completed_at) VALUES (?, ?, 'completed', ?, ?)
+                ON CONFLICT (handler, key) DO UPDATE
+                SET state = 'completed', owner = NULL, lease_expires = NULL, attempts = excluded.attempts,
+                    completed_at = excluded.completed_at
+                WHERE claim.state = 'claimed'
+                """, [.text(r.handler), .text(r.key), .int(attempts), .real(now)])
             if db.changesCount == 1 {
                 for (message, attributes) in zip(r.outbox, attributes) {
-                    try db.cachedStatement(
-                        sql: """
-                            INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data, committed_at)
-                            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                            """
-                    ).execute(arguments: [
-                        r.handler, r.key, message.index, message.exchange, message.routingKey, attributes,
-                        message.envelope.data, now,
-                    ])
+                    try Raw.run(
+                        db,
+                        """
+                        INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data, committed_at)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                        """,
+                        [
+                            .text(r.handler), .text(r.key), .int(message.index), .text(message.exchange),
+                            .text(message.routingKey), .text(attributes), .blob(message.envelope.data), .real(now),
+                        ])
                 }
                 return .committed
             }
@@ -252,10 +255,13 @@ public final class SQLiteLedger: IdempotencyLedger {
     public func markPublished(_ entries: [PublishedEntries]) async throws {
         guard entries.contains(where: { !$0.indexes.isEmpty }) else { return }
         try await writes.run { db in
-            let update = try db.cachedStatement(
-                sql: "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ? AND published = 0")
             for e in entries {
-                for index in e.indexes { try update.execute(arguments: [e.handler, e.key, index]) }
+                for index in e.indexes {
+                    try Raw.run(
+                        db,
+                        "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ? AND published = 0",
+                        [.text(e.handler), .text(e.key), .int(index)])
+                }
             }
         }
     }
@@ -349,7 +355,10 @@ public final class SQLiteLedger: IdempotencyLedger {
 
     private struct StoredAttributes: Decodable {
         var id, source, type: String
+        /// Seconds since 1970 (files written before `timeReference` existed).
         var time: Date?
+        /// Seconds since 2001, Date's own representation: reads back the exact same Date.
+        var timeReference: Double?
         var subject, dataContentType, dataSchema: String?
         var dataVersion: Int
         var correlationID, causationID, traceparent, idempotencyKey: String?
@@ -378,8 +387,8 @@ public final class SQLiteLedger: IdempotencyLedger {
         string("source", e.source)
         string("type", e.type)
         if let time = e.time {
-            key("time")
-            out += String(time.timeIntervalSince1970)
+            key("timeReference")
+            out += String(time.timeIntervalSinceReferenceDate)
         }
         string("subject", e.subject)
         string("dataContentType", e.dataContentType)
@@ -433,7 +442,8 @@ public final class SQLiteLedger: IdempotencyLedger {
     private static func decodeAttributes(_ text: String) throws -> EventEnvelope {
         let s = try attributeDecoder.decode(StoredAttributes.self, from: Data(text.utf8))
         return EventEnvelope(
-            id: s.id, source: s.source, type: s.type, time: s.time, subject: s.subject,
+            id: s.id, source: s.source, type: s.type,
+            time: s.timeReference.map(Date.init(timeIntervalSinceReferenceDate:)) ?? s.time, subject: s.subject,
             dataContentType: s.dataContentType,
             dataSchema: s.dataSchema, dataVersion: s.dataVersion, correlationID: s.correlationID,
             causationID: s.causationID,
@@ -446,6 +456,72 @@ private let attributeDecoder: JSONDecoder = {
     d.dateDecodingStrategy = .secondsSince1970
     return d
 }()
+
+/// The per-event statements through the SQLite C API, on statements GRDB prepared and caches: GRDB's own
+/// argument and execution bookkeeping cost more than SQLite's work for these one-row statements.
+private enum Raw {
+    enum Value {
+        case text(String)
+        case int(Int)
+        case real(Double)
+        case blob(Data)
+    }
+
+    /// Runs a statement that returns no rows.
+    static func run(_ db: Database, _ sql: String, _ values: [Value]) throws {
+        let statement = try db.cachedStatement(sql: sql)
+        try withBound(db, statement, values) { s in
+            let rc = sqlite3_step(s)
+            guard rc == SQLITE_DONE else { throw error(db, rc, sql) }
+        }
+    }
+
+    /// The first column of the first row as text, or nil when there is no row (or it is NULL).
+    static func text(_ db: Database, _ sql: String, _ values: [Value]) throws -> String? {
+        let statement = try db.cachedStatement(sql: sql)
+        return try withBound(db, statement, values) { s -> String? in
+            let rc = sqlite3_step(s)
+            if rc == SQLITE_DONE { return nil }
+            guard rc == SQLITE_ROW else { throw error(db, rc, sql) }
+            guard let text = sqlite3_column_text(s, 0) else { return nil }
+            return String(cString: text)
+        }
+    }
+
+    private static func withBound<T>(
+        _ db: Database, _ statement: Statement, _ values: [Value], _ body: (OpaquePointer) throws -> T
+    ) throws -> T {
+        let s = statement.sqliteStatement
+        sqlite3_reset(s)
+        defer {
+            sqlite3_reset(s)
+            sqlite3_clear_bindings(s)
+        }
+        let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
+        for (i, value) in values.enumerated() {
+            let index = Int32(i + 1)
+            let rc: Int32
+            switch value {
+            case .text(let text):
+                var text = text
+                rc = text.withUTF8 { sqlite3_bind_text(s, index, $0.baseAddress, Int32($0.count), transient) }
+            case .int(let n): rc = sqlite3_bind_int64(s, index, Int64(n))
+            case .real(let x): rc = sqlite3_bind_double(s, index, x)
+            case .blob(let data) where data.isEmpty:
+                rc = sqlite3_bind_zeroblob(s, index, 0)  // a nil pointer would bind NULL
+            case .blob(let data):
+                rc = data.withUnsafeBytes { sqlite3_bind_blob(s, index, $0.baseAddress, Int32($0.count), transient) }
+            }
+            guard rc == SQLITE_OK else { throw error(db, rc, statement.sql) }
+        }
+        return try body(s)
+    }
+
+    private static func error(_ db: Database, _ rc: Int32, _ sql: String) -> DatabaseError {
+        let message = db.sqliteConnection.flatMap { sqlite3_errmsg($0) }.map { String(cString: $0) }
+        return DatabaseError(resultCode: ResultCode(rawValue: rc), message: message, sql: sql)
+    }
+}
 
 /// Holds a group-commit write's result until the transaction commits.
 private final class ResultBox<T>: @unchecked Sendable {
@@ -538,25 +614,37 @@ final class GroupCommit: Sendable {
     }
 
     /// Runs the operations in one transaction, each in its own savepoint, and reports each outcome.
+    ///
+    /// The transaction statements go through the C API on cached statements: GRDB's own transaction
+    /// methods prepare them anew each time, which costs more than a one-row commit itself.
     private func write(_ batch: [Pending]) {
         do {
-            try pool.write { db in
-                if batch.count == 1 {
-                    // No savepoint needed: the transaction is the operation's alone.
-                    do { try batch[0].work(db) } catch { batch[0].outcome = .failure(error) }
-                    if case .failure = batch[0].outcome { throw RollBack() }
-                    return
-                }
-                for op in batch {
-                    do {
-                        try db.inSavepoint {
-                            try op.work(db)
-                            return .commit
+            try pool.writeWithoutTransaction { db in
+                try Raw.run(db, "BEGIN DEFERRED TRANSACTION", [])
+                do {
+                    if batch.count == 1 {
+                        // No savepoint needed: the transaction is the operation's alone.
+                        do { try batch[0].work(db) } catch { batch[0].outcome = .failure(error) }
+                        if case .failure = batch[0].outcome { throw RollBack() }
+                    } else {
+                        for op in batch {
+                            try Raw.run(db, "SAVEPOINT op", [])
+                            do {
+                                try op.work(db)
+                                try Raw.run(db, "RELEASE SAVEPOINT op", [])
+                                op.outcome = .success(())
+                            } catch {
+                                op.outcome = .failure(error)
+                                try Raw.run(db, "ROLLBACK TRANSACTION TO SAVEPOINT op", [])
+                                try Raw.run(db, "RELEASE SAVEPOINT op", [])
+                            }
                         }
-                        op.outcome = .success(())
-                    } catch {
-                        op.outcome = .failure(error)
                     }
+                    try Raw.run(db, "COMMIT TRANSACTION", [])
+                } catch {
+                    // After some errors SQLite has rolled back already; then this one fails, harmlessly.
+                    try? Raw.run(db, "ROLLBACK TRANSACTION", [])
+                    throw error
                 }
             }
             for op in batch { op.finish(op.outcome) }

@@ -190,12 +190,10 @@ struct SQLiteLedgerTests {
         _ = try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60))
         #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: [message]) == .committed)
         guard case .completed(let stored) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)),
-            var back = stored.first
+            let back = stored.first
         else {
             Issue.record("expected the completed key with its outbox"); return
         }
-        #expect(abs(back.envelope.time!.timeIntervalSince1970 - e.time!.timeIntervalSince1970) < 1e-6)
-        back.envelope.time = e.time
         #expect(back == message)
         // No optional attribute set: absent ones stay absent.
         let bare = try EventEnvelope(Pong(n: 2), source: "s", id: "bare")
@@ -251,7 +249,11 @@ struct SQLiteLedgerTests {
     func migratesVersionOne() async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent(
             "ledger-v1-\(UUID().uuidString).sqlite")
-        let attributes = try SQLiteLedger.encodeAttributes(try EventEnvelope(Pong(n: 7), source: "s", id: "out-7"))
+        // As the first version wrote them (JSONEncoder, time in seconds since 1970).
+        let attributes = """
+            {"id":"out-7","source":"s","type":"test.pong","time":1764082683.25,"dataContentType":"application/json",\
+            "dataVersion":1,"correlationID":"out-7","extensions":{"x-ext":"kept"}}
+            """
         let queue = try DatabaseQueue(path: path.path)
         try await queue.write { db in
             try db.execute(
@@ -282,7 +284,9 @@ struct SQLiteLedgerTests {
         let l = try SQLiteLedger(path: path.path)
         let pending = try await l.unpublished(handler: "h", limit: 10)
         #expect(pending.map(\.key) == ["half"] && pending.first?.messages.map(\.index) == [1])
-        #expect(pending.first?.messages.first?.envelope.id == "out-7")
+        let migrated = try #require(pending.first?.messages.first?.envelope)
+        #expect(migrated.id == "out-7" && migrated.type == "test.pong" && migrated.extensions == ["x-ext": "kept"])
+        #expect(migrated.time == Date(timeIntervalSince1970: 1_764_082_683.25))
         guard
             case .completed(let unpublished) = try await l.claim(
                 handler: "h", key: "done", owner: "a", lease: .seconds(9))
