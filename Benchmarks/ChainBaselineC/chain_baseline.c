@@ -1,9 +1,10 @@
 // The raw rabbitmq-c baseline of the chain benchmark: one hop of producer -> A -> B -> sink.
 //
-//   chain-baseline-c HOST PORT QUEUE NEXT_ROUTING_KEY|- EXCHANGE DB_PATH LATENCY_FILE|- COUNT
+//   chain-baseline-c HOST PORT QUEUE NEXT_ROUTING_KEY|- EXCHANGE DB_PATH LATENCY_FILE|- COUNT [batch|per-event]
 //
 // Consumes QUEUE with prefetch 256; for every batch of deliveries that are available at once it inserts each
-// event id into SQLite in one transaction (the same "ledger" row per event as a Choreo hop), publishes the next
+// event id into SQLite (the same "ledger" row per event as a Choreo hop) in one transaction, or with
+// `per-event` in a transaction of its own per event (as a straightforward consumer would), publishes the next
 // event to EXCHANGE with routing key NEXT (persistent, publisher confirms, waiting for the batch's confirms),
 // then acks the batch with one multiple ack. A sink (NEXT = -) appends each event's latency in microseconds,
 // from the `sentAt` in its body, to LATENCY_FILE. Exits after COUNT events.
@@ -48,10 +49,11 @@ static amqp_connection_state_t open_connection(const char *host, int port) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 9) {
-        fprintf(stderr, "usage: %s HOST PORT QUEUE NEXT|- EXCHANGE DB LATENCY|- COUNT\n", argv[0]);
+    if (argc != 9 && argc != 10) {
+        fprintf(stderr, "usage: %s HOST PORT QUEUE NEXT|- EXCHANGE DB LATENCY|- COUNT [batch|per-event]\n", argv[0]);
         return 2;
     }
+    int per_event = argc == 10 && strcmp(argv[9], "per-event") == 0;
     const char *host = argv[1], *queue = argv[3], *next = argv[4], *exchange = argv[5], *dbpath = argv[6], *latpath = argv[7];
     int port = atoi(argv[2]);
     long count = atol(argv[8]);
@@ -92,7 +94,7 @@ int main(int argc, char **argv) {
             n++;
         }
         double t = now_s();
-        sqlite3_exec(db, "BEGIN", 0, 0, 0);
+        if (!per_event) sqlite3_exec(db, "BEGIN", 0, 0, 0);
         for (int i = 0; i < n; i++) {
             amqp_bytes_t id = batch[i].message.properties.message_id;
             sqlite3_bind_text(insert, 1, id.bytes, (int)id.len, SQLITE_TRANSIENT);
@@ -100,7 +102,7 @@ int main(int argc, char **argv) {
             sqlite3_step(insert);
             sqlite3_reset(insert);
         }
-        sqlite3_exec(db, "COMMIT", 0, 0, 0);
+        if (!per_event) sqlite3_exec(db, "COMMIT", 0, 0, 0);
         if (!is_sink) {
             for (int i = 0; i < n; i++) {
                 amqp_basic_properties_t props = batch[i].message.properties;
