@@ -1,6 +1,7 @@
 import Choreo
 import ChoreoAMQP
 import Foundation
+import Synchronization
 
 /// Runs both chains and prints throughput and latency figures.
 struct ChainDriver {
@@ -20,6 +21,7 @@ struct ChainDriver {
     var binDirectory: URL { URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent() }
 
     func run() async throws {
+        defer { Scratch.removeAll() }
         let config = try AMQPConfiguration(url: url)
         print(
             "chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency"
@@ -202,10 +204,21 @@ struct ChainDriver {
         throw ConfigurationError("no consumer on \(queue)")
     }
 
+    /// A fresh directory for a chain's ledgers and latency file; removed when the driver exits.
     private func scratch(_ name: String) throws -> URL {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
             "chain-bench-\(name)-\(UUID().uuidString.prefix(6))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        Scratch.directories.withLock { $0.append(dir) }
         return dir
+    }
+}
+
+/// Scratch directories of this run, removed at the end of `ChainDriver.run()`.
+enum Scratch {
+    static let directories = Mutex<[URL]>([])
+
+    static func removeAll() {
+        for dir in directories.withLock({ $0 }) { try? FileManager.default.removeItem(at: dir) }
     }
 }
