@@ -3,7 +3,7 @@ import Foundation
 import Logging
 import Synchronization
 
-/// Runs DESIGN.md's delivery protocol for one handler, one delivery at a time per call.
+/// Runs DESIGN.md's delivery protocol for one handler's consumer (see ``consume(_:concurrency:drainTimeout:shouldStop:)``).
 ///
 /// Every path ends in exactly one of: the delivery acked after its effect committed and its outputs
 /// were confirmed; acked after a confirmed copy went to a retry tier or the dead-letter queue; or left
@@ -132,9 +132,7 @@ struct HandlerRunner: Sendable {
                 group.addTask { await invoke(a, completer: completer, inFlight: inFlight) }
             case .completed(let unpublished):
                 if logger.logLevel <= .debug {
-                    if logger.logLevel <= .debug {
-                        a.logger.debug("duplicate: already handled, not running the handler again")
-                    }
+                    a.logger.debug("duplicate: already handled, not running the handler again")
                 }
                 if completer.submit(.duplicate(a, unpublished: unpublished)) {
                     group.addTask { await completer.settleAll() }
@@ -155,9 +153,7 @@ struct HandlerRunner: Sendable {
                     return
                 case .completed(let unpublished):
                     if logger.logLevel <= .debug {
-                        if logger.logLevel <= .debug {
-                            a.logger.debug("duplicate: already handled, not running the handler again")
-                        }
+                        a.logger.debug("duplicate: already handled, not running the handler again")
                     }
                     if completer.submit(.duplicate(a, unpublished: unpublished)) { await completer.settleAll() }
                     return
@@ -234,9 +230,10 @@ struct HandlerRunner: Sendable {
     }
 
     /// Steps 4 and 5 for a group of finished invocations: one ledger write commits them all, their outboxes
-    /// go out in one pipelined publish, one write records the confirms, then each delivery is acked.
-    /// A delivery whose commit, publish or record failed is given back for redelivery (the ledger then
-    /// republishes what is recorded and unconfirmed; downstream ledgers drop the copies).
+    /// go out in one pipelined publish, each delivery is acked, then one write records the confirms.
+    /// A delivery whose commit or publish failed is given back for redelivery (its redelivery finds the key
+    /// completed and republishes what is unconfirmed; downstream ledgers drop the copies). A record that
+    /// fails is left to the outbox sweep at the next start.
     fileprivate func settle(_ group: [Completer.Finished]) async {
         // What each delivery of the group publishes; nil while unknown (and for good when its commit failed).
         var outboxes: [[OutboxMessage]?] = group.map {
@@ -269,6 +266,8 @@ struct HandlerRunner: Sendable {
                     }
                 }
             } catch {
+                // Nothing was completed: free the keys so that the redelivered copies can claim them at once.
+                for (_, r) in ran { try? await ledger.release(handler: r.handler, key: r.key, owner: r.owner) }
                 await giveBack(ran.map { group[$0.index].admitted }, because: "commit failed: \(error)")
             }
             FaultInjection.reached("after-commit")
