@@ -217,7 +217,7 @@ public struct DeadLetterStore: Sendable {
         }
         try await channel.setPrefetch(0)  // no limit: the whole snapshot is held unacknowledged
         let consumer = try await channel.consume(queue: manifest.deadLetterQueue)
-        let collected = DeliveryBuffer()
+        let collected = SnapshotCollector()
         let reader = Task {
             for try await d in consumer { collected.append(d) }
         }
@@ -246,7 +246,7 @@ public struct DeadLetterStore: Sendable {
 }
 
 /// Deliveries collected by a reader task, read by the task that started it.
-final class DeliveryBuffer: Sendable {
+final class SnapshotCollector: Sendable {
     private let storage = Mutex<[AMQPDelivery]>([])
     func append(_ d: AMQPDelivery) { storage.withLock { $0.append(d) } }
     var count: Int { storage.withLock { $0.count } }
