@@ -157,8 +157,10 @@ struct GatewayView {
 
     private func read<T>(_ body: (Database) throws -> T) throws -> T {
         guard FileManager.default.fileExists(atPath: path) else { throw ConfigurationError("no gateway yet") }
-        let q = try DatabaseQueue(path: path)
-        return try q.read(body)
+        // The fixture writes this file while the test reads it: wait for its lock instead of reading nothing.
+        var config = Configuration()
+        config.busyMode = .timeout(10)
+        return try DatabaseQueue(path: path, configuration: config).read(body)
     }
 
     func effects(_ handler: String) -> Int {

@@ -77,7 +77,6 @@ struct OrderFulfillmentTests {
     private func sqlite<T>(_ path: URL, _ body: (Database) throws -> T) throws -> T {
         // The services write these files while the test reads them: wait for their locks instead of failing.
         var config = Configuration()
-        config.readonly = true
         config.busyMode = .timeout(10)
         return try DatabaseQueue(path: path.path, configuration: config).read(body)
     }
