@@ -21,29 +21,48 @@ public enum EnvelopeCodec {
         extraHeaders: [String: String] = [:]
     ) -> AMQPOutgoingMessage {
         typealias CE = WireNames.CloudEvents
-        var headers = AMQPTable()
-        func put(_ name: String, _ value: String?) {
-            if let value { headers[CE.prefix + name] = .string(value) }
+        typealias H = PrefixedNames
+        var headers = AMQPTable(minimumCapacity: 12 + e.extensions.count + extraHeaders.count)
+        func put(_ header: String, _ value: String?) {
+            if let value { headers[header] = .string(value) }
         }
-        put(CE.id, e.id)
-        put(CE.source, e.source)
-        put(CE.specVersion, e.specVersion)
-        put(CE.type, e.type)
-        put(CE.time, e.time.map(Timestamps.format))
-        put(CE.subject, e.subject)
-        put(CE.dataSchema, e.dataSchema)
-        put(CE.dataVersion, String(e.dataVersion))
-        put(CE.correlationID, e.correlationID)
-        put(CE.causationID, e.causationID)
-        put(CE.traceparent, e.traceparent)
-        put(CE.idempotencyKey, e.idempotencyKey)
-        for (k, v) in e.extensions { put(k, v) }
+        put(H.id, e.id)
+        put(H.source, e.source)
+        put(H.specVersion, e.specVersion)
+        put(H.type, e.type)
+        put(H.time, e.time.map(Timestamps.format))
+        put(H.subject, e.subject)
+        put(H.dataSchema, e.dataSchema)
+        put(H.dataVersion, String(e.dataVersion))
+        put(H.correlationID, e.correlationID)
+        put(H.causationID, e.causationID)
+        put(H.traceparent, e.traceparent)
+        put(H.idempotencyKey, e.idempotencyKey)
+        for (k, v) in e.extensions { put(CE.prefix + k, v) }
         for (k, v) in extraHeaders { headers[k] = .string(v) }
         let properties = AMQPProperties(
             contentType: e.dataContentType, headers: headers, deliveryMode: 2, messageID: e.id,
             timestamp: e.time.map { UInt64(max(0, $0.timeIntervalSince1970)) }, type: e.type)
         return AMQPOutgoingMessage(
             exchange: exchange, routingKey: routingKey ?? e.type, body: e.data, properties: properties)
+    }
+
+    /// The header names of the attributes, built once: names over 15 bytes are heap strings, and
+    /// concatenating them for every message showed in profiles.
+    private enum PrefixedNames {
+        typealias CE = WireNames.CloudEvents
+        static let id = CE.prefix + CE.id
+        static let source = CE.prefix + CE.source
+        static let specVersion = CE.prefix + CE.specVersion
+        static let type = CE.prefix + CE.type
+        static let time = CE.prefix + CE.time
+        static let subject = CE.prefix + CE.subject
+        static let dataSchema = CE.prefix + CE.dataSchema
+        static let dataVersion = CE.prefix + CE.dataVersion
+        static let correlationID = CE.prefix + CE.correlationID
+        static let causationID = CE.prefix + CE.causationID
+        static let traceparent = CE.prefix + CE.traceparent
+        static let idempotencyKey = CE.prefix + CE.idempotencyKey
     }
 
     /// Reads a delivery as a CloudEvent. - Throws: ``EnvelopeDecodingError`` with a reason a person can act on.

@@ -27,19 +27,21 @@ final class CArena {
     }
 
     func bytes(_ string: String) throws -> amqp_bytes_t {
-        var utf8 = Array(string.utf8)
-        return try utf8.withUnsafeMutableBytes { try bytes($0) }
+        // Native strings are contiguous UTF-8: copied once, straight into the arena.
+        if let copied = try string.utf8.withContiguousStorageIfAvailable({ try bytes(UnsafeRawBufferPointer($0)) }) {
+            return copied
+        }
+        return try Array(string.utf8).withUnsafeBytes { try bytes($0) }
     }
 
     func bytes(_ array: [UInt8]) throws -> amqp_bytes_t {
-        var copy = array
-        return try copy.withUnsafeMutableBytes { try bytes($0) }
+        try array.withUnsafeBytes { try bytes($0) }
     }
 
-    func bytes(_ buffer: UnsafeMutableRawBufferPointer) throws -> amqp_bytes_t {
-        if buffer.isEmpty { return amqp_bytes_t(len: 0, bytes: nil) }
+    func bytes(_ buffer: UnsafeRawBufferPointer) throws -> amqp_bytes_t {
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return amqp_bytes_t(len: 0, bytes: nil) }
         let target = try allocate(UInt8.self, count: buffer.count)
-        target.update(from: buffer.bindMemory(to: UInt8.self).baseAddress!, count: buffer.count)
+        UnsafeMutableRawPointer(target).copyMemory(from: base, byteCount: buffer.count)
         return amqp_bytes_t(len: buffer.count, bytes: UnsafeMutableRawPointer(target))
     }
 
@@ -47,20 +49,20 @@ final class CArena {
         guard let table, !table.isEmpty else { return amqp_table_t(num_entries: 0, entries: nil) }
         let entries = try allocate(amqp_table_entry_t.self, count: table.count)
         // Sorted keys make the wire bytes deterministic, which helps tests and caches alike.
-        for (i, key) in table.keys.sorted().enumerated() {
+        for (i, (key, value)) in table.sorted(by: { $0.key < $1.key }).enumerated() {
             guard key.utf8.count <= 255 else {
                 throw AMQPError(
                     .invalidArgument, message: "header name longer than 255 bytes: \(key.prefix(40))...",
                     operation: "encode headers")
             }
-            entries[i] = amqp_table_entry_t(key: try bytes(key), value: try fieldValue(table[key]!))
+            entries[i] = amqp_table_entry_t(key: try bytes(key), value: try fieldValue(value))
         }
         return amqp_table_t(num_entries: Int32(table.count), entries: entries)
     }
 
     func fieldValue(_ value: AMQPFieldValue) throws -> amqp_field_value_t {
         var v = amqp_field_value_t()
-        func kind(_ c: Character) -> UInt8 { c.asciiValue! }
+        func kind(_ c: Unicode.Scalar) -> UInt8 { UInt8(ascii: c) }
         switch value {
         case .bool(let b): v.kind = kind("t"); v.value.boolean = b ? 1 : 0
         case .int8(let x): v.kind = kind("b"); v.value.i8 = x
@@ -130,6 +132,7 @@ enum CDecode {
     static func table(_ t: amqp_table_t) -> AMQPTable {
         var result = AMQPTable()
         guard t.num_entries > 0, let entries = t.entries else { return result }
+        result.reserveCapacity(Int(t.num_entries))
         for i in 0..<Int(t.num_entries) {
             let e = entries[i]
             result[string(e.key)] = fieldValue(e.value)
@@ -138,30 +141,33 @@ enum CDecode {
     }
 
     static func fieldValue(_ v: amqp_field_value_t) -> AMQPFieldValue {
-        switch Character(UnicodeScalar(v.kind)) {
-        case "t": return .bool(v.value.boolean != 0)
-        case "b": return .int8(v.value.i8)
-        case "B": return .uint8(v.value.u8)
-        case "s": return .int16(v.value.i16)
-        case "u": return .uint16(v.value.u16)
-        case "I": return .int32(v.value.i32)
-        case "i": return .uint32(v.value.u32)
-        case "l": return .int64(v.value.i64)
-        case "L":
+        // The kind is one ASCII letter; matched as a byte (a Character per value cost more than the rest).
+        switch v.kind {
+        case UInt8(ascii: "t"): return .bool(v.value.boolean != 0)
+        case UInt8(ascii: "b"): return .int8(v.value.i8)
+        case UInt8(ascii: "B"): return .uint8(v.value.u8)
+        case UInt8(ascii: "s"): return .int16(v.value.i16)
+        case UInt8(ascii: "u"): return .uint16(v.value.u16)
+        case UInt8(ascii: "I"): return .int32(v.value.i32)
+        case UInt8(ascii: "i"): return .uint32(v.value.u32)
+        case UInt8(ascii: "l"): return .int64(v.value.i64)
+        case UInt8(ascii: "L"):
             return v.value.u64 <= UInt64(Int64.max)
                 ? .int64(Int64(v.value.u64)) : .bytes(withUnsafeBytes(of: v.value.u64.bigEndian, Array.init))
-        case "f": return .float(v.value.f32)
-        case "d": return .double(v.value.f64)
-        case "D": return .decimal(scale: v.value.decimal.decimals, value: v.value.decimal.value)
-        case "S":
+        case UInt8(ascii: "f"): return .float(v.value.f32)
+        case UInt8(ascii: "d"): return .double(v.value.f64)
+        case UInt8(ascii: "D"): return .decimal(scale: v.value.decimal.decimals, value: v.value.decimal.value)
+        case UInt8(ascii: "S"):
             // Headers from other clients may carry bytes that are not UTF-8: keep them as bytes, never lose them.
-            let raw = bytes(v.value.bytes)
-            if let s = String(validating: raw, as: UTF8.self) { return .string(s) }
-            return .bytes(raw)
-        case "x": return .bytes(bytes(v.value.bytes))
-        case "T": return .timestamp(v.value.u64)
-        case "F": return .table(table(v.value.table))
-        case "A":
+            let b = v.value.bytes
+            guard b.len > 0, let p = b.bytes else { return .string("") }
+            let buffer = UnsafeBufferPointer(start: p.assumingMemoryBound(to: UInt8.self), count: b.len)
+            if let s = String(validating: buffer, as: UTF8.self) { return .string(s) }
+            return .bytes(Array(buffer))
+        case UInt8(ascii: "x"): return .bytes(bytes(v.value.bytes))
+        case UInt8(ascii: "T"): return .timestamp(v.value.u64)
+        case UInt8(ascii: "F"): return .table(table(v.value.table))
+        case UInt8(ascii: "A"):
             let a = v.value.array
             guard a.num_entries > 0, let entries = a.entries else { return .array([]) }
             return .array((0..<Int(a.num_entries)).map { fieldValue(entries[$0]) })
