@@ -11,10 +11,13 @@ import Synchronization
 /// leaves the letter in place, and the idempotency ledger drops a second replayed copy.
 public struct DeadLetterStore: Sendable {
     public struct ReplaySummary: Sendable, Equatable {
+        /// Distinct letters sent back to their handler and removed.
         public var replayed = 0
         public var skipped = 0
         public var failed = 0
         public var failures: [String] = []
+        /// Letters sent a second time because the broker gave them back after their removal (see ``replay``).
+        public var resent = 0
     }
 
     public let connection: AMQPConnection
@@ -72,6 +75,10 @@ public struct DeadLetterStore: Sendable {
     ) async throws -> ReplaySummary {
         var summary = ReplaySummary()
         var remaining = filter.limit ?? Int.max
+        // RabbitMQ 3.10's quorum queues can give back letters acked just before a channel closes (their
+        // removal had not been applied yet). A later round then sees them again: they are sent again, which
+        // the handler's ledger drops, and counted once.
+        var replayedIDs = Set<String>()
         for m in try handlers(for: filter) {
             // A broker hands one consumer at most a few thousand unacknowledged messages (quorum queues: 2,000),
             // so a large queue is worked through in rounds; each round removes what it replayed.
@@ -102,9 +109,13 @@ public struct DeadLetterStore: Sendable {
                             case .success:
                                 FaultInjection.reached("replay-after-publish")
                                 try delivery.ack()
-                                summary.replayed += 1
-                                remaining -= 1
                                 progressed += 1
+                                if replayedIDs.insert(letter.id).inserted {
+                                    summary.replayed += 1
+                                    remaining -= 1
+                                } else {
+                                    summary.resent += 1
+                                }
                             case .failure(let error):
                                 summary.failed += 1
                                 summary.failures.append("\(letter.id): \(error)")
@@ -131,15 +142,18 @@ public struct DeadLetterStore: Sendable {
     public func purge(_ filter: DeadLetterFilter) async throws -> Int {
         var removed = 0
         var remaining = filter.limit ?? Int.max
+        var removedIDs = Set<String>()
         for m in try handlers(for: filter) {
             while remaining > 0 {
                 var progressed = 0
                 try await withSnapshot(of: m) { letters, _ in
-                    for (delivery, _) in letters.filter({ filter.matches($0.1) }).prefix(remaining) {
+                    for (delivery, letter) in letters.filter({ filter.matches($0.1) }).prefix(remaining) {
                         try delivery.ack()
-                        removed += 1
-                        remaining -= 1
                         progressed += 1
+                        if removedIDs.insert(letter.id).inserted {  // see replay: a letter may come back once more
+                            removed += 1
+                            remaining -= 1
+                        }
                     }
                 }
                 if progressed == 0 { break }  // see replay: only a round that found nothing ends the work

@@ -2,6 +2,7 @@ import ArgumentParser
 import Choreo
 import ChoreoOps
 import Foundation
+import Synchronization
 
 struct DLQ: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -135,8 +136,15 @@ struct DLQ: AsyncParsableCommand {
             let filter = try filters.filter(ids: ids)
             let store = try await DLQ.store(connection)
             let interactive = isTerminal(2)
+            // Off a terminal, a line each time another thousand is passed (and at the end).
+            let lastThousand = Mutex(0)
             let summary = try await store.replay(filter, dryRun: dryRun, rate: rate) { done, total in
-                if interactive || done == total || done % 1000 == 0 {
+                let crossed = lastThousand.withLock { last -> Bool in
+                    guard done / 1000 > last else { return false }
+                    last = done / 1000
+                    return true
+                }
+                if interactive || done == total || crossed {
                     FileHandle.standardError.write(
                         Data("\(interactive ? "\r" : "")replayed \(done)/\(total)\(interactive ? "" : "\n")".utf8))
                 }
@@ -144,6 +152,11 @@ struct DLQ: AsyncParsableCommand {
             if interactive { printError("") }
             if summary.replayed == 0 && !ids.isEmpty { throw OperationError.noDeadLetter(ids) }
             for f in summary.failures { printError("failed: \(f)") }
+            if summary.resent > 0 {
+                printError(
+                    "note: the broker gave back \(summary.resent) letters after their removal; they were sent once more, and the handler's ledger drops those copies"
+                )
+            }
             print(
                 "\(dryRun ? "would replay" : "replayed") \(summary.replayed), skipped \(summary.skipped), failed \(summary.failed)"
             )

@@ -192,11 +192,10 @@ struct CLITests {
         let replay = try await Broker.choreo(
             ["dlq", "replay", "--all", "--handler", "\(mesh.pingService).ping"], timeout: 240)
         #expect(replay.code == 0, "\(replay.err)")
-        // Known issue (see the README): under load a few letters may be replayed twice, so the count can exceed
-        // 10,000; the ledger drops those copies, which the effect and request counts below prove.
-        let summary = replay.out.split(separator: " ")
-        #expect(replay.out.hasPrefix("replayed ") && replay.out.hasSuffix(", skipped 0, failed 0\n"), "\(replay.out)")
-        #expect(summary.count > 1 && (Int(summary[1].dropLast()) ?? 0) >= n, "\(replay.out)")
+        // The broker may give back a few letters acked just before a round's channel closed: those are sent once
+        // more (the note on stderr says so) and the handler's ledger drops the copies, which the effect and request
+        // counts below prove. Each letter is counted once.
+        #expect(replay.out == "replayed \(n), skipped 0, failed 0\n", "\(replay.out)")
         let progress = replay.err.split(separator: "\n").filter { $0.hasPrefix("replayed ") }
         #expect(progress.count >= 10, "progress is shown along the way: \(progress.prefix(3))")
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
