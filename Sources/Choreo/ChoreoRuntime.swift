@@ -225,9 +225,7 @@ public final class ChoreoRuntime: Service, Sendable {
         while true {
             let pending = try await ledger.unpublished(handler: h.name, limit: 500)
             if pending.isEmpty { break }
-            let messages = pending.flatMap { p in
-                p.messages.map { EnvelopeCodec.encode($0.envelope, exchange: $0.exchange, routingKey: $0.routingKey) }
-            }
+            let messages = pending.flatMap { $0.messages.map(EnvelopeCodec.encode) }
             for result in await channel.publish(contentsOf: messages) { try result.get() }
             try await ledger.markPublished(
                 pending.map { PublishedEntries(handler: h.name, key: $0.key, indexes: $0.messages.map(\.index)) })

@@ -65,6 +65,11 @@ public enum EnvelopeCodec {
         static let idempotencyKey = CE.prefix + CE.idempotencyKey
     }
 
+    /// The AMQP message for an outbox entry, to the exchange and routing key it was recorded with.
+    public static func encode(_ entry: OutboxMessage) -> AMQPOutgoingMessage {
+        encode(entry.envelope, exchange: entry.exchange, routingKey: entry.routingKey)
+    }
+
     /// Reads a delivery as a CloudEvent. - Throws: ``EnvelopeDecodingError`` with a reason a person can act on.
     public static func decode(_ delivery: AMQPDelivery) throws(EnvelopeDecodingError) -> EventEnvelope {
         try decode(body: delivery.body, properties: delivery.properties)

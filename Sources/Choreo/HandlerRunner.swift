@@ -278,7 +278,7 @@ struct HandlerRunner: Sendable {
         var publishedBy: [Int] = []
         for (i, outbox) in outboxes.enumerated() {
             for m in outbox ?? [] {
-                messages.append(EnvelopeCodec.encode(m.envelope, exchange: m.exchange, routingKey: m.routingKey))
+                messages.append(EnvelopeCodec.encode(m))
                 publishedBy.append(i)
             }
         }
@@ -447,20 +447,15 @@ struct HandlerRunner: Sendable {
 /// Counts a runner's deliveries taken and not yet settled (acked, given back or dead-lettered), which
 /// `--concurrency` limits, and makes the consumer wait for room.
 final class InFlight: Sendable {
-    private struct State {
+    private struct State: Sendable {
         var taken = 0
         let limit: Int
-        /// The consumer loop waiting for room (or, when draining, for nothing taken).
-        var waiter: CheckedContinuation<Void, Never>?
-        var waitingForZero = false
-
-        var ready: Bool { waitingForZero ? taken == 0 : taken < limit }
     }
 
-    private let state: Mutex<State>
+    private let state: WaitableState<State>
 
     init(limit: Int) {
-        state = Mutex(State(limit: limit))
+        state = WaitableState(State(limit: limit))
     }
 
     var count: Int { state.withLock { $0.taken } }
@@ -471,51 +466,24 @@ final class InFlight: Sendable {
 
     /// Deliveries settled.
     func settled(_ n: Int) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            s.taken -= n
-            guard s.ready else { return nil }
-            defer { s.waiter = nil }
-            return s.waiter
-        }
-        waiter?.resume()
+        state.update { $0.taken -= n }
     }
 
     /// Waits for room; returns how many deliveries may be taken now.
     func room() async -> Int {
-        await wait(forZero: false)
+        await state.wait { $0.taken < $0.limit }
         return state.withLock { max(1, $0.limit - $0.taken) }
     }
 
     /// Waits until every delivery settled, at most `timeout`; false when some had not.
     func drained(within timeout: Duration) async -> Bool {
         await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.wait(forZero: true) }
+            group.addTask { await self.state.wait { $0.taken == 0 } }
             group.addTask { try? await Task.sleep(for: timeout) }
             await group.next()
             group.cancelAll()
         }
         return count == 0
-    }
-
-    private func wait(forZero: Bool) async {
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let ready = state.withLock { s -> Bool in
-                    s.waitingForZero = forZero
-                    // Checked under the lock: a cancel that came before this registration finds no waiter.
-                    if Task.isCancelled || s.ready { return true }
-                    s.waiter = continuation
-                    return false
-                }
-                if ready { continuation.resume() }
-            }
-        } onCancel: {
-            let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-                defer { s.waiter = nil }
-                return s.waiter
-            }
-            waiter?.resume()
-        }
     }
 }
 

@@ -13,6 +13,8 @@ public final class InMemoryLedger: IdempotencyLedger {
         var completedAt: Date?
         var outbox: [OutboxMessage] = []
         var published: Set<Int> = []
+
+        var unpublished: [OutboxMessage] { outbox.filter { !published.contains($0.index) } }
     }
 
     private let entries = Mutex<[String: Entry]>([:])
@@ -29,7 +31,7 @@ public final class InMemoryLedger: IdempotencyLedger {
         let t = now()
         return entries.withLock { entries in
             var e = entries[id(handler, key)] ?? Entry()
-            if e.completed { return .completed(unpublished: e.outbox.filter { !e.published.contains($0.index) }) }
+            if e.completed { return .completed(unpublished: e.unpublished) }
             if let holder = e.owner, holder != owner, let until = e.leaseExpires, until > t {
                 return .heldElsewhere(until: until)
             }
@@ -58,7 +60,7 @@ public final class InMemoryLedger: IdempotencyLedger {
         return entries.withLock { entries in
             guard var e = entries[id(handler, key)] else { return .leaseLost }
             if e.completed {
-                return .alreadyCompleted(unpublished: e.outbox.filter { !e.published.contains($0.index) })
+                return .alreadyCompleted(unpublished: e.unpublished)
             }
             guard e.owner == owner else { return .leaseLost }
             e.completed = true
@@ -115,7 +117,7 @@ public final class InMemoryLedger: IdempotencyLedger {
             entries.filter { $0.key.hasPrefix(prefix) && $0.value.completed }
                 .sorted { $0.key < $1.key }
                 .compactMap { id, e -> PendingOutbox? in
-                    let pending = e.outbox.filter { !e.published.contains($0.index) }
+                    let pending = e.unpublished
                     return pending.isEmpty
                         ? nil : PendingOutbox(key: String(id.dropFirst(prefix.count)), messages: pending)
                 }

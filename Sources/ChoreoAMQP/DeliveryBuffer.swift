@@ -6,35 +6,29 @@ import Synchronization
 /// costs one wake-up; a reader takes everything available at once with ``next(max:)``. Holds at most
 /// the channel's prefetch count, because the broker sends no more unacknowledged deliveries than that.
 final class DeliveryBuffer: Sendable {
-    private struct State {
+    private struct State: Sendable {
         var items: [AMQPDelivery] = []
         var head = 0
         /// Set once the consumer ended: nil error for a normal end (cancel), else the reason.
-        var ended: (any Error)?? = nil
-        var waiter: CheckedContinuation<Void, Never>?
+        var ended: (any Error & Sendable)?? = nil
+
+        var readable: Bool { head < items.count || ended != nil }
     }
 
-    private let state = Mutex(State())
+    private let state = WaitableState(State())
 
     /// Called by the I/O thread for each delivery.
     func yield(_ delivery: AMQPDelivery) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            guard s.ended == nil else { return nil }
-            s.items.append(delivery)
-            defer { s.waiter = nil }
-            return s.waiter
+        state.update { s in
+            if s.ended == nil { s.items.append(delivery) }
         }
-        waiter?.resume()
     }
 
     /// Ends the sequence once the buffered deliveries are taken: normally, or with `error`.
-    func finish(throwing error: (any Error)? = nil) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+    func finish(throwing error: (any Error & Sendable)? = nil) {
+        state.update { s in
             if s.ended == nil { s.ended = .some(error) }
-            defer { s.waiter = nil }
-            return s.waiter
         }
-        waiter?.resume()
     }
 
     /// Waits for at least one delivery and returns up to `max` of those buffered, oldest first;
@@ -48,23 +42,7 @@ final class DeliveryBuffer: Sendable {
             case .ended(let error?): throw error
             case .empty: break
             }
-            await withTaskCancellationHandler {
-                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                    let ready = state.withLock { s -> Bool in
-                        // Checked under the lock: a cancel that came before this registration finds no waiter.
-                        if s.head < s.items.count || s.ended != nil || Task.isCancelled { return true }
-                        s.waiter = continuation
-                        return false
-                    }
-                    if ready { continuation.resume() }
-                }
-            } onCancel: {
-                let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-                    defer { s.waiter = nil }
-                    return s.waiter
-                }
-                waiter?.resume()
-            }
+            await state.wait(until: \.readable)
         }
     }
 
