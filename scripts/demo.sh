@@ -58,6 +58,10 @@ PY
 }
 
 order_status() { "$bin/order-service" show --order "$1" | head -n 1 | grep -q "$2"; }
+customer_messages() { # notifications hears the outcomes on queues of its own and may lag the order view
+    python3 -c 'import sqlite3, sys; sys.exit(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM messages").fetchone()[0] < int(sys.argv[2]))' \
+        "$state/notifications.state.sqlite" "$1"
+}
 dead_letters() { [ "$("$bin/choreo" dlq list --json | wc -l)" -ge "$1" ]; }
 
 echo "== starting ${services[*]}, each its own process"
@@ -96,6 +100,7 @@ start shipping SHIPPING_ACCEPT_ALL_ADDRESSES=1
 wait_for 60 consumers_ready shipping
 "$bin/choreo" dlq replay --all --handler shipping.schedule-shipment
 wait_for 60 order_status "$stuck" FULFILLED
+wait_for 60 customer_messages 4
 
 echo
 echo "== final state"
