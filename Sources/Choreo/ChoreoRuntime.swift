@@ -82,9 +82,17 @@ public final class ChoreoRuntime: Service, Sendable {
                     break
                 } catch {
                     if isShuttingDown { break }
-                    logger.warning(
-                        "broker connection lost; reconnecting",
-                        metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                    if Self.isRegistryStarting(error) {
+                        // Services started together: another one declared the stream a moment ago and its
+                        // writer is not up yet, so the broker closed this connection on the manifest append.
+                        logger.info(
+                            "the registry stream is still starting; reconnecting",
+                            metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                    } else {
+                        logger.warning(
+                            "broker connection lost; reconnecting",
+                            metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                    }
                     let jittered = Double.random(in: 0...backoff.seconds)
                     try? await Task.sleep(for: .seconds(max(0.05, jittered)))
                     backoff = min(backoff * 2, configuration.reconnectBackoff.maximum)
@@ -93,6 +101,13 @@ public final class ChoreoRuntime: Service, Sendable {
         } onGracefulShutdown: {
             self.beginShutdown()
         }
+    }
+
+    /// RabbitMQ answers a publish to a stream that another client has just declared, and whose writer has
+    /// not started, with 506 RESOURCE_ERROR "Stream not found" and closes the connection.
+    static func isRegistryStarting(_ error: any Error) -> Bool {
+        guard let error = error as? AMQPError else { return false }
+        return error.replyCode == AMQPError.ReplyCode.resourceError && error.message.contains("Stream not found")
     }
 
     /// Waits until the runtime consumes (after each reconnect, too). For tests and readiness probes.
