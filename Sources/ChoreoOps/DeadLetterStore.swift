@@ -16,8 +16,12 @@ public struct DeadLetterStore: Sendable {
         public var skipped = 0
         public var failed = 0
         public var failures: [String] = []
-        /// Letters sent a second time because the broker gave them back after their removal (see ``replay``).
-        public var resent = 0
+        /// Letters the broker gave back after their removal (see ``replay``): recognised as replayed already
+        /// in this run and removed again, without being sent a second time.
+        public var givenBack = 0
+        /// Events replayed in this run that failed again and were dead-lettered anew while it ran: left in the
+        /// dead-letter queue for the next look, not replayed a second time.
+        public var failedAgain = 0
     }
 
     public let connection: AMQPConnection
@@ -75,11 +79,16 @@ public struct DeadLetterStore: Sendable {
     ) async throws -> ReplaySummary {
         var summary = ReplaySummary()
         var remaining = filter.limit ?? Int.max
-        // RabbitMQ 3.10's quorum queues can give back letters acked just before a channel closes (their
-        // removal had not been applied yet). A later round then sees them again: they are sent again, which
-        // the handler's ledger drops, and counted once.
-        var replayedIDs = Set<String>()
+        // A run replays each event at most once per handler. Later rounds can meet an event again in two ways:
+        // - RabbitMQ 3.10's quorum queues can give back letters acked just before a channel closes (their
+        //   removal had not been applied yet). Such a letter is the very one replayed (see LetterIdentity):
+        //   it is removed again, not sent twice.
+        // - Its replay failed again and the handler (or the broker) dead-lettered it anew. That letter differs
+        //   from the one replayed; it stays in the queue for the operator, and the run does not loop on it.
         for m in try handlers(for: filter) {
+            var replayedIDs = Set<String>()
+            var replayedLetters = Set<LetterIdentity>()
+            var failedAgainIDs = Set<String>()
             // A broker hands one consumer at most a few thousand unacknowledged messages (quorum queues: 2,000),
             // so a large queue is worked through in rounds; each round removes what it replayed.
             var round = 0
@@ -89,12 +98,28 @@ public struct DeadLetterStore: Sendable {
                 let expected = try await depth(of: m)
                 try await withSnapshot(of: m) { letters, _ in
                     let matching = letters.filter { filter.matches($0.1) }
-                    let selected = Array(matching.prefix(max(remaining, 0)))
+                    var givenBack: [(AMQPDelivery, DeadLetter)] = []
+                    var fresh: [(AMQPDelivery, DeadLetter)] = []
+                    for letter in matching {
+                        if replayedLetters.contains(LetterIdentity(letter.1)) {
+                            givenBack.append(letter)
+                        } else if replayedIDs.contains(letter.1.id) {
+                            failedAgainIDs.insert(letter.1.id)
+                        } else {
+                            fresh.append(letter)
+                        }
+                    }
+                    let selected = Array(fresh.prefix(max(remaining, 0)))
                     if round == 1 || dryRun { summary.skipped += matching.count - selected.count }
                     if dryRun {
                         summary.replayed += selected.count
                         progress(summary.replayed, summary.replayed)
                         return
+                    }
+                    for (delivery, _) in givenBack {
+                        try delivery.ack()
+                        progressed += 1
+                        summary.givenBack += 1
                     }
                     let publisher = try await connection.openChannel()
                     defer { Task { await publisher.close() } }
@@ -110,11 +135,11 @@ public struct DeadLetterStore: Sendable {
                                 FaultInjection.reached("replay-after-publish")
                                 try delivery.ack()
                                 progressed += 1
+                                replayedLetters.insert(LetterIdentity(letter))
+                                // Two letters of one event in the same snapshot (imported twice) count once.
                                 if replayedIDs.insert(letter.id).inserted {
                                     summary.replayed += 1
                                     remaining -= 1
-                                } else {
-                                    summary.resent += 1
                                 }
                             case .failure(let error):
                                 summary.failed += 1
@@ -134,6 +159,7 @@ public struct DeadLetterStore: Sendable {
                 // that found nothing to replay.
                 if dryRun || progressed == 0 || remaining <= 0 { break }
             }
+            summary.failedAgain += failedAgainIDs.count
         }
         return summary
     }
@@ -256,6 +282,19 @@ public struct DeadLetterStore: Sendable {
         try await body(
             deliveries.map { ($0, DeadLetter(delivery: $0, manifest: manifest)) }, deliveries.count >= Int(expected))
         await channel.close()
+    }
+}
+
+/// Tells one dead-lettering of an event from another: the event's id and its headers, leaving out the
+/// broker's own (`x-…`, which change on redelivery). A letter the broker gives back is the very one that
+/// was replayed; a copy that failed again after this run replayed it carries the `choreo-replayed-at`
+/// the replay set on it (and new failure headers), so it differs even when the broker dead-lettered it.
+struct LetterIdentity: Hashable {
+    let id: String
+    let headers: AMQPTable
+    init(_ letter: DeadLetter) {
+        id = letter.id
+        headers = (letter.properties.headers ?? [:]).filter { !$0.key.hasPrefix("x-") }
     }
 }
 

@@ -152,9 +152,14 @@ struct DLQ: AsyncParsableCommand {
             if interactive { printError("") }
             if summary.replayed == 0 && !ids.isEmpty { throw OperationError.noDeadLetter(ids) }
             for f in summary.failures { printError("failed: \(f)") }
-            if summary.resent > 0 {
+            if summary.givenBack > 0 {
                 printError(
-                    "note: the broker gave back \(summary.resent) letters after their removal; they were sent once more, and the handler's ledger drops those copies"
+                    "note: the broker gave back \(summary.givenBack) letters after their removal; they had been replayed already and were removed again, not sent twice"
+                )
+            }
+            if summary.failedAgain > 0 {
+                printError(
+                    "note: \(summary.failedAgain) replayed events failed again while the replay ran; their new dead letters are in the queue (choreo dlq list)"
                 )
             }
             print(
