@@ -2,7 +2,7 @@
 //
 //   chain-baseline-c HOST PORT QUEUE NEXT_ROUTING_KEY|- EXCHANGE DB_PATH LATENCY_FILE|- COUNT [batch|per-event]
 //
-// Consumes QUEUE with prefetch 256; for every batch of deliveries that are available at once it inserts each
+// Consumes QUEUE with prefetch CHAIN_IN_FLIGHT (default 256); for every batch of deliveries that are available at once it inserts each
 // event id into SQLite (the same "ledger" row per event as a Choreo hop) in one transaction, or with
 // `per-event` in a transaction of its own per event (as a straightforward consumer would), publishes the next
 // event to EXCHANGE with routing key NEXT (persistent, publisher confirms, waiting for the batch's confirms),
@@ -36,7 +36,6 @@ static void check(amqp_rpc_reply_t r, const char *what) {
     if (r.reply_type != AMQP_RESPONSE_NORMAL) die(what);
 }
 
-#define MAX_BATCH 256
 
 static amqp_connection_state_t open_connection(const char *host, int port) {
     amqp_connection_state_t conn = amqp_new_connection();
@@ -72,14 +71,19 @@ int main(int argc, char **argv) {
     amqp_connection_state_t pconn = open_connection(host, port);
     amqp_confirm_select(pconn, 1);
     check(amqp_get_rpc_reply(pconn), "confirm.select");
-    amqp_basic_qos(conn, 1, 0, MAX_BATCH, 0);
+    // Deliveries in flight (prefetch and largest batch): CHAIN_IN_FLIGHT, as the Choreo hops' --concurrency.
+    const char *in_flight = getenv("CHAIN_IN_FLIGHT");
+    int max_batch = in_flight ? atoi(in_flight) : 256;
+    if (max_batch < 1 || max_batch > 65535) die("CHAIN_IN_FLIGHT (1 to 65535)");
+    amqp_basic_qos(conn, 1, 0, (uint16_t)max_batch, 0);
     check(amqp_get_rpc_reply(conn), "basic.qos");
     amqp_basic_consume(conn, 1, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
     check(amqp_get_rpc_reply(conn), "basic.consume");
 
     long done = 0;
     uint64_t published = 0, confirmed = 0;
-    amqp_envelope_t batch[MAX_BATCH];
+    amqp_envelope_t *batch = calloc((size_t)max_batch, sizeof *batch);
+    if (!batch) die("calloc");
     while (done < count) {
         int n = 0;
         struct timeval zero = {0, 0};
@@ -88,7 +92,7 @@ int main(int argc, char **argv) {
         amqp_rpc_reply_t r = amqp_consume_message(conn, &batch[n], NULL, 0);
         if (r.reply_type != AMQP_RESPONSE_NORMAL) die("consume");
         n++;
-        while (n < MAX_BATCH && (amqp_frames_enqueued(conn) || amqp_data_in_buffer(conn))) {
+        while (n < max_batch && (amqp_frames_enqueued(conn) || amqp_data_in_buffer(conn))) {
             r = amqp_consume_message(conn, &batch[n], &zero, 0);
             if (r.reply_type != AMQP_RESPONSE_NORMAL) break;
             n++;
@@ -147,6 +151,7 @@ int main(int argc, char **argv) {
     amqp_destroy_connection(conn);
     amqp_connection_close(pconn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(pconn);
+    free(batch);
     if (lat) fclose(lat);
     sqlite3_finalize(insert);
     sqlite3_close(db);

@@ -9,6 +9,9 @@ struct ChainDriver {
     let count: Int
     let rate: Double
     let seconds: Double
+    /// Deliveries in flight per hop, for both chains: each Choreo hop's `--concurrency`, each C hop's prefetch
+    /// and largest batch (`CHAIN_IN_FLIGHT`, default 256).
+    var inFlight: Int { Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256 }
     /// Events sent through each chain before anything is timed.
     let warmup = 2000
 
@@ -27,7 +30,7 @@ struct ChainDriver {
             "chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency"
         )
         print(
-            "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop"
+            "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop, \(inFlight) deliveries in flight per hop"
         )
         let choreo = try await runChoreo(config)
         print(
@@ -66,7 +69,7 @@ struct ChainDriver {
             p.arguments = [
                 "hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger",
                 dir.appendingPathComponent("\(role).sqlite").path,
-                "--concurrency", ProcessInfo.processInfo.environment["CHAIN_CONCURRENCY"] ?? "256",
+                "--concurrency", String(inFlight),
             ]
             var env = ProcessInfo.processInfo.environment
             env["CHAIN_LATENCY_FILE"] = latency.path
