@@ -2,12 +2,12 @@
 //
 //   chain-baseline-c HOST PORT QUEUE NEXT_ROUTING_KEY|- EXCHANGE DB_PATH LATENCY_FILE|- COUNT [batch|per-event]
 //
-// Consumes QUEUE with prefetch CHAIN_IN_FLIGHT (default 256); for every batch of deliveries that are available at once it inserts each
-// event id into SQLite (the same "ledger" row per event as a Choreo hop) in one transaction, or with
-// `per-event` in a transaction of its own per event (as a straightforward consumer would), publishes the next
-// event to EXCHANGE with routing key NEXT (persistent, publisher confirms, waiting for the batch's confirms),
-// then acks the batch with one multiple ack. A sink (NEXT = -) appends each event's latency in microseconds,
-// from the `sentAt` in its body, to LATENCY_FILE. Exits after COUNT events.
+// Consumes QUEUE with prefetch CHAIN_IN_FLIGHT (default 256); for every batch of deliveries that are available
+// at once it inserts each event id into SQLite (the same "ledger" row per event as a Choreo hop) in one
+// transaction, or with `per-event` in a transaction of its own per event (as a straightforward consumer would),
+// publishes the next event to EXCHANGE with routing key NEXT (persistent, publisher confirms, waiting for the
+// batch's confirms), then acks the batch with one multiple ack. A sink (NEXT = -) appends each event's latency
+// in microseconds, from the `sentAt` in its body, to LATENCY_FILE. Exits after COUNT events.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,7 +35,6 @@ static void die(const char *what) {
 static void check(amqp_rpc_reply_t r, const char *what) {
     if (r.reply_type != AMQP_RESPONSE_NORMAL) die(what);
 }
-
 
 static amqp_connection_state_t open_connection(const char *host, int port) {
     amqp_connection_state_t conn = amqp_new_connection();

@@ -32,23 +32,19 @@ struct ChainDriver {
         print(
             "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop, \(inFlight) deliveries in flight per hop"
         )
+        func report(_ label: String, _ r: Result) {
+            print(
+                label
+                    + String(
+                        format: " %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", r.throughput, rate, r.p50,
+                        r.p99))
+        }
         let choreo = try await runChoreo(config)
-        print(
-            String(
-                format: "Choreo:     %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", choreo.throughput,
-                rate, choreo.p50, choreo.p99))
+        report("Choreo:    ", choreo)
         let c = try await runBaseline(config, mode: "batch")
-        print(
-            String(
-                format:
-                    "rabbitmq-c, one transaction per batch: %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms",
-                c.throughput, rate, c.p50, c.p99))
+        report("rabbitmq-c, one transaction per batch:", c)
         let perEvent = try await runBaseline(config, mode: "per-event")
-        print(
-            String(
-                format:
-                    "rabbitmq-c, one transaction per event: %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms",
-                perEvent.throughput, rate, perEvent.p50, perEvent.p99))
+        report("rabbitmq-c, one transaction per event:", perEvent)
         print(
             String(
                 format: "throughput ratio Choreo / rabbitmq-c: %.2f (per batch), %.2f (per event)",
