@@ -1,3 +1,4 @@
+import ChoreoAMQP
 import Foundation
 
 /// A handler with its input type erased, as the runner drives it.
@@ -64,6 +65,41 @@ package struct HandlerDescriptor: Sendable {
             return Prepared(key: handler.idempotencyKey(for: event, envelope: envelope)) { context in
                 try await handler.handle(event, context: context)
             }
+        }
+    }
+
+    /// An input that decoded and that the handler accepts, with the key it runs under.
+    package struct Admission: Sendable {
+        package var envelope: EventEnvelope
+        package var prepared: Prepared
+        /// The handler's key function, else the event's idempotency key, else its id.
+        package var key: String
+    }
+
+    /// Why an input was refused; `envelope` is there when the envelope itself decoded.
+    package struct Refusal: Error {
+        package var errorType: String
+        package var message: String
+        package var envelope: EventEnvelope?
+    }
+
+    /// Step 1 of the delivery protocol, for the runner and the test harness alike: decodes the envelope,
+    /// lets the handler vet it and chooses the idempotency key.
+    package func admit(body: Data, properties: AMQPProperties) -> Result<Admission, Refusal> {
+        let envelope: EventEnvelope
+        do throws(EnvelopeDecodingError) {
+            envelope = try EnvelopeCodec.decode(body: body, properties: properties)
+        } catch {
+            return .failure(Refusal(errorType: "EnvelopeDecodingError", message: error.reason, envelope: nil))
+        }
+        do throws(EventRejection) {
+            let prepared = try prepare(envelope)
+            return .success(
+                Admission(
+                    envelope: envelope, prepared: prepared,
+                    key: prepared.key ?? envelope.idempotencyKey ?? envelope.id))
+        } catch {
+            return .failure(Refusal(errorType: error.errorType, message: error.message, envelope: envelope))
         }
     }
 

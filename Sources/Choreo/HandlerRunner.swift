@@ -206,27 +206,18 @@ struct HandlerRunner: Sendable {
                         "body of \(delivery.body.count) bytes exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)",
                     attempt: attempt, logger: logger))
         }
-        let envelope: EventEnvelope
-        do throws(EnvelopeDecodingError) {
-            envelope = try EnvelopeCodec.decode(delivery)
-        } catch {
-            return .failure(
-                Rejection(errorType: "EnvelopeDecodingError", message: error.reason, attempt: attempt, logger: logger))
-        }
-        let prepared: HandlerDescriptor.Prepared
-        do throws(EventRejection) {
-            prepared = try handler.prepare(envelope)
-        } catch {
+        switch handler.admit(body: delivery.body, properties: delivery.properties) {
+        case .success(let a):
+            return .success(
+                Admitted(
+                    delivery: delivery, envelope: a.envelope, prepared: a.prepared, key: a.key,
+                    owner: "\(owner)/\(delivery.deliveryTag)", attempt: attempt, handlerLogger: logger))
+        case .failure(let refusal):
             return .failure(
                 Rejection(
-                    errorType: error.errorType, message: error.message, attempt: attempt,
-                    logger: Self.logger(logger, for: envelope)))
+                    errorType: refusal.errorType, message: refusal.message, attempt: attempt,
+                    logger: refusal.envelope.map { Self.logger(logger, for: $0) } ?? logger))
         }
-        return .success(
-            Admitted(
-                delivery: delivery, envelope: envelope, prepared: prepared,
-                key: prepared.key ?? envelope.idempotencyKey ?? envelope.id, owner: "\(owner)/\(delivery.deliveryTag)",
-                attempt: attempt, handlerLogger: logger))
     }
 
     /// Steps 4 and 5 for a group of finished invocations: one ledger write commits them all, their outboxes

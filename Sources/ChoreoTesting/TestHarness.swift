@@ -140,26 +140,18 @@ public actor TestHarness {
     private func process(_ m: Message) async {
         let h = m.handler
         let envelope: EventEnvelope
-        do throws(EnvelopeDecodingError) {
-            envelope = try EnvelopeCodec.decode(body: m.body, properties: m.properties)
-        } catch {
-            deadLetters.append(
-                DeadLetter(
-                    handler: h.name, eventID: m.properties.messageID, body: m.body,
-                    errorType: "EnvelopeDecodingError", errorMessage: error.reason, attempts: m.attempt))
-            return
-        }
         let prepared: HandlerDescriptor.Prepared
-        do throws(EventRejection) {
-            prepared = try h.prepare(envelope)
-        } catch {
+        let key: String
+        switch h.admit(body: m.body, properties: m.properties) {
+        case .success(let a):
+            (envelope, prepared, key) = (a.envelope, a.prepared, a.key)
+        case .failure(let refusal):
             deadLetters.append(
                 DeadLetter(
-                    handler: h.name, eventID: envelope.id, body: m.body, errorType: error.errorType,
-                    errorMessage: error.message, attempts: m.attempt))
+                    handler: h.name, eventID: refusal.envelope?.id ?? m.properties.messageID, body: m.body,
+                    errorType: refusal.errorType, errorMessage: refusal.message, attempts: m.attempt))
             return
         }
-        let key = prepared.key ?? envelope.idempotencyKey ?? envelope.id
         let owner = "harness/\(UUID().uuidString)"
         guard let claim = try? await ledger.claim(handler: h.name, key: key, owner: owner, lease: .seconds(60)) else {
             return
