@@ -280,7 +280,7 @@ struct SQLiteLedgerTests {
                     arguments: [key, idx, attributes, Data("{\"n\":7}".utf8), published])
             }
         }
-        try await queue.close()
+        try queue.close()
         let l = try SQLiteLedger(path: path.path)
         let pending = try await l.unpublished(handler: "h", limit: 10)
         #expect(pending.map(\.key) == ["half"] && pending.first?.messages.map(\.index) == [1])
