@@ -6,11 +6,13 @@
 // at once it inserts each event id into SQLite (the same "ledger" row per event as a Choreo hop) in one
 // transaction, or with `per-event` in a transaction of its own per event (as a straightforward consumer would),
 // publishes the next event to EXCHANGE with routing key NEXT (persistent, publisher confirms, waiting for the
-// batch's confirms), then acks the batch with one multiple ack. A sink (NEXT = -) appends each event's latency
+// batch's confirms; the input's CloudEvents headers go on with a new id and the input's as the causation id, so
+// messages are as large as a Choreo hop's), then acks the batch with one multiple ack. A sink (NEXT = -) appends each event's latency
 // in microseconds, from the `sentAt` in its body, to LATENCY_FILE. Exits after COUNT events.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
 #include <time.h>
 #include <sqlite3.h>
 #if __has_include(<rabbitmq-c/amqp.h>)
@@ -25,6 +27,26 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+#define MAX_HEADERS 32
+
+static int bytes_equal(amqp_bytes_t b, const char *s) {
+    size_t n = strlen(s);
+    return b.len == n && memcmp(b.bytes, s, n) == 0;
+}
+
+/// A deterministic id for the event a hop emits, 36 characters like a Choreo hop's derived UUID: FNV-1a of
+/// the input id and the next routing key.
+static void derived_id(char out[40], amqp_bytes_t input, const char *next) {
+    uint64_t h1 = 1469598103934665603ULL, h2 = 1099511628211ULL * 31;
+    for (size_t i = 0; i < input.len; i++) {
+        h1 = (h1 ^ ((unsigned char *)input.bytes)[i]) * 1099511628211ULL;
+        h2 = (h2 ^ ((unsigned char *)input.bytes)[i]) * 1099511628211ULL;
+    }
+    for (const char *c = next; *c; c++) h1 = (h1 ^ (unsigned char)*c) * 1099511628211ULL;
+    snprintf(out, 40, "%08x-%04x-%04x-%04x-%012llx", (unsigned)(h1 >> 32), (unsigned)(h1 >> 16) & 0xffff,
+             (unsigned)h1 & 0xffff, (unsigned)(h2 >> 48), (unsigned long long)(h2 & 0xffffffffffffULL));
 }
 
 static void die(const char *what) {
@@ -109,9 +131,33 @@ int main(int argc, char **argv) {
         if (!is_sink) {
             for (int i = 0; i < n; i++) {
                 amqp_basic_properties_t props = batch[i].message.properties;
-                char next_id[128];
-                snprintf(next_id, sizeof next_id, "%.*s-%s", (int)props.message_id.len, (char *)props.message_id.bytes, next);
-                props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG;
+                char next_id[40];
+                derived_id(next_id, props.message_id, next);
+                // The event's CloudEvents headers go on, with its new id and the input as its cause, as a
+                // hand-written CloudEvents hop would send them (and as large as a Choreo hop's).
+                amqp_table_entry_t entries[MAX_HEADERS];
+                amqp_table_t headers = {0, entries};
+                int has_cause = 0;
+                if (props._flags & AMQP_BASIC_HEADERS_FLAG) {
+                    for (int h = 0; h < props.headers.num_entries && headers.num_entries < MAX_HEADERS - 1; h++) {
+                        amqp_table_entry_t e = props.headers.entries[h];
+                        if (bytes_equal(e.key, "cloudEvents_id")) e.value.value.bytes = amqp_cstring_bytes(next_id);
+                        if (bytes_equal(e.key, "cloudEvents_causationid")) {
+                            e.value.value.bytes = props.message_id;
+                            has_cause = 1;
+                        }
+                        entries[headers.num_entries++] = e;
+                    }
+                    if (!has_cause) {
+                        amqp_table_entry_t *e = &entries[headers.num_entries++];
+                        e->key = amqp_cstring_bytes("cloudEvents_causationid");
+                        e->value.kind = AMQP_FIELD_KIND_UTF8;
+                        e->value.value.bytes = props.message_id;
+                    }
+                }
+                props._flags = (props._flags & (AMQP_BASIC_HEADERS_FLAG | AMQP_BASIC_TYPE_FLAG | AMQP_BASIC_TIMESTAMP_FLAG)) |
+                               AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG;
+                props.headers = headers;
                 props.delivery_mode = 2;
                 props.content_type = amqp_cstring_bytes("application/json");
                 props.message_id = amqp_cstring_bytes(next_id);

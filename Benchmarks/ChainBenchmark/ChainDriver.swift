@@ -82,13 +82,7 @@ struct ChainDriver {
         }
         try await channel.enableConfirms()
 
-        func message(_ n: Int) throws -> AMQPOutgoingMessage {
-            let e = try EventEnvelope(
-                Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench",
-                id: "choreo-\(n)-\(UUID().uuidString.prefix(6))")
-            return EnvelopeCodec.encode(e, exchange: "bench.choreo")
-        }
-        return try await measure(channel: channel, latency: latency, message: message)
+        return try await measure(channel: channel, latency: latency) { try startEvent($0, exchange: "bench.choreo") }
     }
 
     // MARK: rabbitmq-c
@@ -128,17 +122,18 @@ struct ChainDriver {
         }
         for (queue, _, _) in stages { try await waitForConsumer(queue, channel) }
         try await channel.enableConfirms()
-        func message(_ n: Int) throws -> AMQPOutgoingMessage {
-            // The same body as the Choreo run's data; plain AMQP properties instead of CloudEvents headers.
-            let body = try JSONCoding.encoder.encode(Start(n: n, sentAt: Date().timeIntervalSince1970))
-            return AMQPOutgoingMessage(
-                exchange: "bench.c", routingKey: "bench.start", body: body,
-                properties: AMQPProperties(contentType: "application/json", deliveryMode: 2, messageID: "c-\(n)"))
-        }
-        return try await measure(channel: channel, latency: latency, message: message)
+        return try await measure(channel: channel, latency: latency) { try startEvent($0, exchange: "bench.c") }
     }
 
     // MARK: Shared
+
+    /// Event `n` for a chain's first hop, stamped with the time it is sent. Both chains get the same CloudEvents
+    /// message, headers and all: what the broker stores and routes costs it alike on both sides.
+    private func startEvent(_ n: Int, exchange: String) throws -> AMQPOutgoingMessage {
+        let e = try EventEnvelope(
+            Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench", id: "\(exchange)-\(n)-\(UUID().uuidString.prefix(6))")
+        return EnvelopeCodec.encode(e, exchange: exchange, routingKey: Start.eventType)
+    }
 
     /// Throughput: `count` events published as fast as confirms allow, timed until the sink saw them all.
     /// Latency: events published one by one at `rate` per second, after one uncounted second, for `seconds`;

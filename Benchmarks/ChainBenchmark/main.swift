@@ -5,7 +5,7 @@ import Synchronization
 
 // The chain benchmark: producer -> A -> B -> sink, each hop its own process, persistent messages, publisher
 // confirms and a SQLite ledger per hop; then the same chain written directly against rabbitmq-c in C
-// (chain-baseline-c: same broker, same message sizes, one SQLite insert per event per hop).
+// (chain-baseline-c: same broker, the same CloudEvents messages, one SQLite insert per event per hop).
 //
 //   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10]    the driver (run in release mode)
 //   chain-benchmark hop ROLE [runner options]                                  one Choreo hop (a, b or sink)
