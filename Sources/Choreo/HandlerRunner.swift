@@ -221,7 +221,7 @@ struct HandlerRunner: Sendable {
     }
 
     /// Steps 4 and 5 for a group of finished invocations: one ledger write commits them all, their outboxes
-    /// go out in one pipelined publish, each delivery is acked, then one write records the confirms.
+    /// go out in one pipelined publish, one write records the confirms, then each delivery is acked.
     /// A delivery whose commit or publish failed is given back for redelivery (its redelivery finds the key
     /// completed and republishes what is unconfirmed; downstream ledgers drop the copies). A record that
     /// fails is left to the outbox sweep at the next start.
@@ -295,15 +295,9 @@ struct HandlerRunner: Sendable {
             }
         }
         toAck.formUnion(confirmed.map(\.index))
-        FaultInjection.reached("before-ack")
-        for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
-        FaultInjection.reached("after-ack")
-        if let error = publishFailure.values.first {
-            await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
-        }
-        // Bookkeeping after the ack, off the event's path: the broker confirmed these entries already.
-        // If the record is lost (a crash right here, or the ledger failing), the outbox sweep at the next
-        // start publishes them once more and records them; downstream ledgers drop the copies by id.
+        // Record what the broker confirmed, then ack. A record that is lost (a crash before it, or the ledger
+        // failing) costs copies, not events: a redelivery finds the key completed and publishes the entries
+        // again, as does the outbox sweep at the next start; downstream ledgers drop the copies by id.
         if !confirmed.isEmpty {
             do {
                 try await ledger.markPublished(confirmed.map(\.entries))
@@ -312,6 +306,12 @@ struct HandlerRunner: Sendable {
                     "could not record published outbox entries; the next start publishes them again",
                     metadata: ["error": "\(error)"])
             }
+        }
+        FaultInjection.reached("before-ack")
+        for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
+        FaultInjection.reached("after-ack")
+        if let error = publishFailure.values.first {
+            await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
         }
     }
 

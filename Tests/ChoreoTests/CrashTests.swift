@@ -50,8 +50,8 @@ struct CrashTests {
         #expect(gateway.effectKeys("sink") == pongs, "each output delivered downstream once after deduplication")
         #expect(gateway.requests("sink") == n, "the downstream ledger drops republished copies")
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
-        // Every output is recorded as published in the end: after a crash between the ack and that record
-        // ("after-ack"), by the restarted process's outbox sweep.
+        // Every output is recorded as published in the end: after a crash between the publish and that record
+        // ("after-publish"), by the redelivery that finds the key completed, or by the restarted process's sweep.
         let ledger = try SQLiteLedger(path: mesh.directory.appendingPathComponent("ping.ledger.sqlite").path)
         let left = await eventually(
             within: 30, { (try? await ledger.unpublished(handler: "ping", limit: 1000).count) ?? -1 },
