@@ -9,6 +9,7 @@ struct ChainDriver {
     let count: Int
     let rate: Double
     let seconds: Double
+    let rounds: Int
     /// Deliveries in flight per hop, for both chains: each Choreo hop's `--concurrency`, each C hop's prefetch
     /// and largest batch (`CHAIN_IN_FLIGHT`, default 256).
     var inFlight: Int { Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256 }
@@ -27,28 +28,47 @@ struct ChainDriver {
         defer { Scratch.removeAll() }
         let config = try AMQPConfiguration(url: url)
         print(
-            "chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency"
+            "chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency, \(rounds) rounds"
         )
         print(
             "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop, \(inFlight) deliveries in flight per hop"
         )
-        func report(_ label: String, _ r: Result) {
-            print(
-                label
-                    + String(
-                        format: " %.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms", r.throughput, rate, r.p50,
-                        r.p99))
+        let chains: [(label: String, run: () async throws -> Result)] = [
+            ("Choreo", { try await runChoreo(config) }),
+            ("rabbitmq-c, one transaction per batch", { try await runBaseline(config, mode: "batch") }),
+            ("rabbitmq-c, one transaction per event", { try await runBaseline(config, mode: "per-event") }),
+        ]
+        // Each round runs the three chains, starting with a different one each time: the machine drifts over
+        // minutes, and a chain always run first or last would carry that drift into the ratios.
+        var results = [[Result]](repeating: [], count: chains.count)
+        for round in 0..<rounds {
+            for k in 0..<chains.count {
+                let i = (round + k) % chains.count
+                let r = try await chains[i].run()
+                results[i].append(r)
+                print(
+                    "round \(round + 1): \(chains[i].label): "
+                        + String(format: "%.0f events/s, p50 %.2f ms, p99 %.2f ms", r.throughput, r.p50, r.p99))
+            }
         }
-        let choreo = try await runChoreo(config)
-        report("Choreo:    ", choreo)
-        let c = try await runBaseline(config, mode: "batch")
-        report("rabbitmq-c, one transaction per batch:", c)
-        let perEvent = try await runBaseline(config, mode: "per-event")
-        report("rabbitmq-c, one transaction per event:", perEvent)
-        print(
-            String(
-                format: "throughput ratio Choreo / rabbitmq-c: %.2f (per batch), %.2f (per event)",
-                choreo.throughput / c.throughput, choreo.throughput / perEvent.throughput))
+        func median(_ xs: [Double]) -> Double {
+            let s = xs.sorted()
+            return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+        }
+        print("medians of \(rounds) rounds:")
+        for (i, chain) in chains.enumerated() {
+            print(
+                "\(chain.label): "
+                    + String(
+                        format: "%.0f events/s; latency at %.0f/s p50 %.2f ms, p99 %.2f ms",
+                        median(results[i].map(\.throughput)), rate, median(results[i].map(\.p50)),
+                        median(results[i].map(\.p99))))
+        }
+        // Ratios within each round, where the chains ran under the same conditions, then their median.
+        let ratios = (1..<chains.count).map { i in
+            median(zip(results[0], results[i]).map { $0.throughput / $1.throughput })
+        }
+        print(String(format: "throughput ratio Choreo / rabbitmq-c: %.2f (per batch), %.2f (per event)", ratios[0], ratios[1]))
     }
 
     // MARK: Choreo

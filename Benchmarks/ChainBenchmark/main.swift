@@ -7,7 +7,7 @@ import Synchronization
 // confirms and a SQLite ledger per hop; then the same chain written directly against rabbitmq-c in C
 // (chain-baseline-c: same broker, the same CloudEvents messages, one SQLite insert per event per hop).
 //
-//   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10]    the driver (run in release mode)
+//   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10] [--rounds 3]   the driver (release mode)
 //   chain-benchmark hop ROLE [runner options]                                  one Choreo hop (a, b or sink)
 
 struct Start: Event { static let eventType = "bench.start"; var n: Int; var sentAt: Double }
@@ -73,4 +73,5 @@ let url =
 let count = Int(option("--count", args) ?? "") ?? 20_000
 let rate = Double(option("--rate", args) ?? "") ?? 200
 let seconds = Double(option("--seconds", args) ?? "") ?? 10
-try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds).run()
+let rounds = max(1, Int(option("--rounds", args) ?? "") ?? 3)
+try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds, rounds: rounds).run()
