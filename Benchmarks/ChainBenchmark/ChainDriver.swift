@@ -122,7 +122,13 @@ struct ChainDriver {
             ("bench.c.sink", "bench.b", "-"),
         ]
         for (queue, key, _) in stages {
-            try await channel.declareQueue(queue, options: .quorum())
+            // Declared as a Choreo handler's queue is (delivery limit, at-least-once dead-lettering): the same
+            // queues, so the broker does the same work for both chains.
+            try await channel.declareQueue("\(queue).dlq", options: .quorum())
+            try await channel.declareQueue(
+                queue,
+                options: Topology.mainQueue(
+                    deadLetterQueue: "\(queue).dlq", deliveryLimit: RunnerConfiguration(service: "bench").deliveryLimit))
             try await channel.purgeQueue(queue)
             try await channel.bindQueue(queue, exchange: "bench.c", routingKey: key)
         }

@@ -11,19 +11,15 @@ import Foundation
 ///   queue (head-of-line TTL is right because every message in a tier waits the same time);
 /// - `….dlq`: the handler's dead letters;
 /// - the registry stream.
-struct Topology {
+package struct Topology {
     var exchange: String
     var deliveryLimit: Int
 
     func declare(_ handler: HandlerDescriptor, queues: WireNames.HandlerQueues, on channel: AMQPChannel) async throws {
         try await channel.declareExchange(exchange, type: .topic, durable: true)
         try await channel.declareQueue(queues.deadLetter, options: .quorum())
-        var main = QueueOptions.quorum(deliveryLimit: deliveryLimit)
-        main.deadLetterExchange = ""
-        main.deadLetterRoutingKey = queues.deadLetter
-        main.deadLetterStrategy = .atLeastOnce
-        main.overflow = .rejectPublish
-        try await channel.declareQueue(queues.main, options: main)
+        try await channel.declareQueue(
+            queues.main, options: Self.mainQueue(deadLetterQueue: queues.deadLetter, deliveryLimit: deliveryLimit))
         try await channel.bindQueue(queues.main, exchange: exchange, routingKey: handler.inputType)
         for delay in handler.retryPolicy.tiers {
             var tier = QueueOptions.quorum()
@@ -34,6 +30,16 @@ struct Topology {
             tier.overflow = .rejectPublish
             try await channel.declareQueue(queues.retry(delay: delay), options: tier)
         }
+    }
+
+    /// A handler's queue: quorum, with a delivery limit and at-least-once dead-lettering to `deadLetterQueue`.
+    package static func mainQueue(deadLetterQueue: String, deliveryLimit: Int) -> QueueOptions {
+        var main = QueueOptions.quorum(deliveryLimit: deliveryLimit)
+        main.deadLetterExchange = ""
+        main.deadLetterRoutingKey = deadLetterQueue
+        main.deadLetterStrategy = .atLeastOnce
+        main.overflow = .rejectPublish
+        return main
     }
 
     static func declareRegistry(on channel: AMQPChannel) async throws {
