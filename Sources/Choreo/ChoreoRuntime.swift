@@ -82,7 +82,7 @@ public final class ChoreoRuntime: Service, Sendable {
                     break
                 } catch {
                     if isShuttingDown { break }
-                    if Self.isRegistryStarting(error) {
+                    if error is RegistryStarting {
                         // Services started together: another one declared the stream a moment ago and its
                         // writer is not up yet, so the broker closed this connection on the manifest append.
                         logger.info(
@@ -103,11 +103,22 @@ public final class ChoreoRuntime: Service, Sendable {
         }
     }
 
-    /// RabbitMQ answers a publish to a stream that another client has just declared, and whose writer has
-    /// not started, with 506 RESOURCE_ERROR "Stream not found" and closes the connection.
-    static func isRegistryStarting(_ error: any Error) -> Bool {
-        guard let error = error as? AMQPError else { return false }
-        return error.replyCode == AMQPError.ReplyCode.resourceError && error.message.contains("Stream not found")
+    /// How RabbitMQ 3.10 answers the manifest append to a stream that another client declared a moment ago
+    /// and whose writer has not started: 506 RESOURCE_ERROR "Stream not found", or, when the stream exists
+    /// but its writer is not known yet, a channel crash in the broker that reaches us as 541 INTERNAL_ERROR
+    /// with no text (its log shows `osiris_writer:write(none, ...)`). Either one closes the connection.
+    static func isRegistryStarting(_ error: AMQPError) -> Bool {
+        switch error.replyCode {
+        case AMQPError.ReplyCode.resourceError: return error.message.contains("Stream not found")
+        case AMQPError.ReplyCode.internalError: return true
+        default: return false
+        }
+    }
+
+    /// The manifest append failed because the registry stream was still starting.
+    struct RegistryStarting: Error, CustomStringConvertible {
+        var cause: AMQPError
+        var description: String { "\(cause)" }
     }
 
     /// Waits until the runtime consumes (after each reconnect, too). For tests and readiness probes.
@@ -157,7 +168,11 @@ public final class ChoreoRuntime: Service, Sendable {
             try await topology.declare(h, queues: .init(service: configuration.service, handler: h.name), on: publisher)
         }
         try await Topology.declareRegistry(on: publisher)
-        try await appendManifests(publisher)
+        do {
+            try await appendManifests(publisher)
+        } catch let error as AMQPError where Self.isRegistryStarting(error) {
+            throw RegistryStarting(cause: error)
+        }
         for h in handlers { try await publishLeftoverOutbox(of: h, on: publisher) }
 
         let owner =

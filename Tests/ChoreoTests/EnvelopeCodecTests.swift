@@ -319,3 +319,22 @@ struct SQLiteLedgerTests {
         #expect(try await l.status(handler: "h", key: "running")?.state == "claimed")
     }
 }
+
+@Suite("Runtime start-up")
+struct RuntimeStartupTests {
+    @Test("a manifest append refused because the registry stream is still starting is told apart from other failures")
+    func registryStartingClassification() {
+        func error(_ code: UInt16, _ message: String) -> AMQPError {
+            AMQPError(.connectionClosed, replyCode: code, message: message, operation: "basic.publish")
+        }
+        // What RabbitMQ 3.10 sends while a stream another client just declared has no writer yet.
+        #expect(
+            ChoreoRuntime.isRegistryStarting(
+                error(506, "RESOURCE_ERROR - Stream not found for queue 'choreo.registry' in vhost '/'")))
+        #expect(ChoreoRuntime.isRegistryStarting(error(541, "INTERNAL_ERROR")))
+        // Anything else is a lost connection.
+        #expect(!ChoreoRuntime.isRegistryStarting(error(506, "RESOURCE_ERROR - out of disk")))
+        #expect(!ChoreoRuntime.isRegistryStarting(error(320, "CONNECTION_FORCED - broker forced connection closure")))
+        #expect(!ChoreoRuntime.isRegistryStarting(AMQPError(.connectionLost, message: "socket closed", operation: "read")))
+    }
+}
