@@ -27,19 +27,33 @@ struct HopB: EventHandler {
 }
 
 /// Appends each event's end-to-end latency (microseconds since the producer stamped it) to a file.
+/// Lines are buffered and written every 5 ms, as the C sink writes its batch's lines with one flush: the
+/// measuring should cost both sinks alike, not a write call per event on one side only.
 final class LatencyLog: Sendable {
-    private let handle: Mutex<FileHandle>
+    private let pending = Mutex<[UInt8]>([])
+
     init(path: String) throws {
         if !FileManager.default.fileExists(atPath: path) {
             _ = FileManager.default.createFile(atPath: path, contents: nil)
         }
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
-        h.seekToEndOfFile()
-        handle = Mutex(h)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        handle.seekToEndOfFile()
+        let writer = Thread { [self] in
+            while true {
+                usleep(5000)
+                let lines = self.pending.withLock { p -> [UInt8] in
+                    defer { p.removeAll(keepingCapacity: true) }
+                    return p
+                }
+                if !lines.isEmpty { handle.write(Data(lines)) }
+            }
+        }
+        writer.start()
     }
+
     func record(sentAt: Double) {
         let micros = (Date().timeIntervalSince1970 - sentAt) * 1e6
-        handle.withLock { $0.write(Data("\(Int(micros))\n".utf8)) }
+        pending.withLock { $0.append(contentsOf: "\(Int(micros))\n".utf8) }
     }
 }
 
