@@ -248,8 +248,9 @@ public final class ChoreoRuntime: Service, Sendable {
     }
 
     /// Publishes outbox entries that an earlier run committed and may not have published, or published
-    /// and acked without recording it (a crash between the ack and the record): downstream ledgers drop
-    /// the copies by id. Runs before consuming, when no invocation of this process is in flight.
+    /// without recording it (a crash between the publish and the record, or a record that failed, after
+    /// which the delivery was acked): downstream ledgers drop the copies by id. Runs before consuming,
+    /// when no invocation of this process is in flight.
     private func publishLeftoverOutbox(of h: HandlerDescriptor, on channel: AMQPChannel) async throws {
         var total = 0
         while true {

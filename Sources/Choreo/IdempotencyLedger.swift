@@ -113,7 +113,7 @@ public protocol IdempotencyLedger: Sendable {
     /// Checks that the store is reachable and writable.
     func check() async throws
     /// Completed keys of the handler with outbox entries not recorded as published, at most `limit` keys:
-    /// the runner publishes them again at start (their record may have been lost after the ack).
+    /// the runner publishes them again at start (their record may have been lost: a crash after the publish).
     func unpublished(handler: String, limit: Int) async throws -> [PendingOutbox]
 
     /// Claims several keys, in order, as one write where the store can: the runner claims every
