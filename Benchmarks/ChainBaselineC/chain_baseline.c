@@ -7,8 +7,9 @@
 // transaction, or with `per-event` in a transaction of its own per event (as a straightforward consumer would),
 // publishes the next event to EXCHANGE with routing key NEXT (persistent, publisher confirms, waiting for the
 // batch's confirms; the input's CloudEvents headers go on with a new id and the input's as the causation id, so
-// messages are as large as a Choreo hop's), then acks the batch with one multiple ack. A sink (NEXT = -) appends each event's latency
-// in microseconds, from the `sentAt` in its body, to LATENCY_FILE. Exits after COUNT events.
+// messages are as large as a Choreo hop's), then acks the batch with one multiple ack. A sink (NEXT = -)
+// appends each event's latency in microseconds, from the `sentAt` in its body, to LATENCY_FILE. Exits after
+// COUNT events.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -68,7 +68,10 @@ struct ChainDriver {
         let ratios = (1..<chains.count).map { i in
             median(zip(results[0], results[i]).map { $0.throughput / $1.throughput })
         }
-        print(String(format: "throughput ratio Choreo / rabbitmq-c: %.2f (per batch), %.2f (per event)", ratios[0], ratios[1]))
+        print(
+            String(
+                format: "throughput ratio Choreo / rabbitmq-c: %.2f (per batch), %.2f (per event)", ratios[0], ratios[1]
+            ))
     }
 
     // MARK: Choreo
@@ -128,7 +131,8 @@ struct ChainDriver {
             try await channel.declareQueue(
                 queue,
                 options: Topology.mainQueue(
-                    deadLetterQueue: "\(queue).dlq", deliveryLimit: RunnerConfiguration(service: "bench").deliveryLimit))
+                    deadLetterQueue: "\(queue).dlq", deliveryLimit: RunnerConfiguration(service: "bench").deliveryLimit)
+            )
             try await channel.purgeQueue(queue)
             try await channel.bindQueue(queue, exchange: "bench.c", routingKey: key)
         }
@@ -157,7 +161,8 @@ struct ChainDriver {
     /// message, headers and all: what the broker stores and routes costs it alike on both sides.
     private func startEvent(_ n: Int, exchange: String) throws -> AMQPOutgoingMessage {
         let e = try EventEnvelope(
-            Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench", id: "\(exchange)-\(n)-\(UUID().uuidString.prefix(6))")
+            Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench",
+            id: "\(exchange)-\(n)-\(UUID().uuidString.prefix(6))")
         return EnvelopeCodec.encode(e, exchange: exchange, routingKey: Start.eventType)
     }
 

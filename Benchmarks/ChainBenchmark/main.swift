@@ -8,7 +8,7 @@ import Synchronization
 // (chain-baseline-c: same broker, the same CloudEvents messages, one SQLite insert per event per hop).
 //
 //   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10] [--rounds 3]   the driver (release mode)
-//   chain-benchmark hop ROLE [runner options]                                  one Choreo hop (a, b or sink)
+//   chain-benchmark hop ROLE [runner options]                                              one Choreo hop (a, b or sink)
 
 struct Start: Event { static let eventType = "bench.start"; var n: Int; var sentAt: Double }
 struct AtA: Event { static let eventType = "bench.a"; var n: Int; var sentAt: Double }

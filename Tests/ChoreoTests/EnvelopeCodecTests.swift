@@ -335,6 +335,7 @@ struct RuntimeStartupTests {
         // Anything else is a lost connection.
         #expect(!ChoreoRuntime.isRegistryStarting(error(506, "RESOURCE_ERROR - out of disk")))
         #expect(!ChoreoRuntime.isRegistryStarting(error(320, "CONNECTION_FORCED - broker forced connection closure")))
-        #expect(!ChoreoRuntime.isRegistryStarting(AMQPError(.connectionLost, message: "socket closed", operation: "read")))
+        #expect(
+            !ChoreoRuntime.isRegistryStarting(AMQPError(.connectionLost, message: "socket closed", operation: "read")))
     }
 }
