@@ -6,17 +6,35 @@ import Foundation
 /// ``reject(requeue:)``. A delivery left unsettled stays with this consumer until its channel closes,
 /// when the broker redelivers it. Settling after the channel was reopened throws
 /// ``AMQPError/Code/staleDelivery`` (the broker has already requeued it).
-public struct AMQPDelivery: Sendable {
-    public var body: Data
-    public var properties: AMQPProperties
-    public var deliveryTag: UInt64
+///
+/// A class with immutable fields: a delivery travels through buffers, arrays and tasks, and passing it
+/// on costs one reference count where a struct of a dozen strings would retain each of them.
+public final class AMQPDelivery: Sendable {
+    public let body: Data
+    public let properties: AMQPProperties
+    public let deliveryTag: UInt64
     /// True when the broker delivered this message before (to this or another consumer).
-    public var redelivered: Bool
-    public var exchange: String
-    public var routingKey: String
-    public var consumerTag: String
+    public let redelivered: Bool
+    public let exchange: String
+    public let routingKey: String
+    public let consumerTag: String
     let channel: AMQPChannel
     let generation: UInt64
+
+    init(
+        body: Data, properties: AMQPProperties, deliveryTag: UInt64, redelivered: Bool, exchange: String,
+        routingKey: String, consumerTag: String, channel: AMQPChannel, generation: UInt64
+    ) {
+        self.body = body
+        self.properties = properties
+        self.deliveryTag = deliveryTag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routingKey = routingKey
+        self.consumerTag = consumerTag
+        self.channel = channel
+        self.generation = generation
+    }
 
     /// Stream offset of this message when consumed from a stream queue.
     public var streamOffset: Int64? { properties.headers?["x-stream-offset"]?.intValue }

@@ -61,11 +61,19 @@ final class ConnectionCore {
 
     /// The I/O thread's body: run jobs, read frames, sleep, until the connection ends.
     func run() {
+        var jobs: [IOLoop.Job] = []
+        var settlements: [IOLoop.PendingSettlement] = []
         while true {
-            let work = loop.takeWork()
+            loop.takeWork(&jobs, &settlements)
             // Settlements first: an ack handed over before a close job must reach the broker before the close.
-            if !work.settlements.isEmpty { apply(work.settlements) }
-            for job in work.jobs { job(self) }
+            if !settlements.isEmpty {
+                apply(settlements)
+                settlements.removeAll(keepingCapacity: true)
+            }
+            if !jobs.isEmpty {
+                for job in jobs { job(self) }
+                jobs.removeAll(keepingCapacity: true)
+            }
             guard self.state != nil, failure == nil else { break }
             readAvailableFrames()
             guard failure == nil, let state = self.state else { break }

@@ -57,6 +57,12 @@ final class DeliveryBuffer: Sendable {
             let available = s.items.count - s.head
             if available > 0 {
                 let n = Swift.min(Swift.max(max, 1), available)
+                if s.head == 0 && n == s.items.count {
+                    // The usual case: everything buffered is taken. Hand the array over instead of copying it.
+                    let out = s.items
+                    s.items = []
+                    return .items(out)
+                }
                 let out = Array(s.items[s.head..<(s.head + n)])
                 s.head += n
                 if s.head == s.items.count {
