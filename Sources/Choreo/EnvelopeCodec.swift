@@ -87,26 +87,24 @@ public enum EnvelopeCodec {
         -> EventEnvelope
     {
         typealias CE = WireNames.CloudEvents
-        var attributes: [String: String] = [:]
+        var attributes = Attributes()
         for (name, value) in properties.headers ?? [:] {
-            let attribute: String
+            let attribute: Substring
             if name.hasPrefix(CE.prefix) {
-                attribute = String(name.dropFirst(CE.prefix.count))
+                attribute = name.dropFirst(CE.prefix.count)
             } else if name.hasPrefix(CE.legacyPrefix) {
-                attribute = String(name.dropFirst(CE.legacyPrefix.count))
+                attribute = name.dropFirst(CE.legacyPrefix.count)
             } else {
                 continue
             }
             guard let text = stringValue(value) else {
                 throw EnvelopeDecodingError("header '\(name)' has AMQP type \(typeName(value)), expected a string")
             }
-            attributes[
-                attribute.utf8.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) ? attribute.lowercased() : attribute] =
-                text
+            attributes.set(String(attribute), text)
         }
         // message_id and type mirror the attributes; accept them when a plain AMQP client sent only those.
-        if attributes[CE.id] == nil, let id = properties.messageID, !id.isEmpty { attributes[CE.id] = id }
-        if attributes[CE.type] == nil, let type = properties.type, !type.isEmpty { attributes[CE.type] = type }
+        if attributes.id == nil, let id = properties.messageID, !id.isEmpty { attributes.id = id }
+        if attributes.type == nil, let type = properties.type, !type.isEmpty { attributes.type = type }
         return try envelope(from: attributes, data: body, contentType: properties.contentType)
     }
 
@@ -122,11 +120,11 @@ public enum EnvelopeCodec {
         } catch {
             throw EnvelopeDecodingError("structured CloudEvent is not valid JSON")
         }
-        var attributes: [String: String] = [:]
+        var attributes = Attributes()
         for (k, v) in object where k != "data" && k != "data_base64" {
             switch v {
-            case let s as String: attributes[k.lowercased()] = s
-            case let n as NSNumber: attributes[k.lowercased()] = n.stringValue
+            case let s as String: attributes.set(k, s)
+            case let n as NSNumber: attributes.set(k, n.stringValue)
             default: throw EnvelopeDecodingError("structured CloudEvent attribute '\(k)' is not a string")
             }
         }
@@ -137,7 +135,7 @@ public enum EnvelopeCodec {
             }
             data = d
         } else if let value = object["data"] {
-            if let s = value as? String, let ct = attributes[WireNames.CloudEvents.dataContentType], !isJSON(ct) {
+            if let s = value as? String, let ct = attributes.dataContentType, !isJSON(ct) {
                 data = Data(s.utf8)
             } else {
                 do {
@@ -147,58 +145,77 @@ public enum EnvelopeCodec {
         }
         return try envelope(
             from: attributes, data: data,
-            contentType: attributes[WireNames.CloudEvents.dataContentType] ?? "application/json")
+            contentType: attributes.dataContentType ?? "application/json")
     }
 
-    private static func envelope(from a: [String: String], data: Data, contentType: String?)
+    /// The attributes of an incoming event as they were read, by name (lower case); any other name is an extension.
+    /// Fields rather than a dictionary: every event is read through here.
+    private struct Attributes {
+        var id, source, specVersion, type, time, subject, dataContentType, dataSchema, dataVersion: String?
+        var correlationID, causationID, traceparent, idempotencyKey: String?
+        var extensions: [String: String] = [:]
+
+        mutating func set(_ name: String, _ value: String) {
+            typealias CE = WireNames.CloudEvents
+            let name = name.utf8.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) ? name.lowercased() : name
+            switch name {
+            case CE.id: id = value
+            case CE.source: source = value
+            case CE.specVersion: specVersion = value
+            case CE.type: type = value
+            case CE.time: time = value
+            case CE.subject: subject = value
+            case CE.dataContentType: dataContentType = value
+            case CE.dataSchema: dataSchema = value
+            case CE.dataVersion: dataVersion = value
+            case CE.correlationID: correlationID = value
+            case CE.causationID: causationID = value
+            case CE.traceparent: traceparent = value
+            case CE.idempotencyKey: idempotencyKey = value
+            default: extensions[name] = value
+            }
+        }
+    }
+
+    private static func envelope(from a: Attributes, data: Data, contentType: String?)
         throws(EnvelopeDecodingError) -> EventEnvelope
     {
         typealias CE = WireNames.CloudEvents
-        func required(_ name: String) throws(EnvelopeDecodingError) -> String {
-            guard let v = a[name], !v.isEmpty else {
+        func required(_ value: String?, _ name: String) throws(EnvelopeDecodingError) -> String {
+            guard let value, !value.isEmpty else {
                 throw EnvelopeDecodingError("missing required CloudEvents attribute '\(name)'")
             }
-            return v
+            return value
         }
-        let id = try required(CE.id)
-        let type = try required(CE.type)
-        let source = a[CE.source] ?? "unknown"
-        let spec = a[CE.specVersion] ?? "1.0"
+        let id = try required(a.id, CE.id)
+        let type = try required(a.type, CE.type)
+        let source = a.source ?? "unknown"
+        let spec = a.specVersion ?? "1.0"
         guard spec == "1.0" else {
             throw EnvelopeDecodingError("unsupported CloudEvents specversion '\(spec)', expected 1.0")
         }
         var time: Date?
-        if let t = a[CE.time] {
+        if let t = a.time {
             guard let parsed = Timestamps.parse(t) else {
                 throw EnvelopeDecodingError("attribute 'time' is not an RFC 3339 timestamp: '\(t)'")
             }
             time = parsed
         }
         var version = 1
-        if let v = a[CE.dataVersion] {
+        if let v = a.dataVersion {
             guard let n = Int(v), n > 0 else {
                 throw EnvelopeDecodingError("attribute 'dataversion' is not a positive integer: '\(v)'")
             }
             version = n
         }
         var e = EventEnvelope(
-            id: id, source: source, type: type, time: time, subject: a[CE.subject], dataContentType: contentType,
-            dataSchema: a[CE.dataSchema], dataVersion: version, correlationID: a[CE.correlationID],
-            causationID: a[CE.causationID], traceparent: a[CE.traceparent], idempotencyKey: a[CE.idempotencyKey],
-            extensions: a.filter { !knownAttributes.contains($0.key) }, data: data)
+            id: id, source: source, type: type, time: time, subject: a.subject, dataContentType: contentType,
+            dataSchema: a.dataSchema, dataVersion: version, correlationID: a.correlationID,
+            causationID: a.causationID, traceparent: a.traceparent, idempotencyKey: a.idempotencyKey,
+            extensions: a.extensions, data: data)
         e.specVersion = spec
         return e
     }
-
-    /// The attributes with a field of their own in ``EventEnvelope``; any other is an extension.
-    private static let knownAttributes: Set<String> = {
-        typealias CE = WireNames.CloudEvents
-        return [
-            CE.id, CE.type, CE.source, CE.specVersion, CE.time, CE.subject, CE.dataContentType,
-            CE.dataSchema, CE.dataVersion, CE.correlationID, CE.causationID, CE.traceparent,
-            CE.idempotencyKey,
-        ]
-    }()
 
     static func isJSON(_ contentType: String) -> Bool {
         if contentType == "application/json" { return true }

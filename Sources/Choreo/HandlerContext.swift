@@ -72,17 +72,33 @@ public final class HandlerContext: Sendable {
 
     /// A UUID-shaped id from SHA-256 of (input id, handler, index): the same inputs give the same id.
     package static func derivedID(input: String, handler: String, index: Int) -> String {
-        var bytes = Array(SHA256.hash(data: Data("\(input)\u{0}\(handler)\u{0}\(index)".utf8)).prefix(16))
-        bytes[6] = (bytes[6] & 0x0F) | 0x50  // version 5 layout (name-based, SHA)
-        bytes[8] = (bytes[8] & 0x3F) | 0x80
-        let digits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        out.reserveCapacity(36)
-        for (i, b) in bytes.enumerated() {
-            if i == 4 || i == 6 || i == 8 || i == 10 { out.append(UInt8(ascii: "-")) }
-            out.append(digits[Int(b >> 4)])
-            out.append(digits[Int(b & 0x0F)])
+        // The bytes of "input\0handler\0index", hashed as they are: no joined string or Data per emit.
+        var sha = SHA256()
+        for part in [input, handler] {
+            var part = part
+            part.withUTF8 { sha.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+            sha.update(data: [0])
         }
-        return String(decoding: out, as: UTF8.self)
+        var number = String(index)
+        number.withUTF8 { sha.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        return sha.finalize().withUnsafeBytes { digest in
+            String(unsafeUninitializedCapacity: 36) { out in
+                let hex = Array("0123456789abcdef".utf8)
+                var n = 0
+                for i in 0..<16 {
+                    var b = digest[i]
+                    if i == 6 { b = (b & 0x0F) | 0x50 }  // version 5 layout (name-based, SHA)
+                    if i == 8 { b = (b & 0x3F) | 0x80 }
+                    if i == 4 || i == 6 || i == 8 || i == 10 {
+                        out[n] = UInt8(ascii: "-")
+                        n += 1
+                    }
+                    out[n] = hex[Int(b >> 4)]
+                    out[n + 1] = hex[Int(b & 0x0F)]
+                    n += 2
+                }
+                return n
+            }
+        }
     }
 }

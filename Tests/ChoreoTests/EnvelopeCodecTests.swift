@@ -104,6 +104,9 @@ struct EnvelopeCodecTests {
         #expect(a != HandlerContext.derivedID(input: "in-1", handler: "h", index: 1))
         #expect(a != HandlerContext.derivedID(input: "in-1", handler: "g", index: 0))
         #expect(a.count == 36 && a.split(separator: "-").map(\.count) == [8, 4, 4, 4, 12])
+        // SHA-256 of "in-1\0h\00", as every version has computed it: a copy re-run after an upgrade must
+        // get the ids its first run published, or downstream ledgers would not drop them.
+        #expect(a == "dfcd1d33-e00c-5d1f-b704-4a68228c0850")
     }
 
     @Test("retry policy: delays by attempt, then exhaustion")
