@@ -40,6 +40,7 @@ let package = Package(
             name: "Choreo",
             dependencies: [
                 "ChoreoAMQP",
+                "CRabbitMQ",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

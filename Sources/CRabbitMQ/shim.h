@@ -16,6 +16,10 @@
 
 #include <poll.h>
 #include <sys/eventfd.h>
+#if __has_include(<malloc.h>)
+// mallopt, for the handler runtime's allocator settings (Choreo.run); not in Swift's Glibc module.
+#include <malloc.h>
+#endif
 
 // amqp_login is C-variadic, which Swift cannot call: this wrapper fixes the PLAIN mechanism's arguments.
 static inline amqp_rpc_reply_t choreo_amqp_login_plain(amqp_connection_state_t state, const char *vhost,
