@@ -2,6 +2,7 @@
 # Release-mode benchmarks against a private broker (port 5675) that this script starts and stops.
 #   scripts/bench.sh amqp [options]   ChoreoAMQP vs raw rabbitmq-c: publish with confirms, consume with ack
 #   scripts/bench.sh chain [options]  producer -> A -> B -> sink, Choreo vs a rabbitmq-c chain in C
+#   scripts/bench.sh chain --hop-cost [--count N] [--rounds N]   CPU per event of one hop alone, Choreo vs C
 # Options go to the benchmark executable (--count, --size, --batch, --prefetch, --rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."

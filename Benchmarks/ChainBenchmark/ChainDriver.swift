@@ -220,15 +220,6 @@ struct ChainDriver {
         throw ConfigurationError("the sink did not see \(n) events within \(timeout)")
     }
 
-    private func waitForConsumer(_ queue: String, _ channel: AMQPChannel) async throws {
-        let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline {
-            if let info = try? await channel.declareQueuePassive(queue), info.consumerCount > 0 { return }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        throw ConfigurationError("no consumer on \(queue)")
-    }
-
     /// A fresh directory for a chain's ledgers and latency file; removed when the driver exits.
     private func scratch(_ name: String) throws -> URL {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
@@ -237,6 +228,15 @@ struct ChainDriver {
         Scratch.directories.withLock { $0.append(dir) }
         return dir
     }
+}
+
+func waitForConsumer(_ queue: String, _ channel: AMQPChannel) async throws {
+    let deadline = ContinuousClock.now + .seconds(60)
+    while ContinuousClock.now < deadline {
+        if let info = try? await channel.declareQueuePassive(queue), info.consumerCount > 0 { return }
+        try await Task.sleep(for: .milliseconds(100))
+    }
+    throw ConfigurationError("no consumer on \(queue)")
 }
 
 /// Scratch directories of this run, removed at the end of `ChainDriver.run()`.

@@ -8,6 +8,7 @@ import Synchronization
 // (chain-baseline-c: same broker, the same CloudEvents messages, one SQLite insert per event per hop).
 //
 //   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10] [--rounds 3]   the driver (release mode)
+//   chain-benchmark --hop-cost [--count 40000] [--rounds 3]                                  CPU per event of one hop alone
 //   chain-benchmark hop ROLE [runner options]                                              one Choreo hop (a, b or sink)
 
 struct Start: Event { static let eventType = "bench.start"; var n: Int; var sentAt: Double }
@@ -88,4 +89,10 @@ let count = Int(option("--count", args) ?? "") ?? 20_000
 let rate = Double(option("--rate", args) ?? "") ?? 200
 let seconds = Double(option("--seconds", args) ?? "") ?? 10
 let rounds = max(1, Int(option("--rounds", args) ?? "") ?? 3)
+if args.contains("--hop-cost") {
+    let inFlight = Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256
+    try await HopCost(url: url, count: Int(option("--count", args) ?? "") ?? 40_000, rounds: rounds, inFlight: inFlight)
+        .run()
+    exit(0)
+}
 try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds, rounds: rounds).run()
