@@ -10,9 +10,6 @@ struct ChainDriver {
     let rate: Double
     let seconds: Double
     let rounds: Int
-    /// Deliveries in flight per hop, for both chains: each Choreo hop's `--concurrency`, each C hop's prefetch
-    /// and largest batch (`CHAIN_IN_FLIGHT`, default 256).
-    var inFlight: Int { Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256 }
     /// Events sent through each chain before anything is timed.
     let warmup = 2000
 
@@ -22,8 +19,6 @@ struct ChainDriver {
         var p99: Double
     }
 
-    var binDirectory: URL { URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent() }
-
     func run() async throws {
         defer { Scratch.removeAll() }
         let config = try AMQPConfiguration(url: url)
@@ -31,7 +26,7 @@ struct ChainDriver {
             "chain-benchmark: producer -> A -> B -> sink, \(count) events for throughput, \(Int(rate))/s for \(Int(seconds)) s for latency, \(rounds) rounds"
         )
         print(
-            "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop, \(inFlight) deliveries in flight per hop"
+            "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop, \(chainInFlight) deliveries in flight per hop"
         )
         let chains: [(label: String, run: () async throws -> Result)] = [
             ("Choreo", { try await runChoreo(config) }),
@@ -50,10 +45,6 @@ struct ChainDriver {
                     "round \(round + 1): \(chains[i].label): "
                         + String(format: "%.0f events/s, p50 %.2f ms, p99 %.2f ms", r.throughput, r.p50, r.p99))
             }
-        }
-        func median(_ xs: [Double]) -> Double {
-            let s = xs.sorted()
-            return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
         }
         print("medians of \(rounds) rounds:")
         for (i, chain) in chains.enumerated() {
@@ -83,19 +74,10 @@ struct ChainDriver {
         var hops: [Process] = []
         defer { for p in hops { p.terminate(); p.waitUntilExit() } }
         for role in ["sink", "b", "a"] {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
-            p.arguments = [
-                "hop", role, "--url", url, "--exchange", "bench.choreo", "--ledger",
-                dir.appendingPathComponent("\(role).sqlite").path,
-                "--concurrency", String(inFlight),
-            ]
-            var env = ProcessInfo.processInfo.environment
-            env["CHAIN_LATENCY_FILE"] = latency.path
-            env["CHOREO_LOG_LEVEL"] = "warning"
-            p.environment = env
-            try p.run()
-            hops.append(p)
+            hops.append(
+                try startChoreoHop(
+                    role, url: url, exchange: "bench.choreo", ledger: dir.appendingPathComponent("\(role).sqlite"),
+                    environment: ["CHAIN_LATENCY_FILE": latency.path]))
         }
         let connection = try await AMQPConnection.connect(to: config)
         defer { Task { await connection.close() } }
@@ -125,14 +107,7 @@ struct ChainDriver {
             ("bench.c.sink", "bench.b", "-"),
         ]
         for (queue, key, _) in stages {
-            // Declared as a Choreo handler's queue is (delivery limit, at-least-once dead-lettering): the same
-            // queues, so the broker does the same work for both chains.
-            try await channel.declareQueue("\(queue).dlq", options: .quorum())
-            try await channel.declareQueue(
-                queue,
-                options: Topology.mainQueue(
-                    deadLetterQueue: "\(queue).dlq", deliveryLimit: RunnerConfiguration(service: "bench").deliveryLimit)
-            )
+            try await declareAsHandlerQueue(queue, on: channel)
             try await channel.purgeQueue(queue)
             try await channel.bindQueue(queue, exchange: "bench.c", routingKey: key)
         }
@@ -140,15 +115,11 @@ struct ChainDriver {
         var hops: [Process] = []
         defer { for p in hops where p.isRunning { p.terminate(); p.waitUntilExit() } }
         for (queue, _, next) in stages {
-            let p = Process()
-            p.executableURL = binDirectory.appendingPathComponent("chain-baseline-c")
-            p.arguments = [
-                config.host, String(config.port), queue, next, "bench.c",
-                dir.appendingPathComponent("\(queue).sqlite").path,
-                next == "-" ? latency.path : "-", String(total), mode,
-            ]
-            try p.run()
-            hops.append(p)
+            hops.append(
+                try startCHop(
+                    config, queue: queue, next: next, exchange: "bench.c",
+                    ledger: dir.appendingPathComponent("\(queue).sqlite"), latency: next == "-" ? latency : nil,
+                    count: total, mode: mode))
         }
         for (queue, _, _) in stages { try await waitForConsumer(queue, channel) }
         try await channel.enableConfirms()
@@ -156,15 +127,6 @@ struct ChainDriver {
     }
 
     // MARK: Shared
-
-    /// Event `n` for a chain's first hop, stamped with the time it is sent. Both chains get the same CloudEvents
-    /// message, headers and all: what the broker stores and routes costs it alike on both sides.
-    private func startEvent(_ n: Int, exchange: String) throws -> AMQPOutgoingMessage {
-        let e = try EventEnvelope(
-            Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench",
-            id: "\(exchange)-\(n)-\(UUID().uuidString.prefix(6))")
-        return EnvelopeCodec.encode(e, exchange: exchange, routingKey: Start.eventType)
-    }
 
     /// Throughput: `count` events published as fast as confirms allow, timed until the sink saw them all.
     /// Latency: events published one by one at `rate` per second, after one uncounted second, for `seconds`;
@@ -177,12 +139,7 @@ struct ChainDriver {
         try await waitForLines(latency, warmup, timeout: .seconds(120))
 
         let started = ContinuousClock.now
-        var n = 0
-        while n < count {
-            let batch = try (n..<min(n + 500, count)).map(message)
-            for r in await channel.publish(contentsOf: batch) { try r.get() }
-            n += batch.count
-        }
+        try await publishEvents(count, on: channel, message)
         try await waitForLines(latency, warmup + count, timeout: .seconds(600))
         let elapsed = ContinuousClock.now - started
         let throughput =
@@ -228,6 +185,82 @@ struct ChainDriver {
         Scratch.directories.withLock { $0.append(dir) }
         return dir
     }
+}
+
+// MARK: Shared by the chain and the hop cost
+
+/// Deliveries in flight per hop, for every kind of hop: each Choreo hop's `--concurrency`, each C hop's
+/// prefetch and largest batch (`CHAIN_IN_FLIGHT`, default 256).
+var chainInFlight: Int { Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256 }
+
+func median(_ xs: [Double]) -> Double {
+    let s = xs.sorted()
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+/// Event `n` for a chain's first hop, stamped with the time it is sent. Every kind of hop gets the same
+/// CloudEvents message, headers and all: what the broker stores and routes costs it alike on all sides.
+func startEvent(_ n: Int, exchange: String) throws -> AMQPOutgoingMessage {
+    let e = try EventEnvelope(
+        Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench",
+        id: "\(exchange)-\(n)-\(UUID().uuidString.prefix(6))")
+    return EnvelopeCodec.encode(e, exchange: exchange, routingKey: Start.eventType)
+}
+
+/// Publishes messages 0..<count as fast as confirms allow, 500 at a time.
+func publishEvents(_ count: Int, on channel: AMQPChannel, _ message: (Int) throws -> AMQPOutgoingMessage)
+    async throws
+{
+    var n = 0
+    while n < count {
+        let batch = try (n..<min(n + 500, count)).map(message)
+        for r in await channel.publish(contentsOf: batch) { try r.get() }
+        n += batch.count
+    }
+}
+
+/// A C hop's queue, declared as a Choreo handler's queue is (delivery limit, at-least-once dead-lettering):
+/// the same queues, so the broker does the same work for both kinds of hop.
+func declareAsHandlerQueue(_ queue: String, on channel: AMQPChannel) async throws {
+    try await channel.declareQueue("\(queue).dlq", options: .quorum())
+    try await channel.declareQueue(
+        queue,
+        options: Topology.mainQueue(
+            deadLetterQueue: "\(queue).dlq", deliveryLimit: RunnerConfiguration(service: "bench").deliveryLimit))
+}
+
+/// Starts this executable as a Choreo hop (`a`, `b` or `sink`) with `chainInFlight` invocations.
+func startChoreoHop(
+    _ role: String, url: String, exchange: String, ledger: URL, environment: [String: String] = [:]
+) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
+    p.arguments = [
+        "hop", role, "--url", url, "--exchange", exchange, "--ledger", ledger.path,
+        "--concurrency", String(chainInFlight),
+    ]
+    var env = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    env["CHOREO_LOG_LEVEL"] = "warning"
+    p.environment = env
+    try p.run()
+    return p
+}
+
+/// Starts a C hop (`chain-baseline-c`, beside this executable; it reads `CHAIN_IN_FLIGHT` itself) that consumes
+/// `queue` and forwards to routing key `next` (`-` for the sink), exits after `count` events, and writes the
+/// sink's latency lines to `latency`.
+func startCHop(
+    _ config: AMQPConfiguration, queue: String, next: String, exchange: String, ledger: URL, latency: URL?,
+    count: Int, mode: String
+) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        .appendingPathComponent("chain-baseline-c")
+    p.arguments = [
+        config.host, String(config.port), queue, next, exchange, ledger.path, latency?.path ?? "-", String(count), mode,
+    ]
+    try p.run()
+    return p
 }
 
 func waitForConsumer(_ queue: String, _ channel: AMQPChannel) async throws {

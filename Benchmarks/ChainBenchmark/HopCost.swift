@@ -10,7 +10,6 @@ struct HopCost {
     let url: String
     let count: Int
     let rounds: Int
-    let inFlight: Int
     /// Each kind of hop has an exchange of its own (so events go only to the hop being measured) and its
     /// outputs go to one queue bound to both.
     let exchange = "bench.cost"
@@ -18,11 +17,9 @@ struct HopCost {
     let cQueue = "bench.cost.c"
     let output = "bench.cost.out"
 
-    private var executable: URL { URL(fileURLWithPath: CommandLine.arguments[0]) }
-
     func run() async throws {
         let config = try AMQPConfiguration(url: url)
-        say("hop cost: one hop alone, \(count) events per measure, \(rounds) rounds, \(inFlight) in flight")
+        say("hop cost: one hop alone, \(count) events per measure, \(rounds) rounds, \(chainInFlight) in flight")
         let connection = try await AMQPConnection.connect(to: config)
         defer { Task { await connection.close() } }
         let channel = try await connection.openChannel()
@@ -31,12 +28,7 @@ struct HopCost {
             try await channel.declareExchange(x, type: .topic, durable: true)
             try await channel.bindQueue(output, exchange: x, routingKey: AtA.eventType)
         }
-        // The C hop's queue, declared as a handler's queue is (as in the chain).
-        try await channel.declareQueue("\(cQueue).dlq", options: .quorum())
-        try await channel.declareQueue(
-            cQueue,
-            options: Topology.mainQueue(
-                deadLetterQueue: "\(cQueue).dlq", deliveryLimit: RunnerConfiguration(service: "bench").deliveryLimit))
+        try await declareAsHandlerQueue(cQueue, on: channel)
         try await channel.bindQueue(cQueue, exchange: cExchange, routingKey: Start.eventType)
         try await channel.enableConfirms()
 
@@ -56,9 +48,7 @@ struct HopCost {
         }
         say("medians of \(rounds) rounds:")
         for (i, hop) in hops.enumerated() {
-            let s = results[i].sorted()
-            let median = s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
-            say("\(hop.label): " + String(format: "%.1f µs of CPU per event", median))
+            say("\(hop.label): " + String(format: "%.1f µs of CPU per event", median(results[i])))
         }
     }
 
@@ -81,12 +71,7 @@ struct HopCost {
         let startup = try cpuTicks(idle.processIdentifier)
         stop(idle, queue: queue)
 
-        var n = 0
-        while n < count {
-            let batch = try (n..<min(n + 500, count)).map { try startEvent($0, exchange: exchange) }
-            for r in await channel.publish(contentsOf: batch) { try r.get() }
-            n += batch.count
-        }
+        try await publishEvents(count, on: channel) { try startEvent($0, exchange: exchange) }
         let (process, _, _) = try start(dir)
         defer { stop(process, queue: queue) }
         let deadline = ContinuousClock.now + .seconds(600)
@@ -109,39 +94,16 @@ struct HopCost {
 
     /// The process, the queue it consumes and the exchange its events go to.
     private func choreoHop(_ dir: URL) throws -> (Process, String, String) {
-        let p = Process()
-        p.executableURL = executable
-        p.arguments = [
-            "hop", "a", "--url", url, "--exchange", exchange, "--ledger", dir.appendingPathComponent("a.sqlite").path,
-            "--concurrency", String(inFlight),
-        ]
-        var env = ProcessInfo.processInfo.environment
-        env["CHOREO_LOG_LEVEL"] = "warning"
-        p.environment = env
-        try p.run()
+        let p = try startChoreoHop("a", url: url, exchange: exchange, ledger: dir.appendingPathComponent("a.sqlite"))
         return (p, "choreo.bench-a.hop", exchange)
     }
 
+    /// Never exits by itself (one event more than it is sent).
     private func cHop(_ dir: URL, config: AMQPConfiguration, mode: String) throws -> (Process, String, String) {
-        let p = Process()
-        p.executableURL = executable.deletingLastPathComponent().appendingPathComponent("chain-baseline-c")
-        p.arguments = [
-            config.host, String(config.port), cQueue, AtA.eventType, cExchange,
-            dir.appendingPathComponent("a.sqlite").path,
-            "-", String(count + 1), mode,
-        ]
-        var env = ProcessInfo.processInfo.environment
-        env["CHAIN_IN_FLIGHT"] = String(inFlight)
-        p.environment = env
-        try p.run()
+        let p = try startCHop(
+            config, queue: cQueue, next: AtA.eventType, exchange: cExchange,
+            ledger: dir.appendingPathComponent("a.sqlite"), latency: nil, count: count + 1, mode: mode)
         return (p, cQueue, cExchange)
-    }
-
-    private func startEvent(_ n: Int, exchange: String) throws -> AMQPOutgoingMessage {
-        let e = try EventEnvelope(
-            Start(n: n, sentAt: Date().timeIntervalSince1970), source: "bench",
-            id: "cost-\(n)-\(UUID().uuidString.prefix(6))")
-        return EnvelopeCodec.encode(e, exchange: exchange, routingKey: Start.eventType)
     }
 
     /// User and system time of a process so far, in clock ticks (fields 14 and 15 of `/proc/<pid>/stat`).

@@ -90,9 +90,7 @@ let rate = Double(option("--rate", args) ?? "") ?? 200
 let seconds = Double(option("--seconds", args) ?? "") ?? 10
 let rounds = max(1, Int(option("--rounds", args) ?? "") ?? 3)
 if args.contains("--hop-cost") {
-    let inFlight = Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256
-    try await HopCost(url: url, count: Int(option("--count", args) ?? "") ?? 40_000, rounds: rounds, inFlight: inFlight)
-        .run()
+    try await HopCost(url: url, count: Int(option("--count", args) ?? "") ?? 40_000, rounds: rounds).run()
     exit(0)
 }
 try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds, rounds: rounds).run()
