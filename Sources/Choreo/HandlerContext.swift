@@ -70,6 +70,8 @@ public final class HandlerContext: Sendable {
 
     package var emitted: [OutboxMessage] { buffer.withLock { $0 } }
 
+    private static let hexDigits = Array("0123456789abcdef".utf8)
+
     /// A UUID-shaped id from SHA-256 of (input id, handler, index): the same inputs give the same id.
     package static func derivedID(input: String, handler: String, index: Int) -> String {
         // The bytes of "input\0handler\0index", hashed as they are: no joined string or Data per emit.
@@ -83,7 +85,7 @@ public final class HandlerContext: Sendable {
         number.withUTF8 { sha.update(bufferPointer: UnsafeRawBufferPointer($0)) }
         return sha.finalize().withUnsafeBytes { digest in
             String(unsafeUninitializedCapacity: 36) { out in
-                let hex = Array("0123456789abcdef".utf8)
+                let hex = hexDigits
                 var n = 0
                 for i in 0..<16 {
                     var b = digest[i]
