@@ -49,6 +49,7 @@ static const amqp_method_number_t CHOREO_CHANNEL_CLOSE_OK = AMQP_CHANNEL_CLOSE_O
 static const amqp_method_number_t CHOREO_CHANNEL_FLOW = AMQP_CHANNEL_FLOW_METHOD;
 static const amqp_method_number_t CHOREO_CHANNEL_FLOW_OK = AMQP_CHANNEL_FLOW_OK_METHOD;
 static const amqp_method_number_t CHOREO_BASIC_DELIVER = AMQP_BASIC_DELIVER_METHOD;
+static const amqp_method_number_t CHOREO_BASIC_PUBLISH = AMQP_BASIC_PUBLISH_METHOD;
 static const amqp_method_number_t CHOREO_BASIC_RETURN = AMQP_BASIC_RETURN_METHOD;
 static const amqp_method_number_t CHOREO_BASIC_ACK = AMQP_BASIC_ACK_METHOD;
 static const amqp_method_number_t CHOREO_BASIC_NACK = AMQP_BASIC_NACK_METHOD;

@@ -140,6 +140,24 @@ enum CDecode {
         return result
     }
 
+    /// A message's header table: as ``table(_:)``, with names and text values taken from `recent` when
+    /// they are the ones the previous message had at the same position.
+    static func headers(_ t: amqp_table_t, recent: inout RecentStrings) -> AMQPTable {
+        var result = AMQPTable()
+        guard t.num_entries > 0, let entries = t.entries else { return result }
+        result.reserveCapacity(Int(t.num_entries))
+        for i in 0..<Int(t.num_entries) {
+            let e = entries[i]
+            let name = recent.name(at: i, e.key)
+            if e.value.kind == UInt8(ascii: "S"), let text = recent.value(at: i, e.value.value.bytes) {
+                result[name] = .string(text)
+            } else {
+                result[name] = fieldValue(e.value)
+            }
+        }
+        return result
+    }
+
     static func fieldValue(_ v: amqp_field_value_t) -> AMQPFieldValue {
         // The kind is one ASCII letter; matched as a byte (a Character per value cost more than the rest).
         switch v.kind {
@@ -175,12 +193,13 @@ enum CDecode {
         }
     }
 
-    static func properties(_ p: amqp_basic_properties_t) -> AMQPProperties {
+    /// A message's properties; `recent` reuses the strings of the connection's previous messages.
+    static func properties(_ p: amqp_basic_properties_t, recent: inout RecentStrings) -> AMQPProperties {
         let f = p._flags
         var r = AMQPProperties()
-        if f & CHOREO_PROP_CONTENT_TYPE != 0 { r.contentType = string(p.content_type) }
+        if f & CHOREO_PROP_CONTENT_TYPE != 0 { r.contentType = recent.contentType(p.content_type) }
         if f & CHOREO_PROP_CONTENT_ENCODING != 0 { r.contentEncoding = string(p.content_encoding) }
-        if f & CHOREO_PROP_HEADERS != 0 { r.headers = table(p.headers) }
+        if f & CHOREO_PROP_HEADERS != 0 { r.headers = headers(p.headers, recent: &recent) }
         if f & CHOREO_PROP_DELIVERY_MODE != 0 { r.deliveryMode = p.delivery_mode }
         if f & CHOREO_PROP_PRIORITY != 0 { r.priority = p.priority }
         if f & CHOREO_PROP_CORRELATION_ID != 0 { r.correlationID = string(p.correlation_id) }
@@ -192,5 +211,60 @@ enum CDecode {
         if f & CHOREO_PROP_USER_ID != 0 { r.userID = string(p.user_id) }
         if f & CHOREO_PROP_APP_ID != 0 { r.appID = string(p.app_id) }
         return r
+    }
+}
+
+/// The header names, text header values and content type of a connection's last message, by position.
+///
+/// A publisher writes the same headers in the same order on every message, and many values repeat (spec
+/// version, source, type, content type). Reusing the previous message's String where the bytes are the
+/// same saves building (allocating and validating) about a dozen strings per delivery. Confined to the
+/// connection's I/O thread, like the rest of its decoding.
+struct RecentStrings {
+    private var names: [String?] = []
+    private var values: [String?] = []
+    private var lastContentType: String?
+    /// Positions beyond this are decoded as usual: a cache, not a copy of any table.
+    private static let positions = 32
+
+    mutating func name(at i: Int, _ b: amqp_bytes_t) -> String {
+        if i < names.count, let last = names[i], Self.same(last, b) { return last }
+        let s = CDecode.string(b)
+        remember(s, at: i, in: &names)
+        return s
+    }
+
+    /// A text value as a String, or nil when its bytes are not UTF-8 (the caller keeps them as bytes).
+    mutating func value(at i: Int, _ b: amqp_bytes_t) -> String? {
+        if i < values.count, let last = values[i], Self.same(last, b) { return last }
+        guard b.len > 0, let p = b.bytes else { return "" }
+        let buffer = UnsafeBufferPointer(start: p.assumingMemoryBound(to: UInt8.self), count: b.len)
+        guard let s = String(validating: buffer, as: UTF8.self) else { return nil }
+        remember(s, at: i, in: &values)
+        return s
+    }
+
+    mutating func contentType(_ b: amqp_bytes_t) -> String {
+        if let last = lastContentType, Self.same(last, b) { return last }
+        let s = CDecode.string(b)
+        lastContentType = s
+        return s
+    }
+
+    private func remember(_ s: String, at i: Int, in list: inout [String?]) {
+        guard i < Self.positions else { return }
+        while list.count <= i { list.append(nil) }
+        list[i] = s
+    }
+
+    /// Whether a String's UTF-8 is exactly these bytes.
+    private static func same(_ s: String, _ b: amqp_bytes_t) -> Bool {
+        var s = s
+        return s.withUTF8 { utf8 in
+            guard utf8.count == b.len else { return false }
+            guard utf8.count > 0 else { return true }
+            guard let p = b.bytes, let q = utf8.baseAddress else { return false }
+            return memcmp(q, p, utf8.count) == 0
+        }
     }
 }

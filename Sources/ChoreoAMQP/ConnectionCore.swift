@@ -47,6 +47,13 @@ final class ConnectionCore {
     private var channelMax: UInt16 = 2047
     private var nextToken: UInt64 = 1
     private(set) var negotiatedHeartbeat: Int32 = 0
+    /// Publishes are encoded here and written by this process (plain TCP), not by `amqp_basic_publish`.
+    private var directWrites: Bool { configuration.tls == nil }
+    private let frames = FrameWriter()
+    /// Inside ``corked(_:)``: publishes wait in `frames` for the batch's one write.
+    private var batching = false
+    /// The previous delivery's header strings, reused when the next one repeats them.
+    var recentStrings = RecentStrings()
     /// Called once, on the I/O thread, when the connection ends for any reason.
     var onClose: (@Sendable (AMQPError) -> Void)?
     var blocked = false
@@ -325,11 +332,19 @@ final class ConnectionCore {
 
     // MARK: - Publishing
 
-    /// Runs `body`, which writes several messages, with the socket corked: rabbitmq-c sends every frame
-    /// with its own send(), and without the cork each message would leave as its own TCP segment, which
-    /// costs this process and the broker a wake-up and a read per message.
+    /// Runs `body`, which publishes several messages, so that they leave together. Over plain TCP their
+    /// frames go into one buffer, written with one send() at the end. Over TLS rabbitmq-c sends every frame
+    /// itself, with its own send(), and the socket is corked: otherwise each message would leave as its
+    /// own TCP segment, which costs this process and the broker a wake-up and a read per message.
     func corked(_ body: () -> Void) {
         guard let state else { return body() }
+        if directWrites {
+            batching = true
+            body()
+            batching = false
+            flushFrames()
+            return
+        }
         let fd = amqp_get_sockfd(state)
         guard fd >= 0 else { return body() }
         var on: Int32 = 1
@@ -339,6 +354,15 @@ final class ConnectionCore {
         if didCork {
             var off: Int32 = 0
             _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_CORK, &off, size)
+        }
+    }
+
+    /// Writes the publishes encoded so far; a socket that fails ends the connection.
+    private func flushFrames() {
+        guard !frames.isEmpty, let state else { return }
+        if let code = frames.flush(to: amqp_get_sockfd(state)) {
+            let reason = String(cString: strerror(code))
+            fail(with: AMQPError(.connectionLost, message: "connection lost (\(reason))", operation: "basic.publish"))
         }
     }
 
@@ -361,6 +385,11 @@ final class ConnectionCore {
             let exchange = try arena.bytes(message.exchange)
             let routingKey = try arena.bytes(message.routingKey)
             status = message.body.withUnsafeBytes { raw -> Int32 in
+                if directWrites {
+                    return frames.appendPublish(
+                        channel: id, exchange: exchange, routingKey: routingKey, mandatory: message.mandatory,
+                        properties: &props, body: raw, frameMax: Int(amqp_get_frame_max(state)))
+                }
                 let body = amqp_bytes_t(len: raw.count, bytes: UnsafeMutableRawPointer(mutating: raw.baseAddress))
                 return amqp_basic_publish(state, id, exchange, routingKey, message.mandatory ? 1 : 0, 0, &props, body)
             }
@@ -377,7 +406,9 @@ final class ConnectionCore {
             return
         }
         guard channel.confirmMode else {
-            completion(.success(()))
+            // Written before it is reported sent, batch or not (batches are for confirmed publishes).
+            if directWrites { flushFrames() }
+            completion(failure.map { .failure($0) } ?? .success(()))
             return
         }
         let token = nextToken
@@ -393,6 +424,8 @@ final class ConnectionCore {
                     return e
                 })
         }
+        // A failed write ends the connection, which fails the completion just registered.
+        if !batching { flushFrames() }
     }
 
     private static func publishOperation(_ message: AMQPOutgoingMessage) -> String {

@@ -42,6 +42,48 @@ struct BrokerIntegrationTests {
         try delivery.ack()
     }
 
+    @Test("bodies around and across the frame size, and headers that change from message to message, arrive intact")
+    func bodiesAcrossFramesAndChangingHeaders() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName("frames")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+
+        // The negotiated frame size is 131,072 bytes; a body frame carries 8 bytes less.
+        let sizes = [0, 1, 131_063, 131_064, 131_065, 131_072, 3 * 131_064 + 5, 1 << 20]
+        // Same names with new values, a name replaced at the same position, names added and dropped.
+        let headerSets: [AMQPTable] = [
+            ["a": .string("one"), "b": .string("same")],
+            ["a": .string("two"), "b": .string("same")],
+            ["a": .string("two"), "c": .string("same")],
+            ["a": .int32(2), "b": .string("same"), "d": .string("fourth")],
+            [:],
+            ["b": .string("")],
+        ]
+        let messages = sizes.enumerated().map { i, size in
+            let body = Data((0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) })
+            let properties = AMQPProperties(
+                contentType: i % 2 == 0 ? "application/json" : "text/plain", headers: headerSets[i % headerSets.count])
+            return AMQPOutgoingMessage(exchange: "", routingKey: queue, body: body, properties: properties)
+        }
+        // As one batch (one write), then one by one.
+        let results = await channel.publish(contentsOf: messages)
+        #expect(results.allSatisfy { if case .success = $0 { return true } else { return false } })
+        for message in messages { try await channel.publish(message) }
+
+        let consumer = try await channel.consume(queue: queue)
+        var iterator = consumer.makeAsyncIterator()
+        for (n, message) in (messages + messages).enumerated() {
+            let delivery = try await nextDelivery(&iterator)
+            #expect(delivery.body == message.body, "message \(n): \(delivery.body.count) bytes")
+            #expect(delivery.properties.headers ?? [:] == message.properties.headers ?? [:], "message \(n)")
+            #expect(delivery.properties.contentType == message.properties.contentType, "message \(n)")
+            try delivery.ack()
+        }
+    }
+
     @Test("10,000 pipelined publishes are all confirmed")
     func tenThousandPipelinedPublishes() async throws {
         let connection = try await TestBroker.connect()
