@@ -73,17 +73,14 @@ public struct EventEnvelope: Sendable, Hashable {
         self.init(
             id: id, source: source, type: E.eventType, subject: subject, dataVersion: E.schemaVersion,
             correlationID: correlationID ?? id, causationID: causationID, idempotencyKey: idempotencyKey,
-            data: try JSONCoding.encoder.encode(event))
+            data: try PayloadJSON.encode(event))
     }
 }
 
-/// The JSON settings Choreo uses for `data`: ISO 8601 dates, sorted keys (stable bytes).
+/// The JSON settings Choreo uses for `data`: ISO 8601 dates, sorted keys (stable bytes). The runtime codes
+/// payloads with a faster coder of its own that keeps these settings; these Foundation coders read and write
+/// the same JSON, for code outside the runtime (tests, tools).
 public enum JSONCoding {
-    /// One encoder and decoder for the runtime's own use (both are Sendable; nobody changes their settings):
-    /// building one per event is measurably slow.
-    static let sharedEncoder = JSONCoding.encoder
-    static let sharedDecoder = JSONCoding.decoder
-
     public static var encoder: JSONEncoder {
         let e = JSONEncoder()
         e.dateEncodingStrategy = .iso8601

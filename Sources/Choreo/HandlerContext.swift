@@ -55,7 +55,7 @@ public final class HandlerContext: Sendable {
                 ConfigurationError(
                     "handler \(handlerName) emitted '\(E.eventType)', which it does not declare in `emits`"))
         }
-        let data = try JSONCoding.sharedEncoder.encode(event)
+        let data = try PayloadJSON.encode(event)
         buffer.withLock { buffer in
             let index = buffer.count
             var e = EventEnvelope(

@@ -56,7 +56,7 @@ package struct HandlerDescriptor: Sendable {
             }
             let event: H.Input
             do {
-                event = try JSONCoding.sharedDecoder.decode(H.Input.self, from: data)
+                event = try PayloadJSON.decode(H.Input.self, from: data)
             } catch let error as DecodingError {
                 throw EventRejection(errorType: "DecodingError", message: Self.describe(error, type: H.Input.eventType))
             } catch {

@@ -49,7 +49,7 @@ final class CArena {
         guard let table, !table.isEmpty else { return amqp_table_t(num_entries: 0, entries: nil) }
         let entries = try allocate(amqp_table_entry_t.self, count: table.count)
         // Sorted keys make the wire bytes deterministic, which helps tests and caches alike.
-        for (i, (key, value)) in table.sorted(by: { $0.key < $1.key }).enumerated() {
+        for (i, (key, value)) in table.sorted(by: { utf8Precedes($0.key, $1.key) }).enumerated() {
             guard key.utf8.count <= 255 else {
                 throw AMQPError(
                     .invalidArgument, message: "header name longer than 255 bytes: \(key.prefix(40))...",
@@ -265,6 +265,20 @@ struct RecentStrings {
             guard utf8.count > 0 else { return true }
             guard let p = b.bytes, let q = utf8.baseAddress else { return false }
             return memcmp(q, p, utf8.count) == 0
+        }
+    }
+}
+
+/// Whether `a` sorts before `b` by their UTF-8 bytes: the order of their Unicode scalars, and a fraction of
+/// the cost of `<` (for sorting header names and JSON keys, where only a fixed order matters).
+package func utf8Precedes(_ a: String, _ b: String) -> Bool {
+    var a = a
+    var b = b
+    return a.withUTF8 { x in
+        b.withUTF8 { y in
+            let common = min(x.count, y.count)
+            let order = common == 0 ? 0 : memcmp(x.baseAddress!, y.baseAddress!, common)
+            return order != 0 ? order < 0 : x.count < y.count
         }
     }
 }
