@@ -1,4 +1,3 @@
-import ChoreoAMQP
 import Foundation
 
 /// The JSON coding of event payloads (`data`), with ``JSONCoding``'s settings: ISO 8601 dates, sorted keys,
@@ -851,5 +850,19 @@ private struct UnkeyedEncoding: UnkeyedEncodingContainer {
         box.elements.append(.text("{}"))
         encoder.onSet = { [box] node in box.elements[index] = node }
         return encoder
+    }
+}
+
+/// Whether `a` sorts before `b` by their UTF-8 bytes: the order of their Unicode scalars, and a fraction of
+/// the cost of `<` (for sorting keys, where only a fixed order matters).
+private func utf8Precedes(_ a: String, _ b: String) -> Bool {
+    var a = a
+    var b = b
+    return a.withUTF8 { x in
+        b.withUTF8 { y in
+            let common = min(x.count, y.count)
+            let order = common == 0 ? 0 : memcmp(x.baseAddress!, y.baseAddress!, common)
+            return order != 0 ? order < 0 : x.count < y.count
+        }
     }
 }
