@@ -112,6 +112,11 @@ public final class SQLiteLedger: IdempotencyLedger {
                     CREATE INDEX outbox_committed_at ON outbox(committed_at);
                     """)
         }
+        // v3: no index on the outbox's commit time. Rows are in commit order already (rowid), so pruning
+        // finds its end by reading from the oldest row; the index cost a page written on every commit.
+        migrator.registerMigration("v3") { db in
+            try db.execute(sql: "DROP INDEX IF EXISTS outbox_committed_at")
+        }
         try migrator.migrate(pool)
         writes = GroupCommit(pool: pool)
     }
@@ -292,9 +297,14 @@ public final class SQLiteLedger: IdempotencyLedger {
         // Claim counts of keys released and never completed (dead-lettered): nothing holds them any more.
         leases.withLock { leases in leases = leases.filter { $0.value.owner != nil } }
         return try await pool.write { db in
+            // Rows are in commit order (rowid): the old ones are those before the first row committed since
+            // the cutoff, found by reading from the oldest row (no index needed; the rows read are the ones
+            // deleted). A clock that stepped back only keeps a row longer.
             try db.execute(
                 sql: """
-                    DELETE FROM outbox WHERE committed_at < ? AND published = 1
+                    DELETE FROM outbox WHERE published = 1 AND rowid < coalesce(
+                        (SELECT rowid FROM outbox WHERE committed_at >= ? ORDER BY rowid LIMIT 1),
+                        (SELECT max(rowid) + 1 FROM outbox))
                     """, arguments: [cutoff])
             try db.execute(
                 sql: """

@@ -308,7 +308,8 @@ struct SQLiteLedgerTests {
 
     @Test("pruning removes old completed keys whose outbox is published, and keeps the rest")
     func pruning() async throws {
-        let l = try ledger()
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        let l = try SQLiteLedger(path: path.path)
         for key in ["done", "unpublished"] {
             _ = try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60))
             _ = try await l.complete(handler: "h", key: key, owner: "a", outbox: try outbox(1))
@@ -316,10 +317,28 @@ struct SQLiteLedgerTests {
         try await l.markPublished(handler: "h", key: "done", indexes: [0])
         _ = try await l.claim(handler: "h", key: "running", owner: "a", lease: .seconds(60))
         #expect(try await l.prune(completedBefore: Date().addingTimeInterval(-60)) == 0)
-        #expect(try await l.prune(completedBefore: Date().addingTimeInterval(1)) == 1)
+        #expect(try outboxKeys(path) == ["done", "unpublished"], "nothing is old enough yet")
+        // Committed after the cutoff: bounds what the prune may remove, though it is published.
+        try await Task.sleep(for: .milliseconds(20))
+        let cutoff = Date()
+        try await Task.sleep(for: .milliseconds(20))
+        _ = try await l.claim(handler: "h", key: "recent", owner: "a", lease: .seconds(60))
+        _ = try await l.complete(handler: "h", key: "recent", owner: "a", outbox: try outbox(1))
+        try await l.markPublished(handler: "h", key: "recent", indexes: [0])
+        #expect(try await l.prune(completedBefore: cutoff) == 1)
+        #expect(try outboxKeys(path) == ["recent", "unpublished"])
         #expect(try await l.status(handler: "h", key: "done") == nil)
         #expect(try await l.status(handler: "h", key: "unpublished")?.state == "completed")
         #expect(try await l.status(handler: "h", key: "running")?.state == "claimed")
+        #expect(try await l.status(handler: "h", key: "recent")?.state == "completed")
+        #expect(try await l.prune(completedBefore: Date().addingTimeInterval(1)) == 1)
+        #expect(try outboxKeys(path) == ["unpublished"])
+    }
+
+    private func outboxKeys(_ path: URL) throws -> [String] {
+        try DatabaseQueue(path: path.path).read { db in
+            try String.fetchAll(db, sql: "SELECT key FROM outbox ORDER BY key")
+        }
     }
 }
 
