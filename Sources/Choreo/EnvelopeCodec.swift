@@ -89,11 +89,12 @@ public enum EnvelopeCodec {
         typealias CE = WireNames.CloudEvents
         var attributes = Attributes()
         for (name, value) in properties.headers ?? [:] {
+            // Cut by UTF-8 offset: dropFirst on the String walks grapheme clusters, a dozen times per event.
             let attribute: Substring
             if name.hasPrefix(CE.prefix) {
-                attribute = name.dropFirst(CE.prefix.count)
+                attribute = Substring(name.utf8.dropFirst(CE.prefix.utf8.count))
             } else if name.hasPrefix(CE.legacyPrefix) {
-                attribute = name.dropFirst(CE.legacyPrefix.count)
+                attribute = Substring(name.utf8.dropFirst(CE.legacyPrefix.utf8.count))
             } else {
                 continue
             }
