@@ -200,7 +200,7 @@ public final class SQLiteLedger: IdempotencyLedger {
 
     public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
         let now = Date().timeIntervalSince1970
-        let encoded = try requests.map { r in try r.outbox.map { try Self.encodeAttributes($0.envelope) } }
+        let encoded = requests.map { r in r.outbox.map { Self.encodeAttributes($0.envelope) } }
         let results = try await writes.run { db in
             try zip(requests, encoded).map { r, attributes in
                 let attempts = self.leases.withLock { $0[LeaseID(handler: r.handler, key: r.key)] }
@@ -375,20 +375,20 @@ public final class SQLiteLedger: IdempotencyLedger {
         var extensions: [String: String]
     }
 
-    /// The attributes as the JSON object ``StoredAttributes`` decodes, written directly: this runs for every
-    /// emitted event, and a JSONEncoder costs several times more than the rest of the row.
-    static func encodeAttributes(_ e: EventEnvelope) throws -> String {
-        var out = "{"
+    /// The attributes as the JSON object ``StoredAttributes`` decodes, written directly into bytes: this runs
+    /// for every emitted event, and a JSONEncoder (or appending to a String piece by piece) costs several
+    /// times more than the rest of the row.
+    static func encodeAttributes(_ e: EventEnvelope) -> String {
+        var out: [UInt8] = []
         out.reserveCapacity(512)
-        var first = true
-        func key(_ name: String) {
-            if !first { out += "," }
-            first = false
-            out += "\""
-            out += name
-            out += "\":"
+        out.append(UInt8(ascii: "{"))
+        func key(_ name: StaticString) {
+            if out.count > 1 { out.append(UInt8(ascii: ",")) }
+            out.append(UInt8(ascii: "\""))
+            out.append(contentsOf: UnsafeBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
+            out.append(contentsOf: [UInt8(ascii: "\""), UInt8(ascii: ":")])
         }
-        func string(_ name: String, _ value: String?) {
+        func string(_ name: StaticString, _ value: String?) {
             guard let value else { return }
             key(name)
             appendJSONString(value, to: &out)
@@ -398,55 +398,46 @@ public final class SQLiteLedger: IdempotencyLedger {
         string("type", e.type)
         if let time = e.time {
             key("timeReference")
-            out += String(time.timeIntervalSinceReferenceDate)
+            out.append(contentsOf: String(time.timeIntervalSinceReferenceDate).utf8)
         }
         string("subject", e.subject)
         string("dataContentType", e.dataContentType)
         string("dataSchema", e.dataSchema)
         key("dataVersion")
-        out += String(e.dataVersion)
+        out.append(contentsOf: String(e.dataVersion).utf8)
         string("correlationID", e.correlationID)
         string("causationID", e.causationID)
         string("traceparent", e.traceparent)
         string("idempotencyKey", e.idempotencyKey)
         key("extensions")
-        out += "{"
+        out.append(UInt8(ascii: "{"))
         for (i, (k, v)) in e.extensions.sorted(by: { $0.key < $1.key }).enumerated() {
-            if i > 0 { out += "," }
+            if i > 0 { out.append(UInt8(ascii: ",")) }
             appendJSONString(k, to: &out)
-            out += ":"
+            out.append(UInt8(ascii: ":"))
             appendJSONString(v, to: &out)
         }
-        out += "}}"
-        return out
+        out.append(contentsOf: [UInt8(ascii: "}"), UInt8(ascii: "}")])
+        return String(decoding: out, as: UTF8.self)
     }
 
     /// Appends `value` as a JSON string literal (RFC 8259 escaping).
-    static func appendJSONString(_ value: String, to out: inout String) {
-        out += "\""
-        var plain = true
-        for byte in value.utf8 where byte < 0x20 || byte == 0x22 || byte == 0x5C {
-            plain = false
-            break
-        }
-        if plain {
-            out += value
-        } else {
-            for scalar in value.unicodeScalars {
-                switch scalar {
-                case "\"": out += "\\\""
-                case "\\": out += "\\\\"
-                case "\n": out += "\\n"
-                case "\r": out += "\\r"
-                case "\t": out += "\\t"
-                case _ where scalar.value < 0x20:
-                    let hex = String(scalar.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                default: out.unicodeScalars.append(scalar)
-                }
+    static func appendJSONString(_ value: String, to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        for byte in value.utf8 {
+            switch byte {
+            case UInt8(ascii: "\""), UInt8(ascii: "\\"): out.append(contentsOf: [UInt8(ascii: "\\"), byte])
+            case 0x0A: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
+            case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
+            case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
+            case 0..<0x20:
+                let hex = Array("0123456789abcdef".utf8)
+                out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0")])
+                out.append(contentsOf: [hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]])
+            default: out.append(byte)
             }
         }
-        out += "\""
+        out.append(UInt8(ascii: "\""))
     }
 
     private static func decodeAttributes(_ text: String) throws -> EventEnvelope {
