@@ -32,11 +32,23 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// voids every lease anyway (their deliveries are redelivered), so a lease on disk would protect
     /// nothing and cost a write per event. Completions are what the file keeps.
     private let leases = Mutex<[LeaseID: Lease]>([:])
+    /// Every key completed in the file, as a Bloom filter: a claim of a key it has never seen (nearly every
+    /// claim) needs no read. A key is added before its completion is decided (see `complete`), so a claim
+    /// that finds it absent took its lease before the completing invocation checked that it still held
+    /// the key, and that invocation then does not commit.
+    private let completedKeys: Mutex<CompletedKeys>
+    private let filterMinimumBits: Int
     public let path: String
 
     /// Opens (creating if needed) the ledger file and migrates its schema.
-    public init(path: String) throws {
+    public convenience init(path: String) throws {
+        try self.init(path: path, filterMinimumBits: 1 << 20)
+    }
+
+    /// `filterMinimumBits`: the smallest size of the completed-key filter (tests make it small, to see it grow).
+    init(path: String, filterMinimumBits: Int) throws {
         self.path = path
+        self.filterMinimumBits = filterMinimumBits
         let directory = (path as NSString).deletingLastPathComponent
         if !directory.isEmpty {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -119,6 +131,16 @@ public final class SQLiteLedger: IdempotencyLedger {
         }
         try migrator.migrate(pool)
         writes = GroupCommit(pool: pool)
+        // Built at start from the file (a second or so per million keys kept).
+        completedKeys = Mutex(try pool.read { db in try Self.loadCompletedKeys(db, minimumBits: filterMinimumBits) })
+    }
+
+    private static func loadCompletedKeys(_ db: Database, minimumBits: Int) throws -> CompletedKeys {
+        let count = try Int.fetchOne(db, sql: "SELECT count(*) FROM claim WHERE state = 'completed'") ?? 0
+        var keys = CompletedKeys(expected: count, minimumBits: minimumBits)
+        let rows = try Row.fetchCursor(db, sql: "SELECT handler, key FROM claim WHERE state = 'completed'")
+        while let row = try rows.next() { keys.insert(row[0], row[1]) }
+        return keys
     }
 
     public func claim(handler: String, key: String, owner: String, lease: Duration) async throws -> LedgerClaim {
@@ -145,7 +167,13 @@ public final class SQLiteLedger: IdempotencyLedger {
                 return .claimed(attempts: l.attempts)
             }
         }
-        let leased = results.indices.filter { if case .claimed = results[$0] { return true } else { return false } }
+        // After the leases are taken (see `completedKeys`): only keys the filter may hold are read.
+        let leased = completedKeys.withLock { keys in
+            results.indices.filter {
+                guard case .claimed = results[$0] else { return false }
+                return keys.mightContain(requests[$0].handler, requests[$0].key)
+            }
+        }
         guard !leased.isEmpty else { return results }
         do {
             let completed = try await readCompleted(leased.map { requests[$0] })
@@ -202,11 +230,21 @@ public final class SQLiteLedger: IdempotencyLedger {
         let now = Date().timeIntervalSince1970
         let encoded = requests.map { r in r.outbox.map { Self.encodeAttributes($0.envelope) } }
         let results = try await writes.run { db in
-            try zip(requests, encoded).map { r, attributes in
+            let results = try zip(requests, encoded).map { r, attributes in
+                // Into the filter before the lease check (see `completedKeys`); a key that is then not
+                // committed stays in it, which only costs its claims a read.
+                self.completedKeys.withLock { $0.insert(r.handler, r.key) }
                 let attempts = self.leases.withLock { $0[LeaseID(handler: r.handler, key: r.key)] }
                     .flatMap { $0.owner == r.owner ? $0.attempts : nil }
                 return try Self.complete(r, holding: attempts, attributes: attributes, now: now, db)
             }
+            // A fuller filter answers "maybe" more often: rebuilt twice as large from the file, which this
+            // transaction's completions are already in. Nothing else writes meanwhile (one writer).
+            if self.completedKeys.withLock({ $0.isCrowded }) {
+                let rebuilt = try Self.loadCompletedKeys(db, minimumBits: self.filterMinimumBits)
+                self.completedKeys.withLock { $0 = rebuilt }
+            }
+            return results
         }
         for (r, result) in zip(requests, results) where result != .leaseLost {
             dropLease(r.handler, r.key, owner: r.owner)
@@ -666,4 +704,50 @@ final class GroupCommit: Sendable {
 extension Duration {
     /// The duration in seconds, as a Double.
     var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+/// A Bloom filter of (handler, key) pairs: no false negatives, about 0.25 % false positives at its
+/// designed load of 16 bits per key (four probes). Hashes are seeded per process; it is built anew at
+/// every start.
+struct CompletedKeys {
+    private var words: [UInt64]
+    private let bitMask: UInt64
+    private(set) var count = 0
+
+    init(expected: Int, minimumBits: Int) {
+        var bits = 64
+        while bits < max(minimumBits, expected * 2 * 16) { bits *= 2 }
+        words = Array(repeating: 0, count: bits / 64)
+        bitMask = UInt64(bits - 1)
+    }
+
+    /// Past the designed load (its size leaves room for twice the keys it was built with).
+    var isCrowded: Bool { UInt64(count) * 16 > bitMask + 1 }
+
+    mutating func insert(_ handler: String, _ key: String) {
+        let (a, b) = Self.hashes(handler, key)
+        for i in 0..<4 {
+            let bit = (a &+ UInt64(i) &* b) & bitMask
+            words[Int(bit >> 6)] |= 1 << (bit & 63)
+        }
+        count += 1
+    }
+
+    func mightContain(_ handler: String, _ key: String) -> Bool {
+        let (a, b) = Self.hashes(handler, key)
+        for i in 0..<4 {
+            let bit = (a &+ UInt64(i) &* b) & bitMask
+            if words[Int(bit >> 6)] & (1 << (bit & 63)) == 0 { return false }
+        }
+        return true
+    }
+
+    /// Two hashes for double hashing; the second odd, so the probes differ.
+    private static func hashes(_ handler: String, _ key: String) -> (UInt64, UInt64) {
+        var h = Hasher()
+        h.combine(handler)
+        h.combine(key)
+        let v = UInt64(bitPattern: Int64(h.finalize()))
+        return (v, (v >> 32 | v << 32) | 1)
+    }
 }

@@ -137,6 +137,34 @@ struct SQLiteLedgerTests {
         }
     }
 
+    @Test("the completed-key filter grows with the file, and no completed key is missed, before or after a restart")
+    func completedKeyFilter() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        // 64 bits at first: crowded after 4 keys, so it is rebuilt several times on the way to 300.
+        let l = try SQLiteLedger(path: path.path, filterMinimumBits: 64)
+        for i in 0..<300 {
+            #expect(
+                try await l.claim(handler: "h", key: "k\(i)", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+            #expect(try await l.complete(handler: "h", key: "k\(i)", owner: "a", outbox: []) == .committed)
+        }
+        for i in 0..<300 {
+            #expect(
+                try await l.claim(handler: "h", key: "k\(i)", owner: "b", lease: .seconds(60))
+                    == .completed(unpublished: []))
+        }
+        #expect(
+            try await l.claim(handler: "other", key: "k1", owner: "b", lease: .seconds(60)) == .claimed(attempts: 1))
+        let reopened = try SQLiteLedger(path: path.path, filterMinimumBits: 64)
+        for i in 0..<300 {
+            #expect(
+                try await reopened.claim(handler: "h", key: "k\(i)", owner: "c", lease: .seconds(60))
+                    == .completed(unpublished: []))
+        }
+        #expect(
+            try await reopened.claim(handler: "h", key: "new", owner: "c", lease: .seconds(60)) == .claimed(attempts: 1)
+        )
+    }
+
     @Test("claim, complete with outbox, then a duplicate sees the completed key and its unpublished outbox")
     func claimCompleteDuplicate() async throws {
         let l = try ledger()
