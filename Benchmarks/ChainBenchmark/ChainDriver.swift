@@ -134,6 +134,10 @@ struct ChainDriver {
     private func measure(channel: AMQPChannel, latency: URL, message: (Int) throws -> AMQPOutgoingMessage) async throws
         -> Result
     {
+        // What the previous chain left for the kernel to write back (its ledgers, the broker's queue logs) is
+        // written first, so that this chain does not pay for it: whichever chain came after the per-event C
+        // chain ran slower than in its other rounds.
+        sync()
         // Warm-up: the broker's fresh quorum queues and each hop's first events are not what is measured.
         for r in await channel.publish(contentsOf: try (0..<warmup).map { try message(-1 - $0) }) { try r.get() }
         try await waitForLines(latency, warmup, timeout: .seconds(120))
@@ -145,8 +149,9 @@ struct ChainDriver {
         let throughput =
             Double(count) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
 
-        // Latency at a steady rate: a pause after the burst (checkpoints, the broker's own clean-up), then one
-        // second of paced events that is not counted, then `seconds` counted.
+        // Latency at a steady rate: the burst's writes flushed and a pause (checkpoints, the broker's own
+        // clean-up), then one second of paced events that is not counted, then `seconds` counted.
+        sync()
         try await Task.sleep(for: .seconds(2))
         let settling = Int(rate)
         let paced = Int(rate * seconds)
