@@ -6,9 +6,11 @@ import Synchronization
 /// The embedded ledger: one SQLite file in WAL mode, for a handler that runs as a single replica.
 ///
 /// Thread-safe; all writes go through GRDB's serialized writer, grouped (see `GroupCommit`). Several
-/// handlers of one service may share a file (keys are scoped by handler), but only one process may use
-/// it: leases live in memory. A claim is a read; a completion, with its outbox, is one write. Retention: ``prune(completedBefore:)``, which the
-/// runner calls on start and hourly with its retention setting.
+/// handlers of one service may share a file (keys are scoped by handler), but only one process, through
+/// one `SQLiteLedger`, may use it: leases and the filter of completed keys live in memory. A claim is a
+/// read (none for a key the filter has never seen); a completion, with its outbox, is one write.
+/// Retention: ``prune(completedBefore:)``, which the runner calls on start and hourly with its retention
+/// setting.
 ///
 /// ```swift
 /// let ledger = try SQLiteLedger(path: "/var/lib/inventory/ledger.sqlite")

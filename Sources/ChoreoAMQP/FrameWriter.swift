@@ -35,7 +35,8 @@ final class FrameWriter {
         properties: inout amqp_basic_properties_t, body: UnsafeRawBufferPointer, frameMax: Int
     ) -> Int32 {
         let start = count
-        let payloadMax = frameMax - Self.overhead
+        // The negotiated size is at least 4096 (the client proposes no less); never trust a smaller one.
+        let payloadMax = max(frameMax, 4096) - Self.overhead
         // Method frame: the method id, then its arguments (ticket, exchange, routing key, flags).
         var method = amqp_basic_publish_t(
             ticket: 0, exchange: exchange, routing_key: routingKey, mandatory: mandatory ? 1 : 0, immediate: 0)
