@@ -40,6 +40,10 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// the key, and that invocation then does not commit.
     private let completedKeys: Mutex<CompletedKeys>
     private let filterMinimumBits: Int
+    /// An exclusive `flock` on `<path>.lock`, held for the ledger's life (the kernel drops it when the
+    /// process dies, however it dies): a second user of the file is refused instead of silently running
+    /// handlers again for keys it does not know were completed.
+    private let fileLock: Int32
     public let path: String
 
     /// Opens (creating if needed) the ledger file and migrates its schema.
@@ -55,6 +59,41 @@ public final class SQLiteLedger: IdempotencyLedger {
         if !directory.isEmpty {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
+        fileLock = try Self.lock(path + ".lock", ledger: path)
+        do {
+            let (pool, keys) = try Self.openFile(path, filterMinimumBits: filterMinimumBits)
+            self.pool = pool
+            writes = GroupCommit(pool: pool)
+            completedKeys = Mutex(keys)
+        } catch {
+            close(fileLock)
+            throw error
+        }
+    }
+
+    deinit { close(fileLock) }
+
+    private static func lock(_ lockPath: String, ledger path: String) throws -> Int32 {
+        let fd = Glibc.open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            throw ConfigurationError(
+                "cannot open the ledger's lock file \(lockPath): \(String(cString: strerror(errno)))")
+        }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let code = errno
+            close(fd)
+            if code == EWOULDBLOCK {
+                throw ConfigurationError(
+                    "the ledger \(path) is in use by another process (or another SQLiteLedger in this one); "
+                        + "a ledger file serves one process: give each its own --ledger")
+            }
+            throw ConfigurationError("cannot lock \(lockPath): \(String(cString: strerror(code)))")
+        }
+        return fd
+    }
+
+    /// Opens the file with the connection settings below, migrates it and reads its completed keys.
+    private static func openFile(_ path: String, filterMinimumBits: Int) throws -> (DatabasePool, CompletedKeys) {
         var config = Configuration()
         config.busyMode = .timeout(10)
         config.prepareDatabase { db in
@@ -69,7 +108,7 @@ public final class SQLiteLedger: IdempotencyLedger {
             try db.execute(sql: "PRAGMA wal_autocheckpoint = 8000")
             try db.execute(sql: "PRAGMA journal_size_limit = 67108864")
         }
-        pool = try DatabasePool(path: path, configuration: config)
+        let pool = try DatabasePool(path: path, configuration: config)
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
             try db.execute(
@@ -132,9 +171,9 @@ public final class SQLiteLedger: IdempotencyLedger {
             try db.execute(sql: "DROP INDEX IF EXISTS outbox_committed_at")
         }
         try migrator.migrate(pool)
-        writes = GroupCommit(pool: pool)
         // Built at start from the file (a second or so per million keys kept).
-        completedKeys = Mutex(try pool.read { db in try Self.loadCompletedKeys(db, minimumBits: filterMinimumBits) })
+        let keys = try pool.read { db in try loadCompletedKeys(db, minimumBits: filterMinimumBits) }
+        return (pool, keys)
     }
 
     private static func loadCompletedKeys(_ db: Database, minimumBits: Int) throws -> CompletedKeys {

@@ -1,5 +1,6 @@
 import ChoreoAMQP
 import Foundation
+import GRDB
 import TestEvents
 import Testing
 
@@ -52,9 +53,15 @@ struct CrashTests {
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
         // Every output is recorded as published in the end: after a crash between the publish and that record
         // ("after-publish"), by the redelivery that finds the key completed, or by the restarted process's sweep.
-        let ledger = try SQLiteLedger(path: mesh.directory.appendingPathComponent("ping.ledger.sqlite").path)
+        // Read from the file itself: the restarted process holds the ledger (one SQLiteLedger per file).
+        let ledger = mesh.directory.appendingPathComponent("ping.ledger.sqlite").path
         let left = await eventually(
-            within: 30, { (try? await ledger.unpublished(handler: "ping", limit: 1000).count) ?? -1 },
+            within: 30,
+            {
+                (try? DatabaseQueue(path: ledger).read { db in
+                    try Int.fetchOne(db, sql: "SELECT count(*) FROM outbox WHERE handler = 'ping' AND published = 0")
+                }) ?? -1
+            },
             until: { $0 == 0 })
         #expect(left == 0, "outbox entries never recorded as published")
     }

@@ -140,20 +140,24 @@ struct SQLiteLedgerTests {
     @Test("the completed-key filter grows with the file, and no completed key is missed, before or after a restart")
     func completedKeyFilter() async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
-        // 64 bits at first: crowded after 4 keys, so it is rebuilt several times on the way to 300.
-        let l = try SQLiteLedger(path: path.path, filterMinimumBits: 64)
-        for i in 0..<300 {
+        do {
+            // 64 bits at first: crowded after 4 keys, so it is rebuilt several times on the way to 300.
+            let l = try SQLiteLedger(path: path.path, filterMinimumBits: 64)
+            for i in 0..<300 {
+                #expect(
+                    try await l.claim(handler: "h", key: "k\(i)", owner: "a", lease: .seconds(60))
+                        == .claimed(attempts: 1))
+                #expect(try await l.complete(handler: "h", key: "k\(i)", owner: "a", outbox: []) == .committed)
+            }
+            for i in 0..<300 {
+                #expect(
+                    try await l.claim(handler: "h", key: "k\(i)", owner: "b", lease: .seconds(60))
+                        == .completed(unpublished: []))
+            }
             #expect(
-                try await l.claim(handler: "h", key: "k\(i)", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
-            #expect(try await l.complete(handler: "h", key: "k\(i)", owner: "a", outbox: []) == .committed)
-        }
-        for i in 0..<300 {
-            #expect(
-                try await l.claim(handler: "h", key: "k\(i)", owner: "b", lease: .seconds(60))
-                    == .completed(unpublished: []))
-        }
-        #expect(
-            try await l.claim(handler: "other", key: "k1", owner: "b", lease: .seconds(60)) == .claimed(attempts: 1))
+                try await l.claim(handler: "other", key: "k1", owner: "b", lease: .seconds(60))
+                    == .claimed(attempts: 1))
+        }  // one SQLiteLedger per file: the first lets go of it here
         let reopened = try SQLiteLedger(path: path.path, filterMinimumBits: 64)
         for i in 0..<300 {
             #expect(
@@ -163,6 +167,22 @@ struct SQLiteLedgerTests {
         #expect(
             try await reopened.claim(handler: "h", key: "new", owner: "c", lease: .seconds(60)) == .claimed(attempts: 1)
         )
+    }
+
+    @Test("a second SQLiteLedger on a file in use is refused with a reason; the file opens again once let go")
+    func oneUserPerFile() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        var first: SQLiteLedger? = try SQLiteLedger(path: path.path)
+        #expect(first != nil)
+        do {
+            _ = try SQLiteLedger(path: path.path)
+            Issue.record("a second user of the file must be refused")
+        } catch let error as ConfigurationError {
+            #expect(error.message.contains("is in use by another process"))
+            #expect(error.message.contains(path.path))
+        }
+        first = nil
+        #expect(throws: Never.self) { _ = try SQLiteLedger(path: path.path) }
     }
 
     @Test("claim, complete with outbox, then a duplicate sees the completed key and its unpublished outbox")
