@@ -587,7 +587,7 @@ private enum Node {
             for (key, value) in box.sortedMembers {
                 if !first { out.append(UInt8(ascii: ",")) }
                 first = false
-                writeString(key, to: &out)
+                PayloadJSON.appendString(key, to: &out)
                 out.append(UInt8(ascii: ":"))
                 value.write(to: &out)
             }
@@ -642,33 +642,36 @@ private final class ArrayBox {
     var elements: [Node] = []
 }
 
-/// A JSON string literal: quotes, backslash and control characters escaped; slashes and non-ASCII as they are.
-private func writeString(_ s: String, to out: inout [UInt8]) {
-    out.append(UInt8(ascii: "\""))
-    for b in s.utf8 {
-        switch b {
-        case UInt8(ascii: "\""): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\"")])
-        case UInt8(ascii: "\\"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\\")])
-        case 0x0A: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
-        case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
-        case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
-        case 0x08: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "b")])
-        case 0x0C: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "f")])
-        case 0..<0x20:
-            let hex = Array("0123456789abcdef".utf8)
-            out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0")])
-            out.append(hex[Int(b >> 4)])
-            out.append(hex[Int(b & 0xF)])
-        default: out.append(b)
+extension PayloadJSON {
+    /// Appends a JSON string literal: quotes, backslash and control characters escaped (RFC 8259); slashes
+    /// and non-ASCII as they are. Also what the ledger's outbox attributes are written with.
+    static func appendString(_ s: String, to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        for b in s.utf8 {
+            switch b {
+            case UInt8(ascii: "\""): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\"")])
+            case UInt8(ascii: "\\"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\\")])
+            case 0x0A: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
+            case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
+            case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
+            case 0x08: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "b")])
+            case 0x0C: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "f")])
+            case 0..<0x20:
+                let hex = Array("0123456789abcdef".utf8)
+                out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0")])
+                out.append(hex[Int(b >> 4)])
+                out.append(hex[Int(b & 0xF)])
+            default: out.append(b)
+            }
         }
+        out.append(UInt8(ascii: "\""))
     }
-    out.append(UInt8(ascii: "\""))
 }
 
 private func quoted(_ s: String) -> String {
     var out: [UInt8] = []
     out.reserveCapacity(s.utf8.count + 2)
-    writeString(s, to: &out)
+    PayloadJSON.appendString(s, to: &out)
     return String(decoding: out, as: UTF8.self)
 }
 

@@ -470,7 +470,7 @@ public final class SQLiteLedger: IdempotencyLedger {
         func string(_ name: StaticString, _ value: String?) {
             guard let value else { return }
             key(name)
-            appendJSONString(value, to: &out)
+            PayloadJSON.appendString(value, to: &out)
         }
         string("id", e.id)
         string("source", e.source)
@@ -492,31 +492,12 @@ public final class SQLiteLedger: IdempotencyLedger {
         out.append(UInt8(ascii: "{"))
         for (i, (k, v)) in e.extensions.sorted(by: { $0.key < $1.key }).enumerated() {
             if i > 0 { out.append(UInt8(ascii: ",")) }
-            appendJSONString(k, to: &out)
+            PayloadJSON.appendString(k, to: &out)
             out.append(UInt8(ascii: ":"))
-            appendJSONString(v, to: &out)
+            PayloadJSON.appendString(v, to: &out)
         }
         out.append(contentsOf: [UInt8(ascii: "}"), UInt8(ascii: "}")])
         return String(decoding: out, as: UTF8.self)
-    }
-
-    /// Appends `value` as a JSON string literal (RFC 8259 escaping).
-    static func appendJSONString(_ value: String, to out: inout [UInt8]) {
-        out.append(UInt8(ascii: "\""))
-        for byte in value.utf8 {
-            switch byte {
-            case UInt8(ascii: "\""), UInt8(ascii: "\\"): out.append(contentsOf: [UInt8(ascii: "\\"), byte])
-            case 0x0A: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
-            case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
-            case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
-            case 0..<0x20:
-                let hex = Array("0123456789abcdef".utf8)
-                out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0")])
-                out.append(contentsOf: [hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]])
-            default: out.append(byte)
-            }
-        }
-        out.append(UInt8(ascii: "\""))
     }
 
     private static func decodeAttributes(_ text: String) throws -> EventEnvelope {
