@@ -359,7 +359,11 @@ final class ConnectionCore {
 
     /// Writes the publishes encoded so far; a socket that fails ends the connection.
     private func flushFrames() {
-        guard !frames.isEmpty, let state else { return }
+        guard !frames.isEmpty else { return }
+        guard let state else {
+            frames.discard()  // the connection is gone; those publishes' completions failed with it
+            return
+        }
         if let code = frames.flush(to: amqp_get_sockfd(state)) {
             let reason = String(cString: strerror(code))
             fail(with: AMQPError(.connectionLost, message: "connection lost (\(reason))", operation: "basic.publish"))
