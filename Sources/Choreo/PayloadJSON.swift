@@ -378,13 +378,8 @@ private struct TreeDecoder: Decoder {
     }
 
     private func numberText(_ type: Any.Type) throws -> String {
-        switch value {
-        case .number(let text): return text
-        case .null:
-            throw DecodingError.valueNotFound(
-                type, .init(codingPath: codingPath, debugDescription: "Cannot get \(type) -- found null value instead"))
-        default: throw mismatch(type, value, codingPath)
-        }
+        guard case .number(let text) = value else { throw mismatch(type, value, codingPath) }
+        return text
     }
 
     fileprivate func integer<I: FixedWidthInteger>(_ type: I.Type) throws -> I {
@@ -725,7 +720,7 @@ private final class TreeEncoder: Encoder {
         case let data as Data: return .text(quoted(data.base64EncodedString()))
         case let url as URL: return .text(quoted(url.absoluteString))
         case let decimal as Decimal:
-            guard decimal.isFinite else { throw invalid(decimal, "Unable to encode Decimal.nan directly in JSON.") }
+            guard decimal.isFinite else { throw nonFinite(decimal, "Decimal.nan", at: codingPath) }
             return .text(decimal.description)
         default:
             let child = TreeEncoder(codingPath: codingPath)
@@ -734,18 +729,16 @@ private final class TreeEncoder: Encoder {
             return child.node ?? .object(ObjectBox())
         }
     }
+}
 
-    func invalid(_ value: Any, _ message: String) -> EncodingError {
-        EncodingError.invalidValue(value, .init(codingPath: codingPath, debugDescription: message))
-    }
+/// The error for a number JSON cannot hold, as Foundation words it.
+private func nonFinite(_ value: Any, _ name: String, at path: [CodingKey]) -> EncodingError {
+    .invalidValue(value, .init(codingPath: path, debugDescription: "Unable to encode \(name) directly in JSON."))
 }
 
 /// A finite number as JSON, whole numbers without ".0" (as Foundation writes them).
 private func number<F: BinaryFloatingPoint & LosslessStringConvertible>(_ f: F, at path: [CodingKey]) throws -> String {
-    guard f.isFinite else {
-        throw EncodingError.invalidValue(
-            f, .init(codingPath: path, debugDescription: "Unable to encode \(F.self).\(f) directly in JSON."))
-    }
+    guard f.isFinite else { throw nonFinite(f, "\(F.self).\(f)", at: path) }
     var text = f.description
     if text.hasSuffix(".0") { text.removeLast(2) }
     return text

@@ -332,7 +332,7 @@ private final class PublishBatch: @unchecked Sendable {
                 core.publish(messages[i], channel: channel, arena: arena) { [self] result in self.settled(i, result) }
             }
         }
-        if end - start > 1 { core.corked(write) } else { write() }
+        if end - start > 1 { core.publishingTogether(write) } else { write() }
         guard end < messages.count else { return }
         // Let the loop read confirms (and serve other jobs) before the next chunk.
         let ended = core.loop.submit { [self] core in self.publish(messages, from: end, channel: channel, core: core) }

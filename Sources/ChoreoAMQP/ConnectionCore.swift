@@ -50,7 +50,7 @@ final class ConnectionCore {
     /// Publishes are encoded here and written by this process (plain TCP), not by `amqp_basic_publish`.
     private var directWrites: Bool { configuration.tls == nil }
     private let frames = FrameWriter()
-    /// Inside ``corked(_:)``: publishes wait in `frames` for the batch's one write.
+    /// Inside ``publishingTogether(_:)``: publishes wait in `frames` for the batch's one write.
     private var batching = false
     /// The previous delivery's header strings, reused when the next one repeats them.
     var recentStrings = RecentStrings()
@@ -336,7 +336,7 @@ final class ConnectionCore {
     /// frames go into one buffer, written with one send() at the end. Over TLS rabbitmq-c sends every frame
     /// itself, with its own send(), and the socket is corked: otherwise each message would leave as its
     /// own TCP segment, which costs this process and the broker a wake-up and a read per message.
-    func corked(_ body: () -> Void) {
+    func publishingTogether(_ body: () -> Void) {
         guard let state else { return body() }
         if directWrites {
             batching = true
