@@ -207,7 +207,11 @@ public final class ChoreoRuntime: Service, Sendable {
         defer { keeper.cancel() }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for (runner, consumer, concurrency) in started {
-                group.addTask { try await self.consume(consumer, with: runner, concurrency: concurrency) }
+                // A lone delivery is handled on the consumer connection's thread, which read it (see
+                // `ConnectionExecutor`): no thread wake-up between the socket and the handler.
+                group.addTask(executorPreference: consumerConnection.executor) {
+                    try await self.consume(consumer, with: runner, concurrency: concurrency)
+                }
             }
             // Either connection ending ends this incarnation; the loop in run() reconnects.
             group.addTask {

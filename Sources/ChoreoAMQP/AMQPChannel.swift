@@ -176,7 +176,7 @@ public final class AMQPChannel: Sendable {
     /// `channelClosed`, `connectionLost`.
     public func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
         let id = number
-        try await loop.performDeferred {
+        try await loop.performPublish {
             (core: ConnectionCore, done: @escaping @Sendable (Result<Void, AMQPError>) -> Void) in
             core.publish(message, channel: id, arena: CArena(), completion: done)
         }
@@ -189,7 +189,7 @@ public final class AMQPChannel: Sendable {
     public func publish(contentsOf messages: [AMQPOutgoingMessage]) async -> [Result<Void, AMQPError>] {
         if messages.isEmpty { return [] }
         let id = number
-        let collected = try? await loop.performDeferred {
+        let collected = try? await loop.performPublish {
             (core: ConnectionCore, done: @escaping @Sendable (Result<[Result<Void, AMQPError>], AMQPError>) -> Void) in
             let batch = PublishBatch(count: messages.count) { done(.success($0)) }
             batch.publish(messages, from: 0, channel: id, core: core)

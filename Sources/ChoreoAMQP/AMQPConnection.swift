@@ -4,9 +4,11 @@ import Synchronization
 
 /// A connection to a RabbitMQ broker, served by one dedicated thread.
 ///
-/// Every rabbitmq-c call for this connection runs on that thread, never on Swift's cooperative pool;
-/// this type and its channels are `Sendable` and may be used from any number of tasks at once. The
-/// thread keeps heartbeats flowing however long application code takes between calls.
+/// That thread reads the socket and serves requests; no blocking rabbitmq-c call runs on Swift's
+/// cooperative pool. A publish that finds the thread asleep with nothing queued is written by the
+/// publishing task itself, under the same lock (see `IOLoop`). This type and its channels are `Sendable`
+/// and may be used from any number of tasks at once. The thread keeps heartbeats flowing however long
+/// application code takes between calls.
 ///
 /// A connection-level failure (socket lost, heartbeat timeout, 320 CONNECTION_FORCED) ends the
 /// connection: pending operations and consumers fail with the error, and ``closed()`` returns it.
@@ -22,6 +24,9 @@ import Synchronization
 public final class AMQPConnection: Sendable {
     public let configuration: AMQPConfiguration
     let loop: IOLoop
+    /// Runs tasks woken by this connection on its I/O thread when that thread is otherwise idle
+    /// (see ``ConnectionExecutor``); for consumers that answer each delivery quickly.
+    public let executor: ConnectionExecutor
     let logger: Logger
     private let ending = Mutex<(reason: AMQPError?, waiters: [CheckedContinuation<AMQPError, Never>])>((nil, []))
 
@@ -29,6 +34,7 @@ public final class AMQPConnection: Sendable {
         self.configuration = configuration
         self.loop = loop
         self.logger = logger
+        executor = ConnectionExecutor(loop: loop)
     }
 
     deinit {

@@ -66,32 +66,69 @@ final class ConnectionCore {
 
     // MARK: - Thread body
 
-    /// The I/O thread's body: run jobs, read frames, sleep, until the connection ends.
+    /// The I/O thread's body: run jobs, read frames, sleep, until the connection ends. Everything but the
+    /// sleep happens under the loop's worker lock (see ``IOLoop``).
     func run() {
         var jobs: [IOLoop.Job] = []
         var settlements: [IOLoop.PendingSettlement] = []
+        loop.working { loop.attach(self) }
         while true {
-            loop.takeWork(&jobs, &settlements)
-            // Settlements first: an ack handed over before a close job must reach the broker before the close.
-            if !settlements.isEmpty {
-                apply(settlements)
-                settlements.removeAll(keepingCapacity: true)
+            let next = loop.working { turn(&jobs, &settlements) }
+            switch next {
+            case .again: continue
+            case .sleep(let socket): loop.sleep(socket: socket, timeoutMilliseconds: pollTimeout)
+            case .end: break
             }
-            if !jobs.isEmpty {
-                for job in jobs { job(self) }
-                jobs.removeAll(keepingCapacity: true)
-            }
-            guard self.state != nil, failure == nil else { break }
-            readAvailableFrames()
-            guard failure == nil, let state = self.state else { break }
-            if amqp_frames_enqueued(state) != 0 || amqp_data_in_buffer(state) != 0 { continue }
-            if loop.prepareToSleep() {
-                loop.sleep(socket: amqp_get_sockfd(state), timeoutMilliseconds: pollTimeout)
-            }
+            if case .end = next { break }
         }
-        let reason = failure ?? AMQPError(.closed, message: "connection closed", operation: "connection")
-        // Anything still queued or racing in runs against the dead core and fails with the reason.
-        for job in loop.finish(reason: reason) { job(self) }
+        loop.working {
+            loop.attach(nil)
+            let reason = failure ?? AMQPError(.closed, message: "connection closed", operation: "connection")
+            // Anything still queued or racing in runs against the dead core and fails with the reason.
+            for job in loop.finish(reason: reason) { job(self) }
+        }
+    }
+
+    private enum Turn {
+        case again
+        case sleep(socket: Int32)
+        case end
+    }
+
+    /// One turn of the I/O thread: queued settlements and jobs, then the frames that have arrived.
+    private func turn(_ jobs: inout [IOLoop.Job], _ settlements: inout [IOLoop.PendingSettlement]) -> Turn {
+        loop.takeWork(&jobs, &settlements)
+        // Settlements first: an ack handed over before a close job must reach the broker before the close.
+        if !settlements.isEmpty {
+            apply(settlements)
+            settlements.removeAll(keepingCapacity: true)
+        }
+        if !jobs.isEmpty {
+            for job in jobs { job(self) }
+            jobs.removeAll(keepingCapacity: true)
+        }
+        guard self.state != nil, failure == nil else { return .end }
+        readAvailableFrames()
+        guard failure == nil, let state = self.state else { return .end }
+        if amqp_frames_enqueued(state) != 0 || amqp_data_in_buffer(state) != 0 { return .again }
+        return loop.prepareToSleep() ? .sleep(socket: amqp_get_sockfd(state)) : .again
+    }
+
+    /// Whether a job may run on the thread that submits it while this thread sleeps (``IOLoop/runOrSubmit(_:)``):
+    /// over plain TCP, where a publish is one `send` of our own buffer that never waits (see `flushFrames`).
+    /// Over TLS rabbitmq-c writes, and may wait for room in the socket, which a caller must not.
+    var runsJobsOnCallers: Bool { directWrites && isLive }
+
+    var isLive: Bool { state != nil && failure == nil }
+
+    /// Set while a job runs on a caller's thread: a write that would wait is left to the I/O thread.
+    private var onCaller = false
+
+    /// Runs a job on the calling thread, which holds the loop's worker lock.
+    func runOnCaller(_ job: IOLoop.Job) {
+        onCaller = true
+        job(self)
+        onCaller = false
     }
 
     /// Wake often enough that rabbitmq-c sends heartbeats on time (it sends one only inside a call).
@@ -357,14 +394,20 @@ final class ConnectionCore {
         }
     }
 
-    /// Writes the publishes encoded so far; a socket that fails ends the connection.
+    /// Writes the publishes encoded so far; a socket that fails ends the connection. On a caller's thread
+    /// (``runOnCaller(_:)``) a socket without room keeps the rest, and the I/O thread writes it, waiting.
     private func flushFrames() {
         guard !frames.isEmpty else { return }
         guard let state else {
             frames.discard()  // the connection is gone; those publishes' completions failed with it
             return
         }
-        if let code = frames.flush(to: amqp_get_sockfd(state)) {
+        switch frames.flush(to: amqp_get_sockfd(state), waiting: !onCaller) {
+        case .written: break
+        case .wouldWait:
+            loop.writesLeftToThread.add(1, ordering: .relaxed)
+            loop.submit { core in core.flushFrames() }
+        case .failed(let code):
             let reason = String(cString: strerror(code))
             fail(with: AMQPError(.connectionLost, message: "connection lost (\(reason))", operation: "basic.publish"))
         }

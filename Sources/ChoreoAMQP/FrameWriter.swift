@@ -72,31 +72,54 @@ final class FrameWriter {
         return AMQP_STATUS_OK.rawValue
     }
 
-    /// Writes everything appended to `fd`, waiting for room in the socket's buffer as rabbitmq-c does.
-    /// Returns nil, or the `errno` of a socket that failed (the connection is lost).
-    func flush(to fd: Int32) -> Int32? {
+    enum Flush {
+        case written
+        /// The socket had no room; what was not written is kept, in order, for the next flush.
+        case wouldWait
+        /// The socket failed with this `errno` (the connection is lost); nothing is kept.
+        case failed(Int32)
+    }
+
+    /// Writes everything appended to `fd`. With `waiting`, waits for room in the socket's buffer as
+    /// rabbitmq-c does; without, stops where the socket is full and keeps the rest.
+    func flush(to fd: Int32, waiting: Bool) -> Flush {
         var sent = 0
-        defer {
-            count = 0
-            if capacity > Self.keptCapacity {
-                base.deallocate()
-                capacity = 64 * 1024
-                base = .allocate(byteCount: capacity, alignment: 8)
-            }
-        }
         while sent < count {
-            let n = send(fd, base + sent, count - sent, Int32(MSG_NOSIGNAL))
+            let n = send(fd, base + sent, count - sent, Int32(MSG_NOSIGNAL | (waiting ? 0 : MSG_DONTWAIT)))
             if n > 0 {
                 sent += n
                 continue
             }
             let code = n < 0 ? errno : EPIPE
             if code == EINTR { continue }
-            guard code == EAGAIN || code == EWOULDBLOCK else { return code }
+            guard code == EAGAIN || code == EWOULDBLOCK else {
+                reset()
+                return .failed(code)
+            }
+            guard waiting else {
+                memmove(base, base + sent, count - sent)
+                count -= sent
+                return .wouldWait
+            }
             var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            if poll(&pfd, 1, -1) < 0 && errno != EINTR { return errno }
+            if poll(&pfd, 1, -1) < 0 && errno != EINTR {
+                let code = errno
+                reset()
+                return .failed(code)
+            }
         }
-        return nil
+        reset()
+        return .written
+    }
+
+    /// Empties the buffer; a larger one (a big body went out) is given back.
+    private func reset() {
+        count = 0
+        if capacity > Self.keptCapacity {
+            base.deallocate()
+            capacity = 64 * 1024
+            base = .allocate(byteCount: capacity, alignment: 8)
+        }
     }
 
     /// Frame header (type, channel, payload size) and end octet around a payload of at most `maxPayload`

@@ -6,11 +6,16 @@ import Synchronization
     import Glibc
 #endif
 
-/// The one thread that owns a connection's C state, and the queue of jobs other threads hand it.
+/// The thread that serves a connection's C state, and the queue of jobs other threads hand it.
 ///
-/// Jobs run in submission order on that thread and nowhere else, which is how every rabbitmq-c call
-/// stays confined to one thread. Between jobs the thread reads frames, and when there is nothing to
-/// do it sleeps in `poll` on the socket and an eventfd that ``submit(_:)`` writes to wake it.
+/// Jobs run in submission order, one at a time, under the worker lock, which the I/O thread holds while
+/// it runs jobs and reads frames and lets go only to sleep: so rabbitmq-c is never called by two threads
+/// at once. Between jobs the thread reads frames, and when there is nothing to do it sleeps in `poll` on
+/// the socket and an eventfd that ``submit(_:)`` writes to wake it.
+///
+/// A publish that finds the thread asleep with nothing queued is written by the publishing thread itself
+/// (``runOrSubmit(_:)``): waking the I/O thread to do it would cost every lone event a thread wake-up
+/// (tens of microseconds on the path from a delivery to the event it emits).
 final class IOLoop: Sendable {
     typealias Job = @Sendable (ConnectionCore) -> Void
 
@@ -30,6 +35,18 @@ final class IOLoop: Sendable {
 
     private let queue = Mutex(Queue())
     private let wakeFD: Int32
+    /// Held by whoever works on the core: the I/O thread, except while it sleeps, or a thread running a job
+    /// itself (``runOrSubmit(_:)``).
+    private let worker = Mutex(())
+    /// The core while its thread runs; read and written only under `worker`.
+    nonisolated(unsafe) private var attached: ConnectionCore?
+    /// True while a caller runs a job (``runOrSubmit(_:)``).
+    private let callerRunning = Atomic(false)
+    /// The I/O thread's `pthread_self()`, once it runs.
+    private let thread = Atomic<UInt>(0)
+    /// Jobs run by callers, and writes they left to the I/O thread because the socket was full (for tests).
+    let jobsRunByCallers = Atomic(0)
+    let writesLeftToThread = Atomic(0)
 
     init() throws(AMQPError) {
         let fd = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
@@ -54,6 +71,65 @@ final class IOLoop: Sendable {
         enqueue { $0.settlements.append(settlement) }
     }
 
+    /// Runs `job` on the calling thread when the I/O thread sleeps with nothing queued and the core allows it
+    /// (``ConnectionCore/runsJobsOnCallers``), else hands it over as ``submit(_:)`` does. Either way jobs
+    /// keep their order: one runs here only when none is waiting.
+    @discardableResult
+    func runOrSubmit(_ job: @escaping Job) -> AMQPError? {
+        // Only when the thread sleeps does it not hold the worker lock; and a job already running on a caller
+        // (perhaps this thread) holds it: trying it then would be a recursive lock, which traps.
+        if isIdle, !callerRunning.load(ordering: .acquiring) {
+            let ran = worker.withLockIfAvailable { _ -> Bool in
+                guard let core = attached, core.runsJobsOnCallers, isIdle else { return false }
+                callerRunning.store(true, ordering: .releasing)
+                core.runOnCaller(job)
+                callerRunning.store(false, ordering: .releasing)
+                jobsRunByCallers.add(1, ordering: .relaxed)
+                // A job that ended the connection: the thread must wake up to see it and finish.
+                if !core.isLive { wake() }
+                return true
+            }
+            if ran == true { return nil }
+        }
+        return submit(job)
+    }
+
+    /// The I/O thread sleeps (or is about to) and nothing waits for it.
+    var isIdle: Bool {
+        queue.withLock { q in q.sleeping && q.finished == nil && q.jobs.isEmpty && q.settlements.isEmpty }
+    }
+
+    /// Runs one turn of the I/O thread's work under the worker lock; `attach` the core on the first.
+    func working<T>(_ body: () -> T) -> T {
+        worker.withLock { _ in body() }
+    }
+
+    /// The core that ``runOrSubmit(_:)`` may use; nil once its thread has finished. Called by the I/O thread
+    /// inside ``working(_:)``.
+    func attach(_ core: ConnectionCore?) {
+        attached = core
+        thread.store(core == nil ? 0 : UInt(pthread_self()), ordering: .releasing)
+    }
+
+    /// Whether the caller is the I/O thread.
+    var isCurrentThread: Bool { thread.load(ordering: .acquiring) == UInt(pthread_self()) }
+
+    /// Queues `job` for the I/O thread's next turn when the caller is that thread and nothing else is queued
+    /// (no wake-up needed); false otherwise, and nothing is queued.
+    func submitHereIfIdle(_ job: @escaping Job) -> Bool {
+        guard isCurrentThread else { return false }
+        return queue.withLock { q in
+            guard q.finished == nil, q.jobs.isEmpty else { return false }
+            q.jobs.append(job)
+            return true
+        }
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
     /// Adds work under the lock and wakes the thread if it sleeps; the reason instead once the loop ended.
     private func enqueue(_ add: (inout Queue) -> Void) -> AMQPError? {
         let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
@@ -63,10 +139,7 @@ final class IOLoop: Sendable {
             q.sleeping = false
             return (nil, wake)
         }
-        if wake {
-            var one: UInt64 = 1
-            _ = write(wakeFD, &one, 8)
-        }
+        if wake { self.wake() }
         return ended
     }
 
@@ -87,12 +160,13 @@ final class IOLoop: Sendable {
         return try result.get()
     }
 
-    /// Runs a job whose completion the core signals later (a publish waiting for its confirm).
-    func performDeferred<T: Sendable>(
+    /// Runs a publish job whose completion the core signals later, when the broker confirms it; on the
+    /// calling thread when the I/O thread is idle (``runOrSubmit(_:)``).
+    func performPublish<T: Sendable>(
         _ body: @escaping @Sendable (ConnectionCore, @escaping @Sendable (Result<T, AMQPError>) -> Void) -> Void
     ) async throws(AMQPError) -> T {
         let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
-            let ended = submit { core in
+            let ended = runOrSubmit { core in
                 body(core) { continuation.resume(returning: $0) }
             }
             if let ended { continuation.resume(returning: .failure(ended)) }

@@ -1,0 +1,138 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import ChoreoAMQP
+
+/// Work that is done without waking a connection's I/O thread: publishes written by the publishing task
+/// while the thread sleeps, and tasks that prefer the connection's executor running on that thread.
+@Suite("Work done without waking the connection's thread", .serialized, .timeLimit(.minutes(2)))
+struct ThreadHandOffTests {
+    @Test("a publish made while the connection's thread sleeps is written by the publishing task, and arrives")
+    func publishWrittenByCaller() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName("caller-writes")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+
+        // The thread may wake between the check and the publish (a heartbeat check, a frame): then the publish
+        // is handed over as before. Some of a few attempts find it asleep.
+        let loop = connection.loop
+        var sent: [String] = []
+        var byCaller = 0
+        for n in 0..<20 where byCaller == 0 {
+            try await waitUntil { loop.isIdle }
+            let before = loop.jobsRunByCallers.load(ordering: .relaxed)
+            try await channel.publish(.toQueue(queue, "message \(n)"))
+            sent.append("message \(n)")
+            byCaller += loop.jobsRunByCallers.load(ordering: .relaxed) - before
+        }
+        #expect(byCaller == 1)
+
+        let consumer = try await channel.consume(queue: queue)
+        var iterator = consumer.makeAsyncIterator()
+        for text in sent {
+            let delivery = try await nextDelivery(&iterator)
+            #expect(String(decoding: delivery.body, as: UTF8.self) == text)
+            try delivery.ack()
+        }
+    }
+
+    @Test("publishes larger than the socket's buffer are finished by the connection's thread, whole and in order")
+    func fullSocketLeftToThread() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName("full-socket")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+
+        // Large bodies from one task (a send from a caller stops where the socket is full) while small ones
+        // go out from others: every body must arrive whole, so no write may cut into another.
+        let large = (0..<4).map { i in Data((0..<(6 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ i) }) }
+        let loop = connection.loop
+        let before = loop.writesLeftToThread.load(ordering: .relaxed)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                for (i, body) in large.enumerated() {
+                    try await waitUntil { loop.isIdle }
+                    try await channel.publish(
+                        AMQPOutgoingMessage(
+                            exchange: "", routingKey: queue, body: body,
+                            properties: AMQPProperties(headers: ["large": .int32(Int32(i))])))
+                }
+            }
+            for t in 0..<3 {
+                group.addTask {
+                    for i in 0..<50 { try await channel.publish(.toQueue(queue, "small \(t)/\(i)")) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(loop.writesLeftToThread.load(ordering: .relaxed) > before)
+
+        let consumer = try await channel.consume(queue: queue)
+        var iterator = consumer.makeAsyncIterator()
+        var larges: [Int] = []
+        var smalls = Set<String>()
+        for _ in 0..<(large.count + 150) {
+            let delivery = try await nextDelivery(&iterator)
+            if let i = delivery.properties.headers?["large"]?.intValue {
+                #expect(delivery.body == large[Int(i)], "large body \(i)")
+                larges.append(Int(i))
+            } else {
+                smalls.insert(String(decoding: delivery.body, as: UTF8.self))
+            }
+            try delivery.ack()
+        }
+        #expect(larges == [0, 1, 2, 3])
+        #expect(smalls.count == 150)
+    }
+
+    @Test("a task preferring the connection's executor runs on its thread, and on the pool after a long stretch")
+    func executorRunsOnConnectionThread() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName("executor")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        _ = await channel.publish(contentsOf: [.toQueue(queue, "one"), .toQueue(queue, "two")])
+
+        let loop = connection.loop
+        let threads = try await withTaskExecutorPreference(connection.executor) {
+            () async throws -> [Bool] in
+            var onLoop: [Bool] = []
+            // Resumed by the connection's thread (the consume request's reply, then the delivery): runs there.
+            let consumer = try await channel.consume(queue: queue)
+            let first = try await consumer.next(max: 1)
+            onLoop.append(loop.isCurrentThread)
+            try first?.first?.ack()
+            // A stretch longer than a millisecond on that thread sends what follows to the pool for a second:
+            // the first yield was queued during the stretch, the second comes after it.
+            usleep(5000)
+            await Task.yield()
+            await Task.yield()
+            onLoop.append(loop.isCurrentThread)
+            let second = try await consumer.next(max: 1)
+            onLoop.append(loop.isCurrentThread)
+            try second?.first?.ack()
+            #expect(String(decoding: second?.first?.body ?? Data(), as: UTF8.self) == "two")
+            return onLoop
+        }
+        #expect(threads == [true, false, false])
+    }
+}
+
+/// Waits until `condition` holds, checking every millisecond, for at most ten seconds.
+private func waitUntil(_ condition: () -> Bool) async throws {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while !condition() {
+        guard ContinuousClock.now < deadline else {
+            throw AMQPError(.timeout, message: "condition not met within 10 s", operation: "test wait")
+        }
+        try await Task.sleep(for: .milliseconds(1))
+    }
+}
