@@ -49,21 +49,37 @@ struct ThreadHandOffTests {
         let queue = TestBroker.uniqueName("full-socket")
         try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
 
-        // Large bodies from one task (a send from a caller stops where the socket is full) while small ones
-        // go out from others: every body must arrive whole, so no write may cut into another.
-        let large = (0..<4).map { i in Data((0..<(6 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ i) }) }
+        // A body larger than the socket's buffer and the broker's receive buffer together (4 + 32 MiB at
+        // most here), from 1 MiB of pattern and a distinct last byte.
+        let pattern = Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+        func body(mebibytes: Int, last: Int) -> Data {
+            var body = Data(capacity: mebibytes << 20 + 1)
+            for _ in 0..<mebibytes { body.append(pattern) }
+            body.append(UInt8(last))
+            return body
+        }
+        func message(_ body: Data, _ i: Int) -> AMQPOutgoingMessage {
+            AMQPOutgoingMessage(
+                exchange: "", routingKey: queue, body: body,
+                properties: AMQPProperties(headers: ["large": .int32(Int32(i))]))
+        }
+        // First alone, when the thread sleeps: the caller's send stops where the socket is full and leaves the
+        // rest to the thread. (The thread may wake in between; some of a few attempts find it asleep.)
         let loop = connection.loop
         let before = loop.writesLeftToThread.load(ordering: .relaxed)
+        var large: [Data] = []
+        for _ in 0..<5 where loop.writesLeftToThread.load(ordering: .relaxed) == before {
+            try await waitUntil { loop.isIdle }
+            large.append(body(mebibytes: 64, last: large.count))
+            try await channel.publish(message(large[large.count - 1], large.count - 1))
+        }
+        #expect(loop.writesLeftToThread.load(ordering: .relaxed) > before)
+        // Then while small ones go out from other tasks: every body must arrive whole, so no write may cut
+        // into another.
+        let more = (0..<3).map { (large.count + $0, body(mebibytes: 6, last: large.count + $0)) }
+        large += more.map(\.1)
         try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask {
-                for (i, body) in large.enumerated() {
-                    try await waitUntil { loop.isIdle }
-                    try await channel.publish(
-                        AMQPOutgoingMessage(
-                            exchange: "", routingKey: queue, body: body,
-                            properties: AMQPProperties(headers: ["large": .int32(Int32(i))])))
-                }
-            }
+            group.addTask { for (i, b) in more { try await channel.publish(message(b, i)) } }
             for t in 0..<3 {
                 group.addTask {
                     for i in 0..<50 { try await channel.publish(.toQueue(queue, "small \(t)/\(i)")) }
@@ -71,7 +87,6 @@ struct ThreadHandOffTests {
             }
             try await group.waitForAll()
         }
-        #expect(loop.writesLeftToThread.load(ordering: .relaxed) > before)
 
         let consumer = try await channel.consume(queue: queue)
         var iterator = consumer.makeAsyncIterator()
@@ -87,7 +102,7 @@ struct ThreadHandOffTests {
             }
             try delivery.ack()
         }
-        #expect(larges == [0, 1, 2, 3])
+        #expect(larges == Array(0..<large.count))
         #expect(smalls.count == 150)
     }
 
