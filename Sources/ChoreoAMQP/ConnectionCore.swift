@@ -72,14 +72,12 @@ final class ConnectionCore {
         var jobs: [IOLoop.Job] = []
         var settlements: [IOLoop.PendingSettlement] = []
         loop.working { loop.attach(self) }
-        while true {
-            let next = loop.working { turn(&jobs, &settlements) }
-            switch next {
+        turns: while true {
+            switch loop.working({ turn(&jobs, &settlements) }) {
             case .again: continue
             case .sleep(let socket): loop.sleep(socket: socket, timeoutMilliseconds: pollTimeout)
-            case .end: break
+            case .end: break turns
             }
-            if case .end = next { break }
         }
         loop.working {
             loop.attach(nil)

@@ -1,9 +1,5 @@
 import Foundation
 
-#if canImport(Glibc)
-    import Glibc
-#endif
-
 /// A task executor for work that a connection's deliveries wake up: a task woken on the connection's I/O
 /// thread (a consumer receiving a delivery, say) runs its next stretch on that thread, when the thread has
 /// nothing else queued; everything else runs on Swift's global concurrent executor, as without a preference.
@@ -19,10 +15,10 @@ import Foundation
 /// ```
 public final class ConnectionExecutor: TaskExecutor, @unchecked Sendable {
     private let loop: IOLoop
-    /// Until when (monotonic nanoseconds) jobs go to the pool. Read and written only on the I/O thread.
-    private var pausedUntil: UInt64 = 0
-    static let longStretch: UInt64 = 1_000_000
-    static let pause: UInt64 = 1_000_000_000
+    /// Until when jobs go to the pool. Read and written only on the I/O thread.
+    private var pausedUntil = ContinuousClock.now
+    static let longStretch = Duration.milliseconds(1)
+    static let pause = Duration.seconds(1)
 
     init(loop: IOLoop) {
         self.loop = loop
@@ -30,7 +26,7 @@ public final class ConnectionExecutor: TaskExecutor, @unchecked Sendable {
 
     public func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
-        if loop.isCurrentThread, Self.now() >= pausedUntil,
+        if loop.isCurrentThread, ContinuousClock.now >= pausedUntil,
             loop.submitHereIfIdle({ [self] _ in run(job) })
         {
             return
@@ -40,15 +36,9 @@ public final class ConnectionExecutor: TaskExecutor, @unchecked Sendable {
 
     /// On the I/O thread.
     private func run(_ job: UnownedJob) {
-        let start = Self.now()
+        let start = ContinuousClock.now
         job.runSynchronously(on: asUnownedTaskExecutor())
-        let end = Self.now()
+        let end = ContinuousClock.now
         if end - start > Self.longStretch { pausedUntil = end + Self.pause }
-    }
-
-    private static func now() -> UInt64 {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
     }
 }

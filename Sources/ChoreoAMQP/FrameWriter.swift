@@ -29,8 +29,6 @@ final class FrameWriter {
 
     var isEmpty: Bool { count == 0 }
 
-    /// Drops what was appended and not written.
-    func discard() { count = 0 }
 
     /// Appends the frames of one basic.publish. On an encoding error nothing is appended.
     func appendPublish(
@@ -93,7 +91,7 @@ final class FrameWriter {
             let code = n < 0 ? errno : EPIPE
             if code == EINTR { continue }
             guard code == EAGAIN || code == EWOULDBLOCK else {
-                reset()
+                discard()
                 return .failed(code)
             }
             guard waiting else {
@@ -104,16 +102,17 @@ final class FrameWriter {
             var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
             if poll(&pfd, 1, -1) < 0 && errno != EINTR {
                 let code = errno
-                reset()
+                discard()
                 return .failed(code)
             }
         }
-        reset()
+        discard()
         return .written
     }
 
-    /// Empties the buffer; a larger one (a big body went out) is given back.
-    private func reset() {
+    /// Drops what was appended and not written (also after a flush); a larger buffer (a big body went out)
+    /// is given back.
+    func discard() {
         count = 0
         if capacity > Self.keptCapacity {
             base.deallocate()

@@ -99,7 +99,7 @@ final class IOLoop: Sendable {
         queue.withLock { q in q.sleeping && q.finished == nil && q.jobs.isEmpty && q.settlements.isEmpty }
     }
 
-    /// Runs one turn of the I/O thread's work under the worker lock; `attach` the core on the first.
+    /// Runs `body` (a turn of the I/O thread's work, or attaching its core) under the worker lock.
     func working<T>(_ body: () -> T) -> T {
         worker.withLock { _ in body() }
     }
