@@ -29,7 +29,6 @@ final class FrameWriter {
 
     var isEmpty: Bool { count == 0 }
 
-
     /// Appends the frames of one basic.publish. On an encoding error nothing is appended.
     func appendPublish(
         channel: UInt16, exchange: amqp_bytes_t, routingKey: amqp_bytes_t, mandatory: Bool,
