@@ -169,6 +169,16 @@ struct ChainDriver {
         func pct(_ p: Double) -> Double {
             micros.isEmpty ? .nan : micros[min(micros.count - 1, Int(Double(micros.count) * p))] / 1000
         }
+        // For a closer look (a spike every few seconds, say): each event's latency, in the order the sink saw them.
+        if let dir = ProcessInfo.processInfo.environment["CHAIN_LATENCY_DIR"] {
+            let file = URL(fileURLWithPath: dir).appendingPathComponent(
+                latency.deletingLastPathComponent().lastPathComponent + ".txt")
+            do {
+                try (lines.joined(separator: "\n") + "\n").write(to: file, atomically: true, encoding: .utf8)
+            } catch {
+                print("could not write \(file.path): \(error)")
+            }
+        }
         return Result(throughput: throughput, p50: pct(0.5), p99: pct(0.99))
     }
 
