@@ -153,7 +153,7 @@ extension ConnectionCore {
             }
             if frame.channel == id { break }
             handle(frame: frame)
-            guard failure == nil, self.state != nil else { return false }
+            guard isLive else { return false }
         }
         guard frame.frame_type == UInt8(type) else {
             let expected = type == AMQP_FRAME_HEADER ? "header" : "body"

@@ -105,7 +105,7 @@ final class ConnectionCore {
             for job in jobs { job(self) }
             jobs.removeAll(keepingCapacity: true)
         }
-        guard self.state != nil, failure == nil else { return .end }
+        guard isLive else { return .end }
         readAvailableFrames()
         guard failure == nil, let state = self.state else { return .end }
         if amqp_frames_enqueued(state) != 0 || amqp_data_in_buffer(state) != 0 { return .again }
