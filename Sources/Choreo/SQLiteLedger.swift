@@ -40,6 +40,10 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// the key, and that invocation then does not commit.
     private let completedKeys: Mutex<CompletedKeys>
     private let filterMinimumBits: Int
+    /// No outbox entry waiting to be published has a lower rowid, so ``unpublished(handler:limit:)`` reads
+    /// from there instead of the whole file. Rows are added past the last one; a prune that removes the last
+    /// rows lowers this to where the next row will go.
+    private let firstUnpublishedRow: Mutex<Int64>
     /// An exclusive `flock` on `<path>.lock`, held for the ledger's life (the kernel drops it when the
     /// process dies, however it dies): a second user of the file is refused instead of silently running
     /// handlers again for keys it does not know were completed.
@@ -61,10 +65,11 @@ public final class SQLiteLedger: IdempotencyLedger {
         }
         fileLock = try Self.lock(path + ".lock", ledger: path)
         do {
-            let (pool, keys) = try Self.openFile(path, filterMinimumBits: filterMinimumBits)
+            let (pool, keys, firstUnpublished) = try Self.openFile(path, filterMinimumBits: filterMinimumBits)
             self.pool = pool
             writes = GroupCommit(pool: pool)
             completedKeys = Mutex(keys)
+            firstUnpublishedRow = Mutex(firstUnpublished)
         } catch {
             close(fileLock)
             throw error
@@ -93,7 +98,9 @@ public final class SQLiteLedger: IdempotencyLedger {
     }
 
     /// Opens the file with the connection settings below, migrates it and reads its completed keys.
-    private static func openFile(_ path: String, filterMinimumBits: Int) throws -> (DatabasePool, CompletedKeys) {
+    private static func openFile(_ path: String, filterMinimumBits: Int) throws -> (
+        DatabasePool, CompletedKeys, firstUnpublished: Int64
+    ) {
         var config = Configuration()
         config.busyMode = .timeout(10)
         config.prepareDatabase { db in
@@ -170,18 +177,67 @@ public final class SQLiteLedger: IdempotencyLedger {
         migrator.registerMigration("v3") { db in
             try db.execute(sql: "DROP INDEX IF EXISTS outbox_committed_at")
         }
+        // v4: one table, in commit order (rowid), and one index. A completed key is a row with idx = -1 (its
+        // attempts), followed by one row per outbox entry (idx 0, 1, ...; published once confirmed). A
+        // completion writes two pages where it wrote four (the key's rows share the table's last page, its
+        // index entries one leaf), and recording a confirm one where it wrote two: each checkpoint has half
+        // as much to flush, half as often. Leases the first version kept in the file are dropped: they are
+        // void at start anyway.
+        migrator.registerMigration("v4") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE completion (
+                        handler TEXT NOT NULL,
+                        key TEXT NOT NULL,
+                        idx INTEGER NOT NULL,
+                        completed_at REAL NOT NULL,
+                        published INTEGER NOT NULL,
+                        attempts INTEGER,
+                        exchange TEXT,
+                        routing_key TEXT,
+                        attributes TEXT,
+                        data BLOB
+                    );
+                    INSERT INTO completion
+                        (handler, key, idx, completed_at, published, attempts, exchange, routing_key, attributes, data)
+                    SELECT * FROM (
+                        SELECT handler, key, -1 AS idx, coalesce(completed_at, 0) AS at, 1, attempts, NULL, NULL, NULL,
+                            NULL
+                            FROM claim WHERE state = 'completed'
+                        UNION ALL
+                        SELECT handler, key, idx, committed_at AS at, published, NULL, exchange, routing_key,
+                            attributes, data
+                            FROM outbox)
+                    ORDER BY at, handler, key, idx;
+                    DROP TABLE claim;
+                    DROP TABLE outbox;
+                    CREATE UNIQUE INDEX completion_key ON completion(handler, key, idx);
+                    """)
+        }
         try migrator.migrate(pool)
         // Built at start from the file (a second or so per million keys kept).
-        let keys = try pool.read { db in try loadCompletedKeys(db, minimumBits: filterMinimumBits) }
-        return (pool, keys)
+        let (keys, firstUnpublished) = try pool.read { db in
+            (try loadCompletedKeys(db, minimumBits: filterMinimumBits), try firstUnpublishedRow(db))
+        }
+        return (pool, keys, firstUnpublished)
     }
 
     private static func loadCompletedKeys(_ db: Database, minimumBits: Int) throws -> CompletedKeys {
-        let count = try Int.fetchOne(db, sql: "SELECT count(*) FROM claim WHERE state = 'completed'") ?? 0
+        let count = try Int.fetchOne(db, sql: "SELECT count(*) FROM completion WHERE idx = -1") ?? 0
         var keys = CompletedKeys(expected: count, minimumBits: minimumBits)
-        let rows = try Row.fetchCursor(db, sql: "SELECT handler, key FROM claim WHERE state = 'completed'")
+        let rows = try Row.fetchCursor(db, sql: "SELECT handler, key FROM completion WHERE idx = -1")
         while let row = try rows.next() { keys.insert(row[0], row[1]) }
         return keys
+    }
+
+    /// The lowest rowid an unpublished outbox entry can have: the oldest one in the file, or past the last row.
+    private static func firstUnpublishedRow(_ db: Database) throws -> Int64 {
+        try Int64.fetchOne(
+            db,
+            sql: """
+                SELECT coalesce(min(rowid), (SELECT coalesce(max(rowid), 0) + 1 FROM completion))
+                FROM completion WHERE published = 0
+                """) ?? 1
     }
 
     public func claim(handler: String, key: String, owner: String, lease: Duration) async throws -> LedgerClaim {
@@ -236,9 +292,7 @@ public final class SQLiteLedger: IdempotencyLedger {
     private func readCompleted(_ requests: [ClaimRequest]) async throws -> [[OutboxMessage]?] {
         try await writes.run { db in
             try requests.map { r in
-                let state = try Raw.text(
-                    db, "SELECT state FROM claim WHERE handler = ? AND key = ?", [.text(r.handler), .text(r.key)])
-                guard state == "completed" else { return nil }
+                guard try Self.isCompleted(db, handler: r.handler, key: r.key) else { return nil }
                 return try Self.unpublishedOutbox(db, handler: r.handler, key: r.key)
             }
         }
@@ -298,38 +352,40 @@ public final class SQLiteLedger: IdempotencyLedger {
         _ r: CompletionRequest, holding attempts: Int?, attributes: [String], now: Double, _ db: Database
     ) throws -> LedgerCompletion {
         if let attempts {
+            // The key's row, then its outbox entries: consecutive rows, so they share the table's last page.
             try Raw.run(
                 db,
                 """
-                INSERT INTO claim (handler, key, state, attempts, completed_at) VALUES (?, ?, 'completed', ?, ?)
-                ON CONFLICT (handler, key) DO UPDATE
-                SET state = 'completed', owner = NULL, lease_expires = NULL, attempts = excluded.attempts,
-                    completed_at = excluded.completed_at
-                WHERE claim.state = 'claimed'
-                """, [.text(r.handler), .text(r.key), .int(attempts), .real(now)])
+                INSERT INTO completion (handler, key, idx, completed_at, published, attempts) VALUES (?, ?, -1, ?, 1, ?)
+                ON CONFLICT DO NOTHING
+                """, [.text(r.handler), .text(r.key), .real(now), .int(attempts)])
             if db.changesCount == 1 {
                 for (message, attributes) in zip(r.outbox, attributes) {
                     try Raw.run(
                         db,
                         """
-                        INSERT INTO outbox (handler, key, idx, exchange, routing_key, attributes, data, committed_at)
-                        VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                        INSERT INTO completion
+                            (handler, key, idx, completed_at, published, exchange, routing_key, attributes, data)
+                        VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)
                         """,
                         [
-                            .text(r.handler), .text(r.key), .int(message.index), .text(message.exchange),
-                            .text(message.routingKey), .text(attributes), .blob(message.envelope.data), .real(now),
+                            .text(r.handler), .text(r.key), .int(message.index), .real(now), .text(message.exchange),
+                            .text(message.routingKey), .text(attributes), .blob(message.envelope.data),
                         ])
                 }
                 return .committed
             }
         }
-        let state = try String.fetchOne(
-            db.cachedStatement(sql: "SELECT state FROM claim WHERE handler = ? AND key = ?"),
-            arguments: [r.handler, r.key])
-        if state == "completed" {
+        if try isCompleted(db, handler: r.handler, key: r.key) {
             return .alreadyCompleted(unpublished: try unpublishedOutbox(db, handler: r.handler, key: r.key))
         }
         return .leaseLost
+    }
+
+    private static func isCompleted(_ db: Database, handler: String, key: String) throws -> Bool {
+        try Raw.text(
+            db, "SELECT 'yes' FROM completion WHERE handler = ? AND key = ? AND idx = -1", [.text(handler), .text(key)]
+        ) != nil
     }
 
     public func markPublished(handler: String, key: String, indexes: [Int]) async throws {
@@ -343,7 +399,10 @@ public final class SQLiteLedger: IdempotencyLedger {
                 for index in e.indexes {
                     try Raw.run(
                         db,
-                        "UPDATE outbox SET published = 1 WHERE handler = ? AND key = ? AND idx = ? AND published = 0",
+                        """
+                        UPDATE completion SET published = 1
+                        WHERE handler = ? AND key = ? AND idx = ? AND published = 0
+                        """,
                         [.text(e.handler), .text(e.key), .int(index)])
                 }
             }
@@ -363,44 +422,79 @@ public final class SQLiteLedger: IdempotencyLedger {
         leases.withLock { leases in
             for id in leases.keys where id.handler == handler { leases[id]?.owner = nil }
         }
-        // Files written by versions that kept leases in the file.
-        try await pool.write { db in
-            try db.execute(
-                sql: "UPDATE claim SET owner = NULL, lease_expires = NULL WHERE handler = ? AND state = 'claimed'",
-                arguments: [handler])
-        }
     }
 
     public func prune(completedBefore date: Date) async throws -> Int {
         let cutoff = date.timeIntervalSince1970
         // Claim counts of keys released and never completed (dead-lettered): nothing holds them any more.
         leases.withLock { leases in leases = leases.filter { $0.value.owner != nil } }
-        return try await pool.write { db in
-            // Rows are in commit order (rowid): the old ones are those before the first row committed since
-            // the cutoff, found by reading from the oldest row (no index needed; the rows read are the ones
-            // deleted). A clock that stepped back only keeps a row longer.
-            try db.execute(
-                sql: """
-                    DELETE FROM outbox WHERE published = 1 AND rowid < coalesce(
-                        (SELECT rowid FROM outbox WHERE committed_at >= ? ORDER BY rowid LIMIT 1),
-                        (SELECT max(rowid) + 1 FROM outbox))
-                    """, arguments: [cutoff])
-            try db.execute(
-                sql: """
-                    DELETE FROM claim WHERE state = 'completed' AND completed_at < ?
-                        AND NOT EXISTS (
-                            SELECT 1 FROM outbox o
-                            WHERE o.handler = claim.handler AND o.key = claim.key AND o.published = 0)
-                    """, arguments: [cutoff])
-            return db.changesCount
+        // Rows are in commit order (rowid): the old ones are those before the first row committed since the
+        // cutoff, found by reading from the oldest row (no index needed; the rows read are the ones deleted).
+        // A clock that stepped back only keeps a row longer.
+        let (first, end) = try await pool.read { db in
+            (
+                try Int64.fetchOne(db, sql: "SELECT coalesce(min(rowid), 1) FROM completion") ?? 1,
+                try Int64.fetchOne(
+                    db,
+                    sql: """
+                        SELECT coalesce(
+                            (SELECT rowid FROM completion WHERE completed_at >= ? ORDER BY rowid LIMIT 1),
+                            (SELECT coalesce(max(rowid), 0) + 1 FROM completion))
+                        """, arguments: [cutoff]) ?? 1
+            )
         }
+        // In chunks, so that commits wait for one chunk at most.
+        var pruned = 0
+        var next = first
+        while next < end {
+            let low = next
+            let high = min(end, low + Self.pruneChunk)
+            let (keys, following) = try await pool.write { db -> (Int, Int64) in
+                // A key goes once all its outbox entries are published; then its entries, left without it.
+                try db.execute(
+                    sql: """
+                        DELETE FROM completion WHERE rowid >= ? AND rowid < ? AND idx = -1
+                            AND NOT EXISTS (
+                                SELECT 1 FROM completion e
+                                WHERE e.handler = completion.handler AND e.key = completion.key AND e.idx >= 0
+                                    AND e.published = 0)
+                        """, arguments: [low, high])
+                let keys = db.changesCount
+                try db.execute(
+                    sql: """
+                        DELETE FROM completion WHERE rowid >= ? AND rowid < ? AND idx >= 0 AND published = 1
+                            AND NOT EXISTS (
+                                SELECT 1 FROM completion c
+                                WHERE c.handler = completion.handler AND c.key = completion.key AND c.idx = -1)
+                        """, arguments: [low, high])
+                // The next row added gets the rowid after the last one left: an entry added then is still read.
+                let added = try Int64.fetchOne(db, sql: "SELECT coalesce(max(rowid), 0) + 1 FROM completion") ?? 1
+                self.firstUnpublishedRow.withLock { $0 = min($0, added) }
+                // Past rows kept (entries still to publish), to the next row there is.
+                let following = try Int64.fetchOne(
+                    db, sql: "SELECT coalesce(min(rowid), ?) FROM completion WHERE rowid >= ?", arguments: [end, high])
+                return (keys, following ?? end)
+            }
+            pruned += keys
+            next = following
+        }
+        return pruned
     }
 
+    /// Rows removed per transaction by ``prune(completedBefore:)``.
+    static let pruneChunk: Int64 = 5000
+
     public func unpublished(handler: String, limit: Int) async throws -> [PendingOutbox] {
-        try await pool.read { db in
+        let from = firstUnpublishedRow.withLock { $0 }
+        return try await pool.read { db in
+            // NOT INDEXED: read the rows from `from` on, not every row of the handler through the index.
             let keys = try String.fetchAll(
-                db, sql: "SELECT DISTINCT key FROM outbox WHERE handler = ? AND published = 0 ORDER BY key LIMIT ?",
-                arguments: [handler, limit])
+                db,
+                sql: """
+                    SELECT key FROM completion NOT INDEXED
+                    WHERE rowid >= ? AND handler = ? AND idx >= 0 AND published = 0
+                    GROUP BY key ORDER BY min(rowid) LIMIT ?
+                    """, arguments: [from, handler, limit])
             return try keys.map {
                 PendingOutbox(key: $0, messages: try Self.unpublishedOutbox(db, handler: handler, key: $0))
             }
@@ -413,17 +507,14 @@ public final class SQLiteLedger: IdempotencyLedger {
 
     /// Whether a key is completed or claimed, and how many times it was claimed; for tests.
     public func status(handler: String, key: String) async throws -> (state: String, attempts: Int)? {
-        let stored = try await pool.read { db -> (state: String, attempts: Int)? in
-            guard
-                let row = try Row.fetchOne(
-                    db, sql: "SELECT state, attempts FROM claim WHERE handler = ? AND key = ?",
-                    arguments: [handler, key])
-            else { return nil }
-            return (row["state"], row["attempts"])
+        let completed = try await pool.read { db in
+            try Int.fetchOne(
+                db, sql: "SELECT attempts FROM completion WHERE handler = ? AND key = ? AND idx = -1",
+                arguments: [handler, key])
         }
-        if let stored, stored.state == "completed" { return stored }
+        if let completed { return ("completed", completed) }
         let lease = leases.withLock { $0[LeaseID(handler: handler, key: key)] }
-        return lease.map { ("claimed", $0.attempts) } ?? stored
+        return lease.map { ("claimed", $0.attempts) }
     }
 
     /// A completed key's outbox entries not yet recorded as published, in emit order.
@@ -431,8 +522,8 @@ public final class SQLiteLedger: IdempotencyLedger {
         let rows = try Row.fetchAll(
             db.cachedStatement(
                 sql: """
-                    SELECT idx, exchange, routing_key, attributes, data FROM outbox
-                    WHERE handler = ? AND key = ? AND published = 0 ORDER BY idx
+                    SELECT idx, exchange, routing_key, attributes, data FROM completion
+                    WHERE handler = ? AND key = ? AND idx >= 0 AND published = 0 ORDER BY idx
                     """), arguments: [handler, key])
         return try rows.map { row in
             var envelope = try decodeAttributes(row["attributes"])

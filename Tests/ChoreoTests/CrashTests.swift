@@ -59,7 +59,7 @@ struct CrashTests {
             within: 30,
             {
                 (try? DatabaseQueue(path: ledger).read { db in
-                    try Int.fetchOne(db, sql: "SELECT count(*) FROM outbox WHERE handler = 'ping' AND published = 0")
+                    try Int.fetchOne(db, sql: "SELECT count(*) FROM completion WHERE handler = 'ping' AND idx >= 0 AND published = 0")
                 }) ?? -1
             },
             until: { $0 == 0 })

@@ -354,6 +354,94 @@ struct SQLiteLedgerTests {
         #expect(try await l.status(handler: "h", key: "half")?.state == "completed", "its outbox is not all published")
     }
 
+    @Test("a ledger file of the third schema is migrated: completed keys, attempts, unpublished entries in order")
+    func migratesVersionThree() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "ledger-v3-\(UUID().uuidString).sqlite")
+        let attributes = try #require(
+            String(
+                data: try JSONEncoder().encode(["id": "out", "source": "s", "type": "test.pong"]), encoding: .utf8)
+        )
+        .replacingOccurrences(of: "}", with: ",\"dataVersion\":1,\"extensions\":{}}")
+        let queue = try DatabaseQueue(path: path.path)
+        try await queue.write { db in
+            // As the third version left it; 'c' committed before 'a' by its time, after it by its rowid.
+            try db.execute(
+                sql: """
+                    CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY);
+                    INSERT INTO grdb_migrations VALUES ('v1'), ('v2'), ('v3');
+                    CREATE TABLE claim (
+                        handler TEXT NOT NULL, key TEXT NOT NULL,
+                        state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
+                        owner TEXT, lease_expires REAL, attempts INTEGER NOT NULL DEFAULT 0, completed_at REAL,
+                        PRIMARY KEY (handler, key)) WITHOUT ROWID;
+                    CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
+                    CREATE TABLE outbox (
+                        handler TEXT NOT NULL, key TEXT NOT NULL, idx INTEGER NOT NULL, exchange TEXT NOT NULL,
+                        routing_key TEXT NOT NULL, attributes TEXT NOT NULL, data BLOB NOT NULL,
+                        published INTEGER NOT NULL DEFAULT 0, committed_at REAL NOT NULL);
+                    CREATE INDEX outbox_unpublished ON outbox(handler, key, idx) WHERE published = 0;
+                    INSERT INTO claim VALUES ('h', 'a', 'completed', NULL, NULL, 2, 200);
+                    INSERT INTO claim VALUES ('h', 'b', 'completed', NULL, NULL, 1, 300);
+                    INSERT INTO claim VALUES ('h', 'c', 'completed', NULL, NULL, 1, 100);
+                    INSERT INTO claim VALUES ('g', 'a', 'completed', NULL, NULL, 1, 100);
+                    INSERT INTO claim VALUES ('h', 'x', 'claimed', 'old-owner', 9e12, 3, NULL);
+                    """)
+            for (key, idx, published, at) in [("a", 0, 1, 200.0), ("a", 1, 0, 200), ("a", 2, 0, 200), ("c", 0, 0, 100)]
+            {
+                try db.execute(
+                    sql: "INSERT INTO outbox VALUES ('h', ?, ?, 'x', 'test.pong', ?, ?, ?, ?)",
+                    arguments: [key, idx, attributes, Data("{\"n\":\(idx)}".utf8), published, at])
+            }
+        }
+        try queue.close()
+        let l = try SQLiteLedger(path: path.path)
+        let pending = try await l.unpublished(handler: "h", limit: 10)
+        #expect(pending.map(\.key) == ["c", "a"], "in commit order")
+        #expect(pending.map { $0.messages.map(\.index) } == [[0], [1, 2]])
+        #expect(
+            pending.last?.messages.map { String(decoding: $0.envelope.data, as: UTF8.self) } == [
+                "{\"n\":1}", "{\"n\":2}",
+            ])
+        #expect(try await l.status(handler: "h", key: "a")?.attempts == 2)
+        #expect(
+            try await l.claim(handler: "h", key: "b", owner: "o", lease: .seconds(9)) == .completed(unpublished: []))
+        #expect(
+            try await l.claim(handler: "g", key: "a", owner: "o", lease: .seconds(9)) == .completed(unpublished: []))
+        #expect(try await l.claim(handler: "h", key: "x", owner: "o", lease: .seconds(9)) == .claimed(attempts: 1))
+        let tables = try await DatabaseQueue(path: path.path).read { db in
+            try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        }
+        #expect(tables == ["completion", "grdb_migrations"])
+        // Before 250: 'c' and 'a' wait for their publishes; 'g'/'a' goes.
+        #expect(try await l.prune(completedBefore: Date(timeIntervalSince1970: 250)) == 1)
+        try await l.markPublished(handler: "h", key: "a", indexes: [1, 2])
+        #expect(try await l.unpublished(handler: "h", limit: 10).map(\.key) == ["c"])
+        #expect(try await l.prune(completedBefore: Date(timeIntervalSince1970: 250)) == 1)
+        #expect(try await l.status(handler: "h", key: "a") == nil)
+        #expect(try await l.status(handler: "h", key: "c")?.state == "completed")
+        #expect(try await l.status(handler: "h", key: "b")?.state == "completed")
+    }
+
+    @Test("an outbox entry committed after a prune emptied the file is still found unpublished")
+    func unpublishedAfterPruneToEmpty() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        do {
+            let l = try SQLiteLedger(path: path.path)
+            for key in ["k1", "k2"] {
+                _ = try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60))
+                _ = try await l.complete(handler: "h", key: key, owner: "a", outbox: try outbox(1))
+                try await l.markPublished(handler: "h", key: key, indexes: [0])
+            }
+        }  // reopened: nothing unpublished, so reads of unpublished entries start past the last row
+        let l = try SQLiteLedger(path: path.path)
+        #expect(try await l.prune(completedBefore: Date().addingTimeInterval(1)) == 2)
+        _ = try await l.claim(handler: "h", key: "k3", owner: "a", lease: .seconds(60))
+        _ = try await l.complete(handler: "h", key: "k3", owner: "a", outbox: try outbox(2))
+        let pending = try await l.unpublished(handler: "h", limit: 10)
+        #expect(pending.map(\.key) == ["k3"] && pending.first?.messages.map(\.index) == [0, 1])
+    }
+
     @Test("pruning removes old completed keys whose outbox is published, and keeps the rest")
     func pruning() async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
@@ -385,7 +473,7 @@ struct SQLiteLedgerTests {
 
     private func outboxKeys(_ path: URL) throws -> [String] {
         try DatabaseQueue(path: path.path).read { db in
-            try String.fetchAll(db, sql: "SELECT key FROM outbox ORDER BY key")
+            try String.fetchAll(db, sql: "SELECT key FROM completion WHERE idx >= 0 ORDER BY key")
         }
     }
 }
