@@ -471,6 +471,28 @@ struct SQLiteLedgerTests {
         #expect(try outboxKeys(path) == ["unpublished"])
     }
 
+    @Test("pruning works through a large file in chunks, keeping only the keys whose outbox waits to be published")
+    func pruningInChunks() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        let l = try SQLiteLedger(path: path.path)
+        let keys = (0..<2_500).map { "k\($0)" }
+        _ = try await l.claim(keys.map { ClaimRequest(handler: "h", key: $0, owner: "a") }, lease: .seconds(60))
+        let one = try outbox(1)
+        let results = try await l.complete(
+            keys.map { CompletionRequest(handler: "h", key: $0, owner: "a", outbox: $0 == "k7" ? [] : one) })
+        #expect(results.allSatisfy { $0 == .committed })
+        let waiting: Set = ["k1300", "k2499"]
+        try await l.markPublished(
+            keys.filter { !waiting.contains($0) }.map { PublishedEntries(handler: "h", key: $0, indexes: [0]) })
+        #expect(2 * keys.count - 1 > Int(SQLiteLedger.pruneChunk) * 4, "rows for several chunks")
+        #expect(try await l.prune(completedBefore: Date().addingTimeInterval(1)) == keys.count - waiting.count)
+        #expect(Set(try outboxKeys(path)) == waiting)
+        #expect(Set(try await l.unpublished(handler: "h", limit: 10).map(\.key)) == waiting)
+        for key in ["k0", "k7", "k1299", "k1301", "k2498"] {
+            #expect(try await l.status(handler: "h", key: key) == nil, "\(key) is pruned")
+        }
+    }
+
     private func outboxKeys(_ path: URL) throws -> [String] {
         try DatabaseQueue(path: path.path).read { db in
             try String.fetchAll(db, sql: "SELECT key FROM completion WHERE idx >= 0 ORDER BY key")
