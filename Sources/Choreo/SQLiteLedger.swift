@@ -182,7 +182,8 @@ public final class SQLiteLedger: IdempotencyLedger {
         // completion writes two pages where it wrote four (the key's rows share the table's last page, its
         // index entries one leaf), and recording a confirm one where it wrote two: each checkpoint has half
         // as much to flush, half as often. Leases the first version kept in the file are dropped: they are
-        // void at start anyway.
+        // void at start anyway. So are published entries whose key was pruned without them (v3 pruned the
+        // two tables separately): left in, they would collide with a new completion of that key.
         migrator.registerMigration("v4") { db in
             try db.execute(
                 sql: """
@@ -207,7 +208,10 @@ public final class SQLiteLedger: IdempotencyLedger {
                         UNION ALL
                         SELECT handler, key, idx, committed_at AS at, published, NULL, exchange, routing_key,
                             attributes, data
-                            FROM outbox)
+                            FROM outbox o
+                            WHERE published = 0 OR EXISTS (
+                                SELECT 1 FROM claim c
+                                WHERE c.handler = o.handler AND c.key = o.key AND c.state = 'completed'))
                     ORDER BY at, handler, key, idx;
                     DROP TABLE claim;
                     DROP TABLE outbox;
@@ -448,8 +452,16 @@ public final class SQLiteLedger: IdempotencyLedger {
         var next = first
         while next < end, !Task.isCancelled {
             let low = next
-            let high = min(end, low + Self.pruneChunk)
             let (keys, following) = try await pool.write { db -> (Int, Int64) in
+                // To a key's first row, so that no key is split between two chunks.
+                let high =
+                    try Int64.fetchOne(
+                        db,
+                        sql: """
+                            SELECT min(coalesce(
+                                (SELECT rowid FROM completion WHERE rowid >= ? AND idx = -1 ORDER BY rowid LIMIT 1),
+                                ?), ?)
+                            """, arguments: [low + Self.pruneChunk, end, end]) ?? end
                 // A key goes once all its outbox entries are published; then its entries, left without it.
                 try db.execute(
                     sql: """

@@ -387,8 +387,10 @@ struct SQLiteLedgerTests {
                     INSERT INTO claim VALUES ('g', 'a', 'completed', NULL, NULL, 1, 100);
                     INSERT INTO claim VALUES ('h', 'x', 'claimed', 'old-owner', 9e12, 3, NULL);
                     """)
-            for (key, idx, published, at) in [("a", 0, 1, 200.0), ("a", 1, 0, 200), ("a", 2, 0, 200), ("c", 0, 0, 100)]
-            {
+            // 'gone': pruned from `claim` while its published entry stayed (v3 pruned the two tables separately).
+            for (key, idx, published, at) in [
+                ("a", 0, 1, 200.0), ("a", 1, 0, 200), ("a", 2, 0, 200), ("c", 0, 0, 100), ("gone", 0, 1, 50),
+            ] {
                 try db.execute(
                     sql: "INSERT INTO outbox VALUES ('h', ?, ?, 'x', 'test.pong', ?, ?, ?, ?)",
                     arguments: [key, idx, attributes, Data("{\"n\":\(idx)}".utf8), published, at])
@@ -413,6 +415,10 @@ struct SQLiteLedgerTests {
             try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
         }
         #expect(tables == ["completion", "grdb_migrations"])
+        #expect(try outboxKeys(path) == ["a", "a", "a", "c"], "the entry left without its key is dropped")
+        #expect(try await l.claim(handler: "h", key: "gone", owner: "o", lease: .seconds(9)) == .claimed(attempts: 1))
+        #expect(try await l.complete(handler: "h", key: "gone", owner: "o", outbox: try outbox(1)) == .committed)
+        try await l.markPublished(handler: "h", key: "gone", indexes: [0])
         // Before 250: 'c' and 'a' wait for their publishes; 'g'/'a' goes.
         #expect(try await l.prune(completedBefore: Date(timeIntervalSince1970: 250)) == 1)
         try await l.markPublished(handler: "h", key: "a", indexes: [1, 2])
