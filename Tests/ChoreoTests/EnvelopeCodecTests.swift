@@ -311,12 +311,7 @@ struct SQLiteLedgerTests {
                 sql: """
                     CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY);
                     INSERT INTO grdb_migrations VALUES ('v1');
-                    CREATE TABLE claim (
-                        handler TEXT NOT NULL, key TEXT NOT NULL,
-                        state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
-                        owner TEXT, lease_expires REAL, attempts INTEGER NOT NULL DEFAULT 0, completed_at REAL,
-                        PRIMARY KEY (handler, key)) WITHOUT ROWID;
-                    CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
+                    \(Self.claimTable)
                     CREATE TABLE outbox (
                         handler TEXT NOT NULL, key TEXT NOT NULL, idx INTEGER NOT NULL, exchange TEXT NOT NULL,
                         routing_key TEXT NOT NULL, attributes TEXT NOT NULL, data BLOB NOT NULL,
@@ -370,12 +365,7 @@ struct SQLiteLedgerTests {
                 sql: """
                     CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY);
                     INSERT INTO grdb_migrations VALUES ('v1'), ('v2'), ('v3');
-                    CREATE TABLE claim (
-                        handler TEXT NOT NULL, key TEXT NOT NULL,
-                        state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
-                        owner TEXT, lease_expires REAL, attempts INTEGER NOT NULL DEFAULT 0, completed_at REAL,
-                        PRIMARY KEY (handler, key)) WITHOUT ROWID;
-                    CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
+                    \(Self.claimTable)
                     CREATE TABLE outbox (
                         handler TEXT NOT NULL, key TEXT NOT NULL, idx INTEGER NOT NULL, exchange TEXT NOT NULL,
                         routing_key TEXT NOT NULL, attributes TEXT NOT NULL, data BLOB NOT NULL,
@@ -498,6 +488,16 @@ struct SQLiteLedgerTests {
             #expect(try await l.status(handler: "h", key: key) == nil, "\(key) is pruned")
         }
     }
+
+    /// The `claim` table as schema versions 1 to 3 had it.
+    private static let claimTable = """
+        CREATE TABLE claim (
+            handler TEXT NOT NULL, key TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('claimed', 'completed')),
+            owner TEXT, lease_expires REAL, attempts INTEGER NOT NULL DEFAULT 0, completed_at REAL,
+            PRIMARY KEY (handler, key)) WITHOUT ROWID;
+        CREATE INDEX claim_completed_at ON claim(completed_at) WHERE state = 'completed';
+        """
 
     private func outboxKeys(_ path: URL) throws -> [String] {
         try DatabaseQueue(path: path.path).read { db in
