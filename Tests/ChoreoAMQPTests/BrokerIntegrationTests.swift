@@ -8,10 +8,7 @@ struct BrokerIntegrationTests {
     func roundTripOfEveryHeaderType() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("roundtrip")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "roundtrip")
 
         let headers: AMQPTable = [
             "bool": .bool(true), "i8": .int8(-8), "u8": .uint8(200), "i16": .int16(-16_000), "u16": .uint16(60_000),
@@ -46,10 +43,7 @@ struct BrokerIntegrationTests {
     func bodiesAcrossFramesAndChangingHeaders() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("frames")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "frames")
 
         // The negotiated frame size is 131,072 bytes; a body frame carries 8 bytes less.
         let sizes = [0, 1, 131_063, 131_064, 131_065, 131_072, 3 * 131_064 + 5, 1 << 20]
@@ -281,10 +275,7 @@ struct BrokerIntegrationTests {
     func heartbeatsFlowWhileApplicationBlocks() async throws {
         let connection = try await TestBroker.connect(heartbeat: .seconds(1))
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("heartbeat")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "heartbeat")
         _ = await channel.publish(contentsOf: [.toQueue(queue, "slow"), .toQueue(queue, "after")])
 
         let consumer = try await channel.consume(queue: queue)

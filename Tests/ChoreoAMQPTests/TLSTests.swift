@@ -16,10 +16,7 @@ struct TLSTests {
         #expect(config.tls?.verifyPeer == true && config.tls?.verifyHostname == true)
         let connection = try await AMQPConnection.connect(to: config)
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("tls")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "tls")
         try await channel.publish(.toQueue(queue, "over TLS"))
         let consumer = try await channel.consume(queue: queue)
         var iterator = consumer.makeAsyncIterator()

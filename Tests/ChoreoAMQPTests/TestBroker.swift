@@ -44,6 +44,17 @@ enum TestBroker {
     static func uniqueName(_ prefix: String) -> String {
         "test.\(prefix).\(UUID().uuidString.prefix(8).lowercased())"
     }
+
+    /// A channel on `connection` with publisher confirms on, and a new exclusive queue named from `prefix`.
+    static func confirmingChannel(on connection: AMQPConnection, queue prefix: String) async throws -> (
+        channel: AMQPChannel, queue: String
+    ) {
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = uniqueName(prefix)
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        return (channel, queue)
+    }
 }
 
 extension AMQPOutgoingMessage {

@@ -12,10 +12,7 @@ struct ThreadHandOffTests {
     func publishWrittenByCaller() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("caller-writes")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "caller-writes")
 
         // The thread may wake between the check and the publish (a heartbeat check, a frame): then the publish
         // is handed over as before. Some of a few attempts find it asleep.
@@ -44,10 +41,7 @@ struct ThreadHandOffTests {
     func fullSocketLeftToThread() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("full-socket")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "full-socket")
 
         // A body larger than the socket's buffer and the broker's receive buffer together (4 + 32 MiB at
         // most here), from 1 MiB of pattern and a distinct last byte.
@@ -110,10 +104,7 @@ struct ThreadHandOffTests {
     func executorRunsOnConnectionThread() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let channel = try await connection.openChannel()
-        try await channel.enableConfirms()
-        let queue = TestBroker.uniqueName("executor")
-        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "executor")
         _ = await channel.publish(contentsOf: [.toQueue(queue, "one"), .toQueue(queue, "two")])
 
         let loop = connection.loop
