@@ -221,7 +221,7 @@ public final class SQLiteLedger: IdempotencyLedger {
         try migrator.migrate(pool)
         // Built at start from the file (under two seconds per million keys kept).
         let (keys, firstUnpublished) = try pool.read { db in
-            (try loadCompletedKeys(db, minimumBits: filterMinimumBits), try firstUnpublishedRow(db))
+            (try loadCompletedKeys(db, minimumBits: filterMinimumBits), try readFirstUnpublishedRow(db))
         }
         return (pool, keys, firstUnpublished)
     }
@@ -235,7 +235,7 @@ public final class SQLiteLedger: IdempotencyLedger {
     }
 
     /// The lowest rowid an unpublished outbox entry can have: the oldest one in the file, or past the last row.
-    private static func firstUnpublishedRow(_ db: Database) throws -> Int64 {
+    private static func readFirstUnpublishedRow(_ db: Database) throws -> Int64 {
         try Int64.fetchOne(
             db,
             sql: """
