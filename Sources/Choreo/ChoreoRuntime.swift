@@ -205,11 +205,13 @@ public final class ChoreoRuntime: Service, Sendable {
             await leases.run(ledger: ledger, lease: lease, logger: logger)
         }
         defer { keeper.cancel() }
+        // A lone delivery is handled on the consumer connection's thread, which read it, and its confirm
+        // recorded and acknowledged on the publisher connection's thread, which read that (see
+        // `ConnectionExecutor`): no thread wake-up between the socket and the handler, nor for the record.
+        let executor = consumerConnection.executor.including(publisherConnection)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for (runner, consumer, concurrency) in started {
-                // A lone delivery is handled on the consumer connection's thread, which read it (see
-                // `ConnectionExecutor`): no thread wake-up between the socket and the handler.
-                group.addTask(executorPreference: consumerConnection.executor) {
+                group.addTask(executorPreference: executor) {
                     try await self.consume(consumer, with: runner, concurrency: concurrency)
                 }
             }

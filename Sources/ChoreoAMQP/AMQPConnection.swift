@@ -34,7 +34,7 @@ public final class AMQPConnection: Sendable {
         self.configuration = configuration
         self.loop = loop
         self.logger = logger
-        executor = ConnectionExecutor(loop: loop)
+        executor = ConnectionExecutor(loops: [loop])
     }
 
     deinit {

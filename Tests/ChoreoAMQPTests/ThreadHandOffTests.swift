@@ -100,7 +100,9 @@ struct ThreadHandOffTests {
         #expect(smalls.count == 150)
     }
 
-    @Test("a task preferring the connection's executor runs on its thread, and on the pool after a long stretch")
+    @Test(
+        "a task preferring the connection's executor runs on its thread, and on the pool for a second after a stretch that used over a millisecond of CPU or waited over 50 ms"
+    )
     func executorRunsOnConnectionThread() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
@@ -116,9 +118,14 @@ struct ThreadHandOffTests {
             let first = try await consumer.next(max: 1)
             onLoop.append(loop.isCurrentThread)
             try first?.first?.ack()
-            // A stretch longer than a millisecond on that thread sends what follows to the pool for a second:
-            // the first yield was queued during the stretch, the second comes after it.
+            // 5 ms off the CPU (as when the thread is preempted) is not a long stretch: still on the thread.
             usleep(5000)
+            await Task.yield()
+            onLoop.append(loop.isCurrentThread)
+            // 5 ms of CPU is: what follows goes to the pool for a second. The first yield was queued during
+            // the stretch, the second comes after it.
+            let cpu = IOLoop.threadCPUTime()
+            while IOLoop.threadCPUTime() - cpu < .milliseconds(5) {}
             await Task.yield()
             await Task.yield()
             onLoop.append(loop.isCurrentThread)
@@ -126,9 +133,40 @@ struct ThreadHandOffTests {
             onLoop.append(loop.isCurrentThread)
             try second?.first?.ack()
             #expect(String(decoding: second?.first?.body ?? Data(), as: UTF8.self) == "two")
+            // A second later the pause is over: a confirm (read by the connection's thread) resumes the task there.
+            try await Task.sleep(for: .milliseconds(1100))
+            try await channel.publish(.toQueue(queue, "three"))
+            onLoop.append(loop.isCurrentThread)
+            // A wait over 50 ms counts, CPU or not.
+            usleep(60_000)
+            await Task.yield()
+            await Task.yield()
+            onLoop.append(loop.isCurrentThread)
             return onLoop
         }
-        #expect(threads == [true, false, false])
+        #expect(threads == [true, true, false, false, true, false])
+    }
+
+    @Test("an executor including a second connection runs there what that connection's thread wakes up")
+    func executorIncludesSecondConnection() async throws {
+        let consuming = try await TestBroker.connect()
+        let publishing = try await TestBroker.connect()
+        defer {
+            Task {
+                await consuming.close()
+                await publishing.close()
+            }
+        }
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: publishing, queue: "including")
+        // Resumed by a confirm, which the publishing connection's thread reads.
+        func confirmedOnPublishingThread(_ executor: ConnectionExecutor) async throws -> Bool {
+            try await withTaskExecutorPreference(executor) { () async throws -> Bool in
+                try await channel.publish(.toQueue(queue, "x"))
+                return publishing.loop.isCurrentThread
+            }
+        }
+        #expect(try await confirmedOnPublishingThread(consuming.executor) == false)
+        #expect(try await confirmedOnPublishingThread(consuming.executor.including(publishing)) == true)
     }
 }
 
