@@ -237,12 +237,11 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// The lowest rowid an unpublished outbox entry can have: the oldest one in the file, or past the last row.
     private static func readFirstUnpublishedRow(_ db: Database) throws -> Int64 {
         try Int64.fetchOne(
-            db,
-            sql: """
-                SELECT coalesce(min(rowid), (SELECT coalesce(max(rowid), 0) + 1 FROM completion))
-                FROM completion WHERE published = 0
-                """) ?? 1
+            db, sql: "SELECT coalesce(min(rowid), (\(nextRowid))) FROM completion WHERE published = 0") ?? 1
     }
+
+    /// The rowid the next row added gets (the table has no AUTOINCREMENT: one past the last row).
+    private static let nextRowid = "SELECT coalesce(max(rowid), 0) + 1 FROM completion"
 
     public func claim(handler: String, key: String, owner: String, lease: Duration) async throws -> LedgerClaim {
         try await claim([ClaimRequest(handler: handler, key: key, owner: owner)], lease: lease)[0]
@@ -443,7 +442,7 @@ public final class SQLiteLedger: IdempotencyLedger {
                     sql: """
                         SELECT coalesce(
                             (SELECT rowid FROM completion WHERE completed_at >= ? ORDER BY rowid LIMIT 1),
-                            (SELECT coalesce(max(rowid), 0) + 1 FROM completion))
+                            (\(Self.nextRowid)))
                         """, arguments: [cutoff]) ?? 1
             )
         }
@@ -480,7 +479,7 @@ public final class SQLiteLedger: IdempotencyLedger {
                                 WHERE c.handler = completion.handler AND c.key = completion.key AND c.idx = -1)
                         """, arguments: [low, high])
                 // The next row added gets the rowid after the last one left: an entry added then is still read.
-                let added = try Int64.fetchOne(db, sql: "SELECT coalesce(max(rowid), 0) + 1 FROM completion") ?? 1
+                let added = try Int64.fetchOne(db, sql: Self.nextRowid) ?? 1
                 self.firstUnpublishedRow.withLock { $0 = min($0, added) }
                 // Past rows kept (entries still to publish), to the next row there is.
                 let following = try Int64.fetchOne(
