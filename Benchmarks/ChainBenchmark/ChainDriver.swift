@@ -254,6 +254,8 @@ func startChoreoHop(
         "hop", role, "--url", url, "--exchange", exchange, "--ledger", ledger.path,
         "--concurrency", String(chainInFlight),
     ]
+    // For comparing ack delays (RunnerConfiguration.ackDelay): CHAIN_ACK_DELAY=MS.
+    if let ms = ProcessInfo.processInfo.environment["CHAIN_ACK_DELAY"] { p.arguments! += ["--ack-delay", ms] }
     var env = ProcessInfo.processInfo.environment.merging(environment) { $1 }
     env["CHOREO_LOG_LEVEL"] = "warning"
     p.environment = env

@@ -19,7 +19,7 @@ import ServiceLifecycle
 /// ```
 ///
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
-/// `--concurrency`, `--prefetch`, `--exchange`, `--delivery-limit`, `--log-level`, `--manifest` (print the
+/// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--log-level`, `--manifest` (print the
 /// handler manifest as JSON and exit), `--check` (test broker and ledger reachability and exit) and `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0.
 public enum Choreo {
@@ -72,6 +72,8 @@ struct RunnerOptions: ParsableArguments {
     var concurrency: Int?
     @Option(help: "Unacknowledged deliveries per handler (default 2 x concurrency).")
     var prefetch: Int?
+    @Option(help: "Milliseconds a handled delivery's ack may wait to go out with others; 0 acks at once (default 20).")
+    var ackDelay: Int?
     @Option(help: "The mesh's topic exchange (default choreo.events).")
     var exchange: String?
     @Option(
@@ -93,6 +95,7 @@ struct RunnerOptions: ParsableArguments {
         c.ledgerPath = ledger ?? env["CHOREO_LEDGER"]
         if let concurrency { c.concurrency = concurrency }
         c.prefetch = prefetch
+        if let ackDelay { c.ackDelay = .milliseconds(ackDelay) }
         if let exchange { c.exchange = exchange }
         if let deliveryLimit { c.deliveryLimit = deliveryLimit }
         if let maxBodyBytes { c.maxBodyBytes = maxBodyBytes }

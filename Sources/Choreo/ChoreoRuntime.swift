@@ -183,7 +183,10 @@ public final class ChoreoRuntime: Service, Sendable {
             let queues = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
             let channel = try await consumerConnection.openChannel()
             let concurrency = h.concurrency ?? configuration.concurrency
-            try await channel.setPrefetch(UInt16(clamping: max(configuration.resolvedPrefetch, concurrency)))
+            let prefetch = max(configuration.resolvedPrefetch, concurrency)
+            try await channel.setPrefetch(UInt16(clamping: prefetch))
+            try await channel.holdAcks(
+                for: configuration.ackDelay, upTo: RunnerConfiguration.heldAcks(prefetch: prefetch))
             let consumer = try await channel.consume(queue: queues.main)
             let runner = HandlerRunner(
                 service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,

@@ -208,6 +208,23 @@ public final class AMQPChannel: Sendable {
         try await loop.perform { core throws(AMQPError) in try core.setPrefetch(id, count: count) }
     }
 
+    /// Lets this channel's acks wait to go out together: until the oldest has waited `maxDelay` (less a
+    /// random part of up to half, so that consumers fed at a steady rate do not ack in step), or until
+    /// `maxCount` wait, or a nack or reject comes, whichever is first. Closing the channel or the
+    /// connection sends them first; if the connection is lost they are lost with it, and the broker
+    /// redelivers those messages (as it would any unacknowledged one). `.zero` (the default) sends each
+    /// ack on the connection thread's next turn. Kept across channel reopens.
+    ///
+    /// On a quorum queue each ack frame is a write to the broker's Raft log, and a disk sync that other
+    /// queues' writes wait behind: a handler that acks each event as it finishes syncs the disk just when
+    /// the next handler in a chain publishes. Held acks still count against the prefetch: keep `maxCount`
+    /// well under it.
+    public func holdAcks(for maxDelay: Duration, upTo maxCount: Int) async throws(AMQPError) {
+        let id = number
+        let hold = maxDelay > .zero && maxCount > 1 ? AckCoalescer.Hold(delay: maxDelay, count: maxCount) : nil
+        try await loop.perform { core throws(AMQPError) in try core.holdAcks(id, hold) }
+    }
+
     /// Starts a consumer with manual acknowledgement.
     public func consume(
         queue: String, consumerTag: String = "", exclusive: Bool = false,

@@ -75,7 +75,7 @@ final class ConnectionCore {
         turns: while true {
             switch loop.working({ turn(&jobs, &settlements) }) {
             case .again: continue
-            case .sleep(let socket): loop.sleep(socket: socket, timeoutMilliseconds: pollTimeout)
+            case .sleep(let socket): loop.sleep(socket: socket, timeoutMilliseconds: sleepTimeout)
             case .end: break turns
             }
         }
@@ -105,6 +105,7 @@ final class ConnectionCore {
             for job in jobs { job(self) }
             jobs.removeAll(keepingCapacity: true)
         }
+        if let due = heldAcksDue, ContinuousClock.now >= due { sendHeldAcks() }
         guard isLive else { return .end }
         readAvailableFrames()
         guard failure == nil, let state = self.state else { return .end }
@@ -129,9 +130,16 @@ final class ConnectionCore {
         onCaller = false
     }
 
-    /// Wake often enough that rabbitmq-c sends heartbeats on time (it sends one only inside a call).
-    private var pollTimeout: Int32 {
-        negotiatedHeartbeat > 0 ? max(50, negotiatedHeartbeat * 1000 / 4) : 1000
+    /// Wake often enough that rabbitmq-c sends heartbeats on time (it sends one only inside a call), and
+    /// when held acks are due.
+    private var sleepTimeout: Int32 {
+        let heartbeat: Int32 = negotiatedHeartbeat > 0 ? max(50, negotiatedHeartbeat * 1000 / 4) : 1000
+        guard let due = heldAcksDue else { return heartbeat }
+        let (seconds, attoseconds) = (due - .now).components
+        if seconds < 0 || (seconds == 0 && attoseconds <= 0) { return 0 }
+        // Rounded up, so the thread does not wake just before the deadline and sleep again.
+        let millis = seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000
+        return Int32(min(Int64(heartbeat), millis))
     }
 
     private func readAvailableFrames() {
@@ -323,6 +331,8 @@ final class ConnectionCore {
         defer { channels[id] = nil }
         let reason = AMQPError(.closed, message: "channel \(id) was closed", operation: "channel.close")
         let wasOpen = channel.open
+        // Held acks first: the close would give their deliveries back to the queue.
+        if wasOpen, heldAcksDue != nil { _ = send(channel.deliveries.flushHeld(force: true), on: id) }
         abandon(channel, reason: reason)
         guard wasOpen, let state, failure == nil else { return }
         let reply = amqp_channel_close(state, id, Int32(AMQP_REPLY_SUCCESS))
@@ -497,9 +507,10 @@ final class ConnectionCore {
         channels[id]?.consumers.removeValue(forKey: tag)
     }
 
-    /// Sends the acks, nacks and rejects that arrived since the last wake-up, coalesced per channel.
+    /// Sends the acks, nacks and rejects that arrived since the last wake-up, coalesced per channel
+    /// (acks may be held: ``AMQPChannel/holdAcks(for:upTo:)``).
     private func apply(_ settlements: [IOLoop.PendingSettlement]) {
-        guard let state, failure == nil else { return }
+        guard failure == nil else { return }
         var order: [UInt16] = []
         var byChannel: [UInt16: [AckCoalescer.Settlement]] = [:]
         for p in settlements {
@@ -508,29 +519,66 @@ final class ConnectionCore {
             if byChannel[p.channel] == nil { order.append(p.channel) }
             byChannel[p.channel, default: []].append(p.settlement)
         }
+        let now = ContinuousClock.now
         for id in order {
             guard let channel = channels[id] else { continue }
-            for frame in channel.deliveries.settle(byChannel[id]!) {
-                let status: Int32
-                switch frame {
-                case .ack(let tag, let multiple):
-                    status = amqp_basic_ack(state, id, tag, multiple ? 1 : 0)
-                case .nack(let tag, let multiple, let requeue):
-                    status = amqp_basic_nack(state, id, tag, multiple ? 1 : 0, requeue ? 1 : 0)
-                case .reject(let tag, let requeue):
-                    status = amqp_basic_reject(state, id, tag, requeue ? 1 : 0)
-                }
-                if status != AMQP_STATUS_OK.rawValue {
-                    fail(with: Self.error(status: status, operation: "settle delivery \(frame)"))
-                    return
-                }
+            guard send(channel.deliveries.settle(byChannel[id]!, now: now), on: id) else { return }
+        }
+        noteHeldAcks()
+    }
+
+    /// The earliest time held acks must go out, over all channels; nil when none are held.
+    private var heldAcksDue: ContinuousClock.Instant?
+
+    private func noteHeldAcks() {
+        heldAcksDue = channels.values.lazy.compactMap { $0.deliveries.deadline }.min()
+    }
+
+    /// Sends the held acks that are due, or with `force` all of them (before a close).
+    private func sendHeldAcks(force: Bool = false) {
+        guard heldAcksDue != nil else { return }
+        let now = ContinuousClock.now
+        for channel in channels.values where channel.open {
+            guard send(channel.deliveries.flushHeld(now: now, force: force), on: channel.id) else { return }
+        }
+        noteHeldAcks()
+    }
+
+    /// Writes settlement frames; false when the connection failed doing so.
+    private func send(_ frames: [AckCoalescer.Frame], on id: UInt16) -> Bool {
+        guard let state, failure == nil else { return false }
+        for frame in frames {
+            let status: Int32
+            switch frame {
+            case .ack(let tag, let multiple):
+                status = amqp_basic_ack(state, id, tag, multiple ? 1 : 0)
+            case .nack(let tag, let multiple, let requeue):
+                status = amqp_basic_nack(state, id, tag, multiple ? 1 : 0, requeue ? 1 : 0)
+            case .reject(let tag, let requeue):
+                status = amqp_basic_reject(state, id, tag, requeue ? 1 : 0)
+            }
+            if status != AMQP_STATUS_OK.rawValue {
+                fail(with: Self.error(status: status, operation: "settle delivery \(frame)"))
+                return false
             }
         }
+        return true
+    }
+
+    /// Sets how long and how many of a channel's acks may wait to go out together; nil sends each at once.
+    /// Acks already held go out now.
+    func holdAcks(_ id: UInt16, _ hold: AckCoalescer.Hold?) throws(AMQPError) {
+        let channel = try channelState(id)
+        if channel.open, !send(channel.deliveries.flushHeld(force: true), on: id) { _ = try liveState() }
+        channel.deliveries.hold = hold
+        noteHeldAcks()
     }
 
     // MARK: - Closing
 
     func close() {
+        // Held acks first: the close would give their deliveries back to the queue.
+        sendHeldAcks(force: true)
         guard let state, failure == nil else { return }
         let reason = AMQPError(.closed, message: "the connection was closed", operation: "connection")
         for channel in channels.values { abandon(channel, reason: reason) }
@@ -570,6 +618,9 @@ final class ConnectionCore {
         channel.consumers.removeAll()
         channel.open = false
         channel.status.closed()
+        // Its deliveries went back to the queue: held acks of them mean nothing now.
+        channel.deliveries.reset()
+        noteHeldAcks()
     }
 
     // MARK: - Helpers

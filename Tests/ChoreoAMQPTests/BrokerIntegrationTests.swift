@@ -190,6 +190,54 @@ struct BrokerIntegrationTests {
         #expect(try await publisher.declareQueuePassive(queue).messageCount == 14)
     }
 
+    @Test("held acks go out by their deadline or their count, and closing the channel sends them first")
+    func heldAcks() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let publisher = try await connection.openChannel()
+        try await publisher.enableConfirms()
+        let queue = TestBroker.uniqueName("held-acks")
+        try await publisher.declareQueue(queue, options: QueueOptions(durable: false, autoDelete: false))
+        defer { Task { _ = try? await publisher.deleteQueue(queue) } }
+        _ = await publisher.publish(contentsOf: (0..<20).map { .toQueue(queue, "m\($0)") })
+
+        // The prefetch makes the acks visible: the broker sends a sixth message only once acks reached it.
+        let channel = try await connection.openChannel()
+        try await channel.setPrefetch(5)
+        try await channel.holdAcks(for: .milliseconds(600), upTo: 100)
+        let consumer = try await channel.consume(queue: queue)
+        var iterator = consumer.makeAsyncIterator()
+        var unacked: [AMQPDelivery] = []
+        for _ in 0..<5 { unacked.append(try await nextDelivery(&iterator)) }
+        let ackedAt = ContinuousClock.now
+        for d in unacked { try d.ack() }
+        unacked = [try await nextDelivery(&iterator)]
+        #expect(ContinuousClock.now - ackedAt >= .milliseconds(300), "the acks waited at least half the delay")
+        #expect(String(decoding: unacked[0].body, as: UTF8.self) == "m5")
+        for _ in 0..<4 { unacked.append(try await nextDelivery(&iterator)) }
+
+        // A count of three: the third ack sends all three, long before the 60 s delay.
+        try await channel.holdAcks(for: .seconds(60), upTo: 3)
+        for d in unacked.prefix(3) { try d.ack() }
+        unacked.removeFirst(3)
+        for _ in 0..<3 { unacked.append(try await nextDelivery(&iterator, within: 20)) }
+        #expect(unacked.map { String(decoding: $0.body, as: UTF8.self) } == ["m8", "m9", "m10", "m11", "m12"])
+
+        // Held at the close: sent before it, so none of m8-m12 goes back to the queue. (The consumer is
+        // cancelled first, or the broker would send m13 on once the acks reached it, and the close return it.)
+        try await channel.holdAcks(for: .seconds(60), upTo: 100)
+        for d in unacked { try d.ack() }
+        try await consumer.cancel()
+        await channel.close()
+        let again = try await connection.openChannel()
+        let rest = try await again.consume(queue: queue)
+        var restIterator = rest.makeAsyncIterator()
+        let next = try await nextDelivery(&restIterator)
+        #expect(String(decoding: next.body, as: UTF8.self) == "m13")
+        #expect(!next.redelivered)
+        try next.ack()
+    }
+
     @Test("redeclaring a queue with other arguments surfaces 406 and the connection stays usable")
     func redeclareMismatchIs406() async throws {
         let connection = try await TestBroker.connect()

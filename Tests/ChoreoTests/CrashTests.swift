@@ -59,7 +59,9 @@ struct CrashTests {
             within: 30,
             {
                 (try? DatabaseQueue(path: ledger).read { db in
-                    try Int.fetchOne(db, sql: "SELECT count(*) FROM completion WHERE handler = 'ping' AND idx >= 0 AND published = 0")
+                    try Int.fetchOne(
+                        db, sql: "SELECT count(*) FROM completion WHERE handler = 'ping' AND idx >= 0 AND published = 0"
+                    )
                 }) ?? -1
             },
             until: { $0 == 0 })
@@ -73,7 +75,9 @@ struct CrashTests {
         defer { Task { await connection.close() } }
         let n = 200
         let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 20) }, on: channel)
-        let first = try mesh.start("ping")
+        // Acks held for up to 10 s or until 100 wait (a quarter of the prefetch): invocations finish eight at a
+        // time, so some acks are still held when it shuts down, and only its close can send them.
+        let first = try mesh.start("ping", arguments: ["--ack-delay", "10000", "--prefetch", "400"])
         let gateway = try mesh.gateway()
         await eventually({ gateway.effects("ping") }, until: { $0 >= 40 })
         first.terminate()  // SIGTERM
@@ -81,6 +85,12 @@ struct CrashTests {
         #expect(first.process.terminationReason == .exit && first.exitStatus == 0, "\(first.output)")
         let stoppedAt = gateway.effects("ping")
         #expect(stoppedAt < n, "the shutdown came while work was left")
+        // Every event it finished was acked before it closed (held acks included): the queue holds exactly the
+        // rest, where an ack lost at the close would have put one more back.
+        let left = await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.main).messageCount },
+            until: { ($0 ?? 0) >= n - stoppedAt })
+        #expect(left == UInt32(n - stoppedAt))
 
         let second = try mesh.start("ping")
         defer { second.terminate() }
