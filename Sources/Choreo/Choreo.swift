@@ -19,8 +19,9 @@ import ServiceLifecycle
 /// ```
 ///
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
-/// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--log-level`, `--manifest` (print the
-/// handler manifest as JSON and exit), `--check` (test broker and ledger reachability and exit) and `--help`.
+/// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--log-level`,
+/// `--manifest` (print the handler manifest as JSON and exit), `--check` (test broker and ledger
+/// reachability and exit) and `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0.
 public enum Choreo {
     public static func run(

@@ -212,8 +212,8 @@ public final class AMQPChannel: Sendable {
     /// random part of up to half, so that consumers fed at a steady rate do not ack in step), or until
     /// `maxCount` wait, or a nack or reject comes, whichever is first. Closing the channel or the
     /// connection sends them first; if the connection is lost they are lost with it, and the broker
-    /// redelivers those messages (as it would any unacknowledged one). `.zero` (the default) sends each
-    /// ack on the connection thread's next turn. Kept across channel reopens.
+    /// redelivers those messages (as it would any unacknowledged one). A delay of `.zero` or a count of 1
+    /// (the default) sends each ack on the connection thread's next turn. Kept across channel reopens.
     ///
     /// On a quorum queue each ack frame is a write to the broker's Raft log, and a disk sync that other
     /// queues' writes wait behind: a handler that acks each event as it finishes syncs the disk just when

@@ -524,4 +524,22 @@ struct RuntimeStartupTests {
         #expect(
             !ChoreoRuntime.isRegistryStarting(AMQPError(.connectionLost, message: "socket closed", operation: "read")))
     }
+
+    @Test("--ack-delay takes 0 to 10000 ms, and a handler holds at most a quarter of its prefetch of acks")
+    func ackDelayOption() throws {
+        func configuration(_ args: [String]) throws -> RunnerConfiguration {
+            try RunnerOptions.parse(args).configuration(service: "svc")
+        }
+        #expect(try configuration([]).ackDelay == .milliseconds(20))
+        #expect(try configuration(["--ack-delay", "0"]).ackDelay == .zero)
+        #expect(try configuration(["--ack-delay", "10000"]).ackDelay == .seconds(10))
+        for bad in ["--ack-delay=-1", "--ack-delay=10001"] {
+            let error = #expect(throws: ConfigurationError.self) { try configuration([bad]) }
+            #expect(error?.message == "--ack-delay must be 0 to 10000 ms")
+        }
+        #expect(throws: (any Error).self) { try configuration(["--ack-delay", "soon"]) }
+        #expect(RunnerConfiguration.heldAcks(prefetch: 32) == 8)
+        // A prefetch under 8 holds at most one ack, which AMQPChannel.holdAcks takes as no hold at all.
+        #expect(RunnerConfiguration.heldAcks(prefetch: 7) == 1)
+    }
 }
