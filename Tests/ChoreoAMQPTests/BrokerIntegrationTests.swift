@@ -165,16 +165,24 @@ struct BrokerIntegrationTests {
         #expect(bodies.sorted() == ["nacked", "rejected"])
     }
 
+    /// A new queue holding messages `m0` to `m19`, and the confirming channel that filled it.
+    private func queueOfTwenty(_ prefix: String, on connection: AMQPConnection) async throws -> (
+        publisher: AMQPChannel, queue: String
+    ) {
+        let publisher = try await connection.openChannel()
+        try await publisher.enableConfirms()
+        let queue = TestBroker.uniqueName(prefix)
+        try await publisher.declareQueue(queue, options: QueueOptions(durable: false, autoDelete: false))
+        for r in await publisher.publish(contentsOf: (0..<20).map { .toQueue(queue, "m\($0)") }) { try r.get() }
+        return (publisher, queue)
+    }
+
     @Test("the prefetch count bounds unacknowledged deliveries")
     func prefetchIsHonoured() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let publisher = try await connection.openChannel()
-        try await publisher.enableConfirms()
-        let queue = TestBroker.uniqueName("prefetch")
-        try await publisher.declareQueue(queue, options: QueueOptions(durable: false, autoDelete: false))
+        let (publisher, queue) = try await queueOfTwenty("prefetch", on: connection)
         defer { Task { _ = try? await publisher.deleteQueue(queue) } }
-        _ = await publisher.publish(contentsOf: (0..<20).map { .toQueue(queue, "m\($0)") })
 
         let channel = try await connection.openChannel()
         try await channel.setPrefetch(5)
@@ -194,12 +202,8 @@ struct BrokerIntegrationTests {
     func heldAcks() async throws {
         let connection = try await TestBroker.connect()
         defer { Task { await connection.close() } }
-        let publisher = try await connection.openChannel()
-        try await publisher.enableConfirms()
-        let queue = TestBroker.uniqueName("held-acks")
-        try await publisher.declareQueue(queue, options: QueueOptions(durable: false, autoDelete: false))
+        let (publisher, queue) = try await queueOfTwenty("held-acks", on: connection)
         defer { Task { _ = try? await publisher.deleteQueue(queue) } }
-        _ = await publisher.publish(contentsOf: (0..<20).map { .toQueue(queue, "m\($0)") })
 
         // The prefetch makes the acks visible: the broker sends a sixth message only once acks reached it.
         let channel = try await connection.openChannel()
