@@ -81,11 +81,11 @@ struct AckCoalescerTests {
     }
 
     @Test("held acks wait for their deadline, between half and all of the delay, then go out as one frame")
-    func heldUntilDeadline() {
+    func heldUntilDeadline() throws {
         var c = holding(1...5, delay: .milliseconds(100), count: 10)
         let t0 = ContinuousClock.now
         #expect(c.settle([ack(2), ack(1)], now: t0).isEmpty)
-        let deadline = try! #require(c.deadline)
+        let deadline = try #require(c.deadline)
         #expect(deadline >= t0 + .milliseconds(50) && deadline <= t0 + .milliseconds(100))
         // A later ack joins them without moving the deadline.
         #expect(c.settle([ack(3)], now: t0 + .milliseconds(10)).isEmpty)
