@@ -90,11 +90,9 @@ struct AckCoalescer {
             flush(into: &frames)
             return frames
         }
-        if let deadline {
-            if acked.count >= hold.count || now >= deadline { flush(into: &frames) }
-        } else if acked.count >= hold.count || hold.delay <= .zero {
+        if acked.count >= hold.count || hold.delay <= .zero || deadline.map({ now >= $0 }) == true {
             flush(into: &frames)
-        } else {
+        } else if deadline == nil {
             // A random part, so that consumers fed at a steady rate do not send their acks in step with it.
             deadline = now + hold.delay * Double.random(in: 0.5...1)
         }

@@ -135,11 +135,10 @@ final class ConnectionCore {
     private var sleepTimeout: Int32 {
         let heartbeat: Int32 = negotiatedHeartbeat > 0 ? max(50, negotiatedHeartbeat * 1000 / 4) : 1000
         guard let due = heldAcksDue else { return heartbeat }
-        let (seconds, attoseconds) = (due - .now).components
-        if seconds < 0 || (seconds == 0 && attoseconds <= 0) { return 0 }
+        let remaining = due - .now
+        if remaining <= .zero { return 0 }
         // Rounded up, so the thread does not wake just before the deadline and sleep again.
-        let millis = seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000
-        return Int32(min(Int64(heartbeat), millis))
+        return Int32(min(Double(heartbeat), (remaining / .milliseconds(1)).rounded(.up)))
     }
 
     private func readAvailableFrames() {
@@ -332,7 +331,7 @@ final class ConnectionCore {
         let reason = AMQPError(.closed, message: "channel \(id) was closed", operation: "channel.close")
         let wasOpen = channel.open
         // Held acks first: the close would give their deliveries back to the queue.
-        if wasOpen, heldAcksDue != nil { _ = send(channel.deliveries.flushHeld(force: true), on: id) }
+        if wasOpen { _ = send(channel.deliveries.flushHeld(force: true), on: id) }
         abandon(channel, reason: reason)
         guard wasOpen, let state, failure == nil else { return }
         let reply = amqp_channel_close(state, id, Int32(AMQP_REPLY_SUCCESS))
@@ -568,8 +567,8 @@ final class ConnectionCore {
     /// Sets how long and how many of a channel's acks may wait to go out together; nil sends each at once.
     /// Acks already held go out now.
     func holdAcks(_ id: UInt16, _ hold: AckCoalescer.Hold?) throws(AMQPError) {
-        let channel = try channelState(id)
-        if channel.open, !send(channel.deliveries.flushHeld(force: true), on: id) { _ = try liveState() }
+        let channel = try channelState(id)  // open, or reopened
+        if !send(channel.deliveries.flushHeld(force: true), on: id) { _ = try liveState() }  // throws the failure
         channel.deliveries.hold = hold
         noteHeldAcks()
     }
