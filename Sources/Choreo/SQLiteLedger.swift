@@ -55,8 +55,9 @@ public final class SQLiteLedger: IdempotencyLedger {
         try self.init(path: path, filterMinimumBits: 1 << 20)
     }
 
-    /// `filterMinimumBits`: the smallest size of the completed-key filter (tests make it small, to see it grow).
-    init(path: String, filterMinimumBits: Int) throws {
+    /// `filterMinimumBits`: the smallest size of the completed-key filter (tests make it small, to see it grow);
+    /// `checkpointLimits`: when the log is copied back to the file (tests make them small).
+    init(path: String, filterMinimumBits: Int, checkpointLimits: WALCheckpointer.Limits = .standard) throws {
         self.path = path
         self.filterMinimumBits = filterMinimumBits
         let directory = (path as NSString).deletingLastPathComponent
@@ -65,9 +66,10 @@ public final class SQLiteLedger: IdempotencyLedger {
         }
         fileLock = try Self.lock(path + ".lock", ledger: path)
         do {
-            let (pool, keys, firstUnpublished) = try Self.openFile(path, filterMinimumBits: filterMinimumBits)
+            let (pool, checkpointer, keys, firstUnpublished) = try Self.openFile(
+                path, filterMinimumBits: filterMinimumBits, checkpointLimits: checkpointLimits)
             self.pool = pool
-            writes = GroupCommit(pool: pool)
+            writes = GroupCommit(pool: pool, checkpointer: checkpointer)
             completedKeys = Mutex(keys)
             firstUnpublishedRow = Mutex(firstUnpublished)
         } catch {
@@ -77,6 +79,9 @@ public final class SQLiteLedger: IdempotencyLedger {
     }
 
     deinit { close(fileLock) }
+
+    /// Copies the log back to the file (see ``WALCheckpointer``).
+    var checkpointer: WALCheckpointer { writes.checkpointer }
 
     private static func lock(_ lockPath: String, ledger path: String) throws -> Int32 {
         let fd = Glibc.open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
@@ -98,9 +103,9 @@ public final class SQLiteLedger: IdempotencyLedger {
     }
 
     /// Opens the file with the connection settings below, migrates it and reads its completed keys.
-    private static func openFile(_ path: String, filterMinimumBits: Int) throws -> (
-        DatabasePool, CompletedKeys, firstUnpublished: Int64
-    ) {
+    private static func openFile(_ path: String, filterMinimumBits: Int, checkpointLimits: WALCheckpointer.Limits)
+        throws -> (DatabasePool, WALCheckpointer, CompletedKeys, firstUnpublished: Int64)
+    {
         var config = Configuration()
         config.busyMode = .timeout(10)
         config.prepareDatabase { db in
@@ -109,13 +114,15 @@ public final class SQLiteLedger: IdempotencyLedger {
             // those events arriving later would then run its handler again.
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
             // Keys are mostly random (derived UUIDs), so every commit touches pages all over the trees:
-            // keep them in memory (up to 64 MiB per connection, used only as the file grows), and checkpoint
-            // every 8,000 pages instead of 1,000, so a hot page is written back once for many commits.
+            // keep them in memory (up to 64 MiB per connection, used only as the file grows). Checkpoints
+            // run on a thread of their own (`WALCheckpointer`), every few thousand pages, so a hot page is
+            // written back once for many commits and no commit waits for one.
             try db.execute(sql: "PRAGMA cache_size = -65536")
-            try db.execute(sql: "PRAGMA wal_autocheckpoint = 8000")
             try db.execute(sql: "PRAGMA journal_size_limit = 67108864")
         }
         let pool = try DatabasePool(path: path, configuration: config)
+        let checkpointer = try WALCheckpointer(path: path, configuration: config, limits: checkpointLimits)
+        pool.writeWithoutTransaction { db in checkpointer.attach(to: db) }
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
             try db.execute(
@@ -223,7 +230,7 @@ public final class SQLiteLedger: IdempotencyLedger {
         let (keys, firstUnpublished) = try pool.read { db in
             (try loadCompletedKeys(db, minimumBits: filterMinimumBits), try readFirstUnpublishedRow(db))
         }
-        return (pool, keys, firstUnpublished)
+        return (pool, checkpointer, keys, firstUnpublished)
     }
 
     private static func loadCompletedKeys(_ db: Database, minimumBits: Int) throws -> CompletedKeys {
@@ -707,12 +714,15 @@ final class GroupCommit: Sendable {
     }
 
     private let pool: DatabasePool
+    /// Kept as long as anything may commit: the writer's WAL hook points to it.
+    let checkpointer: WALCheckpointer
     private let state = Mutex<(queue: [Pending], running: Bool)>(([], false))
     /// Where batches are written: one thread at a time, outside Swift's cooperative pool (SQLite blocks).
     private let writer = DispatchQueue(label: "choreo.ledger.group-commit")
 
-    init(pool: DatabasePool) {
+    init(pool: DatabasePool, checkpointer: WALCheckpointer) {
         self.pool = pool
+        self.checkpointer = checkpointer
     }
 
     func run<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {

@@ -489,6 +489,51 @@ struct SQLiteLedgerTests {
         }
     }
 
+    @Test("the log is copied back to the file on a thread of its own, and stays short however many commits come")
+    func checkpointsOffTheCommitPath() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        // Small limits, and an inline limit that is never reached: only the checkpoint thread keeps the log short.
+        let l = try SQLiteLedger(
+            path: path.path, filterMinimumBits: 1 << 16,
+            checkpointLimits: WALCheckpointer.Limits(pass: 40, restart: 160, inline: 1_000_000))
+        let checkpointer = l.checkpointer
+        let one = try outbox(1)
+        // One commit per key, each writing at least two pages (the table's and the index's): 8,000 pages or
+        // more, 32 MB, if nothing copied them back. In rounds of 100 commits, each followed by the pass it
+        // started: a pass that the round's last commit asked for is already marked running (the WAL hook
+        // runs in the commit), so waiting for it is not a guess.
+        let keys = (0..<4_000).map { "k\($0)" }
+        for round in stride(from: 0, to: keys.count, by: 100) {
+            for key in keys[round..<round + 100] {
+                #expect(
+                    try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+                #expect(try await l.complete(handler: "h", key: key, owner: "a", outbox: one) == .committed)
+            }
+            let deadline = ContinuousClock.now + .seconds(30)
+            while checkpointer.isRunning, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+            try #require(!checkpointer.isRunning, "a pass still runs after 30 s")
+        }
+        #expect(checkpointer.passes.load(ordering: .relaxed) >= 40, "a pass at least every round")
+        #expect(checkpointer.failures.load(ordering: .relaxed) == 0)
+        // The log file is as long as the longest the log ever was: at most a round's pages past the restart limit.
+        let logBytes = try #require(
+            try FileManager.default.attributesOfItem(atPath: path.path + "-wal")[.size] as? Int)
+        #expect(logBytes < 1_000 * 4_096, "the log holds \(logBytes / 4_096) pages")
+        // The database file alone, without its log, holds nearly every key: what the passes copied there. Only
+        // the last commits, fewer than a pass's 40 pages, may be in the log alone.
+        let copy = path.deletingLastPathComponent().appendingPathComponent("copy-\(UUID().uuidString).sqlite")
+        try FileManager.default.copyItem(at: path, to: copy)
+        let inFile = try await DatabaseQueue(path: copy.path).read { db in
+            try Int.fetchOne(db, sql: "SELECT count(*) FROM completion WHERE idx = -1") ?? 0
+        }
+        #expect(inFile > keys.count - 40, "\(inFile) keys in the database file")
+        for key in ["k0", "k1999", "k3999"] {
+            #expect(
+                try await l.claim(handler: "h", key: key, owner: "b", lease: .seconds(60))
+                    == .completed(unpublished: one))
+        }
+    }
+
     /// The `claim` table as schema versions 1 to 3 had it.
     private static let claimTable = """
         CREATE TABLE claim (

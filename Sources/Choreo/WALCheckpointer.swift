@@ -1,0 +1,137 @@
+import Foundation
+import GRDB
+import GRDBSQLite
+import Synchronization
+
+/// Copies the ledger's write-ahead log back into the database file on a thread and a connection of its own,
+/// so that no commit waits for it.
+///
+/// SQLite's own automatic checkpoint runs inside the commit that crosses its threshold: at 8,000 pages
+/// that commit took 27-31 ms here (most of it syncing the log), on the thread that also reads the
+/// consumer's socket, and every event behind it in the hop waited too. Here the writer's connection only counts: its WAL hook (called after every commit with the
+/// log's length in pages) wakes this thread when ``Limits/pass`` pages were added since the last pass.
+///
+/// A pass is a passive checkpoint, which never blocks the writer; when commits slipped in meanwhile it
+/// runs again for those few pages, so that the log is usually copied to its end and the writer's next
+/// commit starts it over from the beginning. Under a steady stream of commits it may never be copied to
+/// its end: when the log holds ``Limits/restart`` pages the pass ends with a restart checkpoint, which
+/// makes commits wait while it copies the last pages (a millisecond or two, the rest being copied already).
+/// Should this thread fail or fall behind, the writer checkpoints inline at ``Limits/inline`` pages, as
+/// SQLite would: the log stays bounded whatever happens here.
+final class WALCheckpointer: Sendable {
+    struct Limits: Sendable {
+        /// Pages added to the log since the last pass that start the next one.
+        var pass: Int
+        /// Pages in the log at which a pass ends by restarting it.
+        var restart: Int
+        /// Pages in the log at which the writer checkpoints inline.
+        var inline: Int
+
+        static let standard = Limits(pass: 4_000, restart: 16_000, inline: 32_000)
+    }
+
+    let limits: Limits
+    private let connection: DatabaseQueue
+    private let queue = DispatchQueue(label: "choreo.ledger.checkpoint")
+    private struct State {
+        /// A pass is queued or running.
+        var running = false
+        /// The log's length in pages after the last commit, and how much of it the last pass copied.
+        var logged = 0
+        var copied = 0
+
+        /// Whether the log holds `pass` pages more than were copied (a log shorter than that was started over).
+        mutating func due(_ pass: Int) -> Bool {
+            if logged < copied { copied = 0 }
+            return logged - copied >= pass
+        }
+    }
+
+    private let state = Mutex(State())
+    /// Passes run, restarts among them, passes that found the file busy and passes that failed (for tests
+    /// and diagnosis).
+    let passes = Atomic(0)
+    let restarts = Atomic(0)
+    let busy = Atomic(0)
+    let failures = Atomic(0)
+
+    /// A pass is queued or running.
+    var isRunning: Bool { state.withLock { $0.running } }
+
+    /// Opens the checkpoint connection; call ``attach(to:)`` on the writer's connection to start.
+    init(path: String, configuration: Configuration, limits: Limits) throws {
+        self.limits = limits
+        connection = try DatabaseQueue(path: path, configuration: configuration)
+    }
+
+    /// Installs the WAL hook on the writer's connection. Replaces SQLite's automatic checkpoint (which is
+    /// itself a WAL hook). `self` must outlive the connection's commits: its owner keeps both.
+    func attach(to writer: Database) {
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        sqlite3_wal_hook(
+            writer.sqliteConnection,
+            { context, db, _, pages in
+                guard let context else { return SQLITE_OK }
+                let checkpointer = Unmanaged<WALCheckpointer>.fromOpaque(context).takeUnretainedValue()
+                checkpointer.committed(logPages: Int(pages), writer: db)
+                return SQLITE_OK
+            }, context)
+    }
+
+    /// On the writer's thread, after a commit.
+    private func committed(logPages: Int, writer: OpaquePointer?) {
+        if logPages >= limits.inline {
+            // This thread is failing or far behind: copy inline rather than let the log grow.
+            sqlite3_wal_checkpoint_v2(writer, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
+            return
+        }
+        let start = state.withLock { s -> Bool in
+            s.logged = logPages
+            guard !s.running, s.due(limits.pass) else { return false }
+            s.running = true
+            return true
+        }
+        if start { queue.async { self.pass() } }
+    }
+
+    private func pass() {
+        var copied = state.withLock { $0.copied }
+        var restarted = false
+        var busy = false
+        var failed = false
+        do {
+            try connection.writeWithoutTransaction { db in
+                // Again while commits slip in during a pass, up to three times (each is shorter).
+                for _ in 0..<3 {
+                    let result = try db.checkpoint(.passive)
+                    copied = result.checkpointedFrameCount
+                    if result.checkpointedFrameCount >= result.walFrameCount { break }
+                }
+                if copied >= limits.restart {
+                    try db.checkpoint(.restart)
+                    restarted = true
+                    restarts.add(1, ordering: .relaxed)
+                }
+            }
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY {
+            // Another connection held a lock the checkpoint needs, for a moment (a single process uses the file).
+            busy = true
+            self.busy.add(1, ordering: .relaxed)
+        } catch {
+            // I/O trouble: the next commit asks for another pass, and the inline limit bounds the log.
+            failed = true
+            failures.add(1, ordering: .relaxed)
+        }
+        passes.add(1, ordering: .relaxed)
+        let next = state.withLock { s -> DispatchTime? in
+            // After a restart the next commit starts the log over, and its hook tells the new length.
+            (s.copied, s.logged) = restarted ? (0, 0) : (copied, s.logged)
+            if busy { return .now() + .milliseconds(10) }
+            // Commits during the pass added a pass's worth of pages: copy them now, not at the next commit.
+            if !failed, s.due(limits.pass) { return .now() }
+            s.running = false
+            return nil
+        }
+        if let next { queue.asyncAfter(deadline: next) { self.pass() } }
+    }
+}
