@@ -8,8 +8,9 @@ import Synchronization
 ///
 /// SQLite's own automatic checkpoint runs inside the commit that crosses its threshold: at 8,000 pages
 /// that commit took 27-31 ms here (most of it syncing the log), on the thread that also reads the
-/// consumer's socket, and every event behind it in the hop waited too. Here the writer's connection only counts: its WAL hook (called after every commit with the
-/// log's length in pages) wakes this thread when ``Limits/pass`` pages were added since the last pass.
+/// consumer's socket, and every event behind it in the hop waited too. Here the writer's connection
+/// only counts: its WAL hook (called after every commit with the log's length in pages) wakes this
+/// thread when ``Limits/pass`` pages were added since the last pass.
 ///
 /// A pass is a passive checkpoint, which never blocks the writer; when commits slipped in meanwhile it
 /// runs again for those few pages, so that the log is usually copied to its end and the writer's next
@@ -48,11 +49,8 @@ final class WALCheckpointer: Sendable {
     }
 
     private let state = Mutex(State())
-    /// Passes run, restarts among them, passes that found the file busy and passes that failed (for tests
-    /// and diagnosis).
+    /// Passes run, and passes that failed (other than finding the file busy), for tests.
     let passes = Atomic(0)
-    let restarts = Atomic(0)
-    let busy = Atomic(0)
     let failures = Atomic(0)
 
     /// A pass is queued or running.
@@ -110,13 +108,11 @@ final class WALCheckpointer: Sendable {
                 if copied >= limits.restart {
                     try db.checkpoint(.restart)
                     restarted = true
-                    restarts.add(1, ordering: .relaxed)
                 }
             }
         } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY {
             // Another connection held a lock the checkpoint needs, for a moment (a single process uses the file).
             busy = true
-            self.busy.add(1, ordering: .relaxed)
         } catch {
             // I/O trouble: the next commit asks for another pass, and the inline limit bounds the log.
             failed = true
