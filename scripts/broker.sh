@@ -9,6 +9,8 @@
 #
 # Several brokers (tests, the demo) run side by side under different names and ports. State lives in
 # ${CHOREO_BROKER_BASE:-/tmp/choreo-brokers}/NAME; `start` wipes it first so every run starts clean.
+# CHOREO_BROKER_ERL_ARGS, if set, is added to the Erlang VM's flags of a broker being started (after
+# RabbitMQ's own, so it overrides them); scripts/bench.sh uses it for the schedulers' busy wait.
 set -euo pipefail
 
 cmd=${1:-}
@@ -85,6 +87,7 @@ CONF
         RABBITMQ_PID_FILE="$dir/pid" \
         RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
         RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="${CHOREO_BROKER_ERL_ARGS:-}" \
         setsid "$bin/rabbitmq-server" > "$dir/startup.log" 2>&1 < /dev/null &
     # await_startup waits for the pid file; bound it so a broken start fails instead of hanging.
     for _ in $(seq 1 60); do
