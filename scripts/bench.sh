@@ -12,15 +12,10 @@ shift || true
 name=choreo-bench
 port=${CHOREO_BENCH_PORT:-5675}
 
-# RabbitMQ starts Erlang's schedulers with `+sbwt none` (no busy wait before sleeping, to spare CPU
-# on shared hosts); Erlang's own default is `very_short`. The benchmark's broker uses Erlang's default,
-# which takes about 0.45 ms off a three-hop chain's median at 200 events/s here (README, "Broker
-# schedulers"). CHOREO_BROKER_ERL_ARGS= (empty) runs it with RabbitMQ's defaults instead.
-export CHOREO_BROKER_ERL_ARGS="${CHOREO_BROKER_ERL_ARGS-+sbwt very_short +sbwtdcpu very_short +sbwtdio very_short}"
-if [ -n "$CHOREO_BROKER_ERL_ARGS" ]; then
+# CHOREO_BROKER_ERL_ARGS adds Erlang VM flags to the broker (scripts/broker.sh), for experiments such as
+# the schedulers' busy wait: CHOREO_BROKER_ERL_ARGS="+sbwt very_short" (README, "Broker schedulers").
+if [ -n "${CHOREO_BROKER_ERL_ARGS:-}" ]; then
     echo "the broker's extra Erlang flags: $CHOREO_BROKER_ERL_ARGS" >&2
-else
-    echo "the broker runs with RabbitMQ's default Erlang flags" >&2
 fi
 
 scripts/install-deps.sh

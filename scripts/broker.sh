@@ -10,7 +10,7 @@
 # Several brokers (tests, the demo) run side by side under different names and ports. State lives in
 # ${CHOREO_BROKER_BASE:-/tmp/choreo-brokers}/NAME; `start` wipes it first so every run starts clean.
 # CHOREO_BROKER_ERL_ARGS, if set, is added to the Erlang VM's flags of a broker being started (after
-# RabbitMQ's own, so it overrides them); scripts/bench.sh uses it for the schedulers' busy wait.
+# RabbitMQ's own, so it overrides them), e.g. "+sbwt very_short" for the schedulers' busy wait.
 set -euo pipefail
 
 cmd=${1:-}
