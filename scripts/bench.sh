@@ -13,7 +13,7 @@ name=choreo-bench
 port=${CHOREO_BENCH_PORT:-5675}
 
 # CHOREO_BROKER_ERL_ARGS adds Erlang VM flags to the broker (scripts/broker.sh), for experiments such as
-# the schedulers' busy wait: CHOREO_BROKER_ERL_ARGS="+sbwt very_short" (README, "Broker schedulers").
+# the schedulers' busy wait: CHOREO_BROKER_ERL_ARGS="+sbwt very_short" (README, "Tried and not kept").
 if [ -n "${CHOREO_BROKER_ERL_ARGS:-}" ]; then
     echo "the broker's extra Erlang flags: $CHOREO_BROKER_ERL_ARGS" >&2
 fi

@@ -87,7 +87,7 @@ CONF
         RABBITMQ_PID_FILE="$dir/pid" \
         RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
         RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="${CHOREO_BROKER_ERL_ARGS:-}" \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="${CHOREO_BROKER_ERL_ARGS:-${RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS:-}}" \
         setsid "$bin/rabbitmq-server" > "$dir/startup.log" 2>&1 < /dev/null &
     # await_startup waits for the pid file; bound it so a broken start fails instead of hanging.
     for _ in $(seq 1 60); do
