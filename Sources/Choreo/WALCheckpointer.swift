@@ -120,8 +120,13 @@ final class WALCheckpointer: Sendable {
         }
         passes.add(1, ordering: .relaxed)
         let next = state.withLock { s -> DispatchTime? in
-            // After a restart the next commit starts the log over, and its hook tells the new length.
-            (s.copied, s.logged) = restarted ? (0, 0) : (copied, s.logged)
+            if restarted {
+                // The next commit starts the log over, and its hook tells the new length.
+                s.copied = 0
+                s.logged = 0
+            } else {
+                s.copied = copied
+            }
             if busy { return .now() + .milliseconds(10) }
             // Commits during the pass added a pass's worth of pages: copy them now, not at the next commit.
             if !failed, s.due(limits.pass) { return .now() }
