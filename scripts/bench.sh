@@ -14,10 +14,6 @@ port=${CHOREO_BENCH_PORT:-5675}
 
 # CHOREO_BROKER_ERL_ARGS adds Erlang VM flags to the broker (scripts/broker.sh), for experiments such as
 # the schedulers' busy wait: CHOREO_BROKER_ERL_ARGS="+sbwt very_short" (README, "Tried and not kept").
-if [ -n "${CHOREO_BROKER_ERL_ARGS:-}" ]; then
-    echo "the broker's extra Erlang flags: $CHOREO_BROKER_ERL_ARGS" >&2
-fi
-
 scripts/install-deps.sh
 scripts/broker.sh start "$name" "$port"
 trap 'scripts/broker.sh stop "$name"' EXIT

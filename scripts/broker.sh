@@ -100,6 +100,7 @@ CONF
         exit 1
     fi
     echo "broker $node is up on amqp://guest:***@127.0.0.1:$port/ and amqps://localhost:$tls_port/ (CA $dir/tls/ca.pem)" >&2
+    if [ -n "${CHOREO_BROKER_ERL_ARGS:-}" ]; then echo "  with the Erlang flags $CHOREO_BROKER_ERL_ARGS" >&2; fi
     ;;
 stop)
     if ctl status >/dev/null 2>&1; then
