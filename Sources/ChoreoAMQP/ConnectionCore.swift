@@ -110,7 +110,19 @@ final class ConnectionCore {
         readAvailableFrames()
         guard failure == nil, let state = self.state else { return .end }
         if amqp_frames_enqueued(state) != 0 || amqp_data_in_buffer(state) != 0 { return .again }
-        return loop.prepareToSleep() ? .sleep(socket: amqp_get_sockfd(state)) : .again
+        return loop.prepareToSleep(ackRoom: heldAckRoom) ? .sleep(socket: amqp_get_sockfd(state)) : .again
+    }
+
+    /// For each channel with acks held, how many more it may hold before its count sends them: as many
+    /// single acks may wait for the wake-up at `heldAcksDue` (which ``sleepTimeout`` keeps) instead of
+    /// waking this thread, since it would only hold them too. The one that reaches the count wakes it.
+    private func heldAckRoom(_ room: inout [UInt16: Int]) {
+        guard heldAcksDue != nil else { return }
+        for channel in channels.values where channel.open {
+            guard let hold = channel.deliveries.hold, channel.deliveries.deadline != nil else { continue }
+            let left = hold.count - channel.deliveries.heldCount - 1
+            if left > 0 { room[channel.id] = left }
+        }
     }
 
     /// Whether a job may run on the thread that submits it while this thread sleeps (``IOLoop/runOrSubmit(_:)``):

@@ -15,7 +15,9 @@ import Synchronization
 ///
 /// A publish that finds the thread asleep with nothing queued is written by the publishing thread itself
 /// (``runOrSubmit(_:)``): waking the I/O thread to do it would cost every lone event a thread wake-up
-/// (tens of microseconds on the path from a delivery to the event it emits).
+/// (tens of microseconds on the path from a delivery to the event it emits). Likewise an ack that the
+/// thread would only hold (``AMQPChannel/holdAcks(for:upTo:)``) does not wake it while it sleeps until
+/// acks already held are due: it is taken then, and goes out with them or by its own deadline.
 final class IOLoop: Sendable {
     typealias Job = @Sendable (ConnectionCore) -> Void
 
@@ -31,6 +33,10 @@ final class IOLoop: Sendable {
         var settlements: [PendingSettlement] = []
         var sleeping = false
         var finished: AMQPError?
+        /// While the thread sleeps: per channel whose held acks it wakes up for, how many more single acks may
+        /// wait for that wake-up instead of waking it (filled by ``prepareToSleep(ackRoom:)``). Every
+        /// settlement queued while the thread sleeps is one of those: any other wakes it.
+        var ackRoom: [UInt16: Int] = [:]
     }
 
     private let queue = Mutex(Queue())
@@ -47,6 +53,8 @@ final class IOLoop: Sendable {
     /// Jobs run by callers, and writes they left to the I/O thread because the socket was full (for tests).
     let jobsRunByCallers = Atomic(0)
     let writesLeftToThread = Atomic(0)
+    /// Acks queued for the thread's next wake-up without waking it (for tests).
+    let acksLeftForWakeUp = Atomic(0)
 
     init() throws(AMQPError) {
         let fd = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
@@ -63,15 +71,29 @@ final class IOLoop: Sendable {
     /// Hands a job to the I/O thread. Returns the reason instead when the loop has ended.
     @discardableResult
     func submit(_ job: @escaping Job) -> AMQPError? {
-        enqueue { $0.jobs.append(job) }
+        enqueue { q in
+            q.jobs.append(job)
+            return true
+        }
     }
 
     /// Hands an ack, nack or reject to the I/O thread, which coalesces them into as few frames as it can.
     func submit(_ settlement: PendingSettlement) -> AMQPError? {
-        enqueue { $0.settlements.append(settlement) }
+        enqueue { q in
+            q.settlements.append(settlement)
+            // A single ack the sleeping thread would only hold: it waits for the wake-up for the held ones.
+            let s = settlement.settlement
+            guard q.sleeping, s.kind == .ack, !s.multiple, let room = q.ackRoom[settlement.channel], room > 0 else {
+                return true
+            }
+            q.ackRoom[settlement.channel] = room - 1
+            acksLeftForWakeUp.add(1, ordering: .relaxed)
+            return false
+        }
     }
 
-    /// Runs `job` on the calling thread when the I/O thread sleeps with nothing queued and the core allows it
+    /// Runs `job` on the calling thread when the I/O thread sleeps with nothing queued (acks waiting for its
+    /// wake-up aside: they need not go before a publish) and the core allows it
     /// (``ConnectionCore/runsJobsOnCallers``), else hands it over as ``submit(_:)`` does. Either way jobs
     /// keep their order: one runs here only when none is waiting.
     @discardableResult
@@ -94,9 +116,9 @@ final class IOLoop: Sendable {
         return submit(job)
     }
 
-    /// The I/O thread sleeps (or is about to) and nothing waits for it.
+    /// The I/O thread sleeps (or is about to) and nothing waits for it but acks it is to take when it wakes.
     var isIdle: Bool {
-        queue.withLock { q in q.sleeping && q.finished == nil && q.jobs.isEmpty && q.settlements.isEmpty }
+        queue.withLock { q in q.sleeping && q.finished == nil && q.jobs.isEmpty }
     }
 
     /// Runs `body` (a turn of the I/O thread's work, or attaching its core) under the worker lock.
@@ -130,11 +152,12 @@ final class IOLoop: Sendable {
         _ = write(wakeFD, &one, 8)
     }
 
-    /// Adds work under the lock and wakes the thread if it sleeps; the reason instead once the loop ended.
-    private func enqueue(_ add: (inout Queue) -> Void) -> AMQPError? {
+    /// Adds work under the lock and wakes the thread if it sleeps, unless `add` says the work can wait for
+    /// its next wake-up; the reason instead once the loop ended.
+    private func enqueue(_ add: (inout Queue) -> Bool) -> AMQPError? {
         let (ended, wake) = queue.withLock { q -> (AMQPError?, Bool) in
             if let finished = q.finished { return (finished, false) }
-            add(&q)
+            guard add(&q) else { return (nil, false) }
             let wake = q.sleeping
             q.sleeping = false
             return (nil, wake)
@@ -184,9 +207,13 @@ final class IOLoop: Sendable {
     }
 
     /// Marks the thread as about to sleep; returns false when jobs arrived meanwhile (do not sleep).
-    func prepareToSleep() -> Bool {
+    /// `ackRoom` fills in, per channel, how many more single acks may wait for the thread's next wake-up:
+    /// only for channels whose held acks are due no later than the thread's sleep ends.
+    func prepareToSleep(ackRoom: (inout [UInt16: Int]) -> Void) -> Bool {
         queue.withLock { q in
             if !q.jobs.isEmpty || !q.settlements.isEmpty { return false }
+            q.ackRoom.removeAll(keepingCapacity: true)
+            ackRoom(&q.ackRoom)
             q.sleeping = true
             return true
         }

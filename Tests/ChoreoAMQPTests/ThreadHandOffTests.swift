@@ -100,6 +100,60 @@ struct ThreadHandOffTests {
         #expect(smalls.count == 150)
     }
 
+    @Test("an ack the sleeping thread would only hold waits for its wake-up for the acks held, and goes out with them")
+    func heldAckWithoutWakeUp() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let (publisher, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "held-without-wake")
+        for r in await publisher.publish(contentsOf: (0..<14).map { .toQueue(queue, "m\($0)") }) { try r.get() }
+
+        // The prefetch is the witness: the broker sends the next five only once all five acks reached it.
+        let channel = try await connection.openChannel()
+        try await channel.setPrefetch(5)
+        try await channel.holdAcks(for: .milliseconds(600), upTo: 100)
+        let consumer = try await channel.consume(queue: queue)
+        var iterator = consumer.makeAsyncIterator()
+        var first: [AMQPDelivery] = []
+        for _ in 0..<5 { first.append(try await nextDelivery(&iterator)) }
+
+        let loop = connection.loop
+        let ackedAt = ContinuousClock.now
+        try first[0].ack()  // none held yet: wakes the thread, which starts the hold
+        try await waitUntil { loop.isIdle }  // asleep until that ack is due
+        let before = loop.acksLeftForWakeUp.load(ordering: .relaxed)
+        for d in first.dropFirst() { try d.ack() }
+        // Only a wake-up between these acks (a frame from the broker: none is expected) takes some of them early.
+        #expect(loop.acksLeftForWakeUp.load(ordering: .relaxed) - before >= 1)
+        var next: [AMQPDelivery] = []
+        for _ in 0..<5 { next.append(try await nextDelivery(&iterator, within: 5)) }
+        #expect(ContinuousClock.now - ackedAt >= .milliseconds(300), "the acks waited for the first one's deadline")
+        #expect(next.map { String(decoding: $0.body, as: UTF8.self) } == ["m5", "m6", "m7", "m8", "m9"])
+
+        // With nothing held, an ack wakes the thread: waiting for a wake-up with no deadline (the heartbeat's,
+        // 7.5 s here) would hold it longer than its delay.
+        try await waitUntil { loop.isIdle }
+        let idle = loop.acksLeftForWakeUp.load(ordering: .relaxed)
+        try next[0].ack()
+        let last = try await nextDelivery(&iterator, within: 5)
+        #expect(String(decoding: last.body, as: UTF8.self) == "m10")
+        #expect(loop.acksLeftForWakeUp.load(ordering: .relaxed) == idle)
+
+        // The ack that reaches the count wakes the thread too: three acks free three deliveries long before
+        // the 60 s delay (and before the heartbeat's wake-up).
+        try await channel.holdAcks(for: .seconds(60), upTo: 3)
+        try next[1].ack()
+        try await waitUntil { loop.isIdle }
+        let counted = loop.acksLeftForWakeUp.load(ordering: .relaxed)
+        try next[2].ack()
+        try next[3].ack()
+        #expect(loop.acksLeftForWakeUp.load(ordering: .relaxed) - counted <= 1)
+        var freed: [String] = []
+        for _ in 0..<3 {
+            freed.append(String(decoding: try await nextDelivery(&iterator, within: 5).body, as: UTF8.self))
+        }
+        #expect(freed == ["m11", "m12", "m13"])
+    }
+
     @Test(
         "a task preferring the connection's executor runs on its thread, and on the pool for a second after a stretch that used over a millisecond of CPU or waited over 50 ms"
     )
