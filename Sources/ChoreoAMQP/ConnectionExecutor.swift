@@ -12,7 +12,7 @@ import Foundation
 /// pool for the next second, so slow synchronous work does not keep the connection from its frames. A
 /// stretch that is long only because another process had the CPU does not count: on a small, busy machine
 /// that happens every few seconds, and counting it sent a quarter of a hop's events at 200 events/s to the
-/// pool, each with a thread wake-up more.
+/// pool, each with a thread wake-up more. Nor do several short jobs in a row: a job's own CPU time counts.
 ///
 /// ```swift
 /// try await withTaskExecutorPreference(connection.executor) { try await handle(consumer) }
@@ -52,12 +52,14 @@ public final class ConnectionExecutor: TaskExecutor, Sendable {
     /// On `loop`'s I/O thread.
     private func run(_ job: UnownedJob, on loop: IOLoop) {
         let start = ContinuousClock.now
+        let cpu = IOLoop.threadCPUTime()
         job.runSynchronously(on: asUnownedTaskExecutor())
         let end = ContinuousClock.now
         let elapsed = end - start
         // Long on the clock but short in CPU time: the thread was preempted, which says nothing of the job.
-        // (The CPU time is read at each wake-up and after a long stretch, not around every job: a system call.)
-        if elapsed > Self.longStretch, elapsed > Self.longWait || loop.cpuSinceWake > Self.longStretch {
+        // The job's own CPU time, not the thread's since it last slept: events that come close together
+        // keep the thread awake through several short jobs, and their sum must not pause it.
+        if elapsed > Self.longStretch, elapsed > Self.longWait || IOLoop.threadCPUTime() - cpu > Self.longStretch {
             loop.executorPausedUntil = end + Self.pause
         }
     }

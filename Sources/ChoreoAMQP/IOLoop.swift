@@ -232,22 +232,14 @@ final class IOLoop: Sendable {
             pollfd(fd: socket, events: Int16(POLLIN), revents: 0),
         ]
         _ = poll(&fds, socket >= 0 ? 2 : 1, timeoutMilliseconds)
-        cpuAtWake = Self.threadCPUTime()
         wokeUp()
     }
-
-    /// The I/O thread's CPU time when it last woke up; read and written only on that thread.
-    nonisolated(unsafe) private var cpuAtWake = Duration.zero
 
     /// Until when ``ConnectionExecutor`` sends jobs woken here to the pool (after a long stretch on this
     /// thread). Read and written only on the I/O thread.
     nonisolated(unsafe) var executorPausedUntil = ContinuousClock.now
 
-    /// The CPU time the I/O thread has used since it last woke up (an upper bound for that of a job it runs:
-    /// a thread that did not sleep for a while counts all its work since). Called on the I/O thread.
-    var cpuSinceWake: Duration { Self.threadCPUTime() - cpuAtWake }
-
-    /// The calling thread's CPU time (a system call, about half a microsecond here: not for every job).
+    /// The calling thread's CPU time (a system call, about half a microsecond here).
     static func threadCPUTime() -> Duration {
         var t = timespec()
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)

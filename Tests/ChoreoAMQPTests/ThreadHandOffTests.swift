@@ -201,6 +201,41 @@ struct ThreadHandOffTests {
         #expect(threads == [true, true, false, false, true, false])
     }
 
+    @Test(
+        "short jobs in a row keep the executor on the connection's thread, whatever CPU they use together, and so does a preempted job after them"
+    )
+    func shortJobsInARowDoNotPause() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "executor-short-jobs")
+        try await channel.publish(.toQueue(queue, "one"))
+
+        let loop = connection.loop
+        let threads = try await withTaskExecutorPreference(connection.executor) {
+            () async throws -> [Bool] in
+            var onLoop: [Bool] = []
+            let consumer = try await channel.consume(queue: queue)
+            let first = try await consumer.next(max: 1)
+            onLoop.append(loop.isCurrentThread)
+            try first?.first?.ack()
+            // Five jobs of half a millisecond of CPU, each queued while the one before runs, so the thread does
+            // not sleep between them (as when events come close together): 2.5 ms of CPU in all.
+            for _ in 0..<5 {
+                let cpu = IOLoop.threadCPUTime()
+                while IOLoop.threadCPUTime() - cpu < .microseconds(500) {}
+                await Task.yield()
+                onLoop.append(loop.isCurrentThread)
+            }
+            // Then a job long on the clock and short in CPU (the thread preempted): no pause either.
+            usleep(5000)
+            await Task.yield()
+            await Task.yield()
+            onLoop.append(loop.isCurrentThread)
+            return onLoop
+        }
+        #expect(threads == [Bool](repeating: true, count: 7))
+    }
+
     @Test("an executor including a second connection runs there what that connection's thread wakes up")
     func executorIncludesSecondConnection() async throws {
         let consuming = try await TestBroker.connect()
