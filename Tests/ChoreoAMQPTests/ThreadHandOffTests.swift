@@ -158,45 +158,32 @@ struct ThreadHandOffTests {
         "a task preferring the connection's executor runs on its thread, and on the pool for 200 ms after a job that used over 2 ms of CPU or waited over 50 ms"
     )
     func executorRunsOnConnectionThread() async throws {
-        let connection = try await TestBroker.connect()
-        defer { Task { await connection.close() } }
-        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "executor")
-        _ = await channel.publish(contentsOf: [.toQueue(queue, "one"), .toQueue(queue, "two")])
-
-        let loop = connection.loop
-        let threads = try await withTaskExecutorPreference(connection.executor) {
-            () async throws -> [Bool] in
-            var onLoop: [Bool] = []
-            // Resumed by the connection's thread (the consume request's reply, then the delivery): runs there.
-            let consumer = try await channel.consume(queue: queue)
-            let first = try await consumer.next(max: 1)
-            onLoop.append(loop.isCurrentThread)
-            try first?.first?.ack()
+        let threads = try await stepsOnConnectionThread(queue: "executor", messages: ["one", "two"]) {
+            channel, queue, consumer, record in
             // 5 ms off the CPU (as when the thread is preempted) is not a long stretch: still on the thread.
             usleep(5000)
             await Task.yield()
-            onLoop.append(loop.isCurrentThread)
+            record()
             // 5 ms of CPU is: what follows goes to the pool for 200 ms. The first yield was queued during
             // the stretch, the second comes after it.
             let cpu = IOLoop.threadCPUTime()
             while IOLoop.threadCPUTime() - cpu < .milliseconds(5) {}
             await Task.yield()
             await Task.yield()
-            onLoop.append(loop.isCurrentThread)
+            record()
             let second = try await consumer.next(max: 1)
-            onLoop.append(loop.isCurrentThread)
+            record()
             try second?.first?.ack()
             #expect(String(decoding: second?.first?.body ?? Data(), as: UTF8.self) == "two")
             // 300 ms later the pause is over: a confirm (read by the connection's thread) resumes the task there.
             try await Task.sleep(for: .milliseconds(300))
             try await channel.publish(.toQueue(queue, "three"))
-            onLoop.append(loop.isCurrentThread)
+            record()
             // A wait over 50 ms counts, CPU or not.
             usleep(60_000)
             await Task.yield()
             await Task.yield()
-            onLoop.append(loop.isCurrentThread)
-            return onLoop
+            record()
         }
         #expect(threads == [true, true, false, false, true, false])
     }
@@ -205,40 +192,52 @@ struct ThreadHandOffTests {
         "short jobs in a row keep the executor on the connection's thread, whatever CPU they use together, and so do a job of 1.5 ms of CPU and a preempted one"
     )
     func shortJobsInARowDoNotPause() async throws {
-        let connection = try await TestBroker.connect()
-        defer { Task { await connection.close() } }
-        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: "executor-short-jobs")
-        try await channel.publish(.toQueue(queue, "one"))
-
-        let loop = connection.loop
-        let threads = try await withTaskExecutorPreference(connection.executor) {
-            () async throws -> [Bool] in
-            var onLoop: [Bool] = []
-            let consumer = try await channel.consume(queue: queue)
-            let first = try await consumer.next(max: 1)
-            onLoop.append(loop.isCurrentThread)
-            try first?.first?.ack()
+        let threads = try await stepsOnConnectionThread(queue: "executor-short-jobs", messages: ["one"]) {
+            _, _, _, record in
             // Six jobs of half a millisecond of CPU, each queued while the one before runs, so the thread does
             // not sleep between them (as when events come close together): 3 ms of CPU in all.
             for _ in 0..<6 {
                 let cpu = IOLoop.threadCPUTime()
                 while IOLoop.threadCPUTime() - cpu < .microseconds(500) {}
                 await Task.yield()
-                onLoop.append(loop.isCurrentThread)
+                record()
             }
             // One job of 1.5 ms of CPU (an event's work on a slow moment of a small VM) does not pause it either.
             let cpu = IOLoop.threadCPUTime()
             while IOLoop.threadCPUTime() - cpu < .microseconds(1500) {}
             await Task.yield()
-            onLoop.append(loop.isCurrentThread)
+            record()
             // Then a job long on the clock and short in CPU (the thread preempted): no pause either.
             usleep(5000)
             await Task.yield()
             await Task.yield()
-            onLoop.append(loop.isCurrentThread)
-            return onLoop
+            record()
         }
         #expect(threads == [Bool](repeating: true, count: 9))
+    }
+
+    /// Publishes `messages` to a fresh queue; then, preferring a new connection's executor, consumes the first
+    /// (resumed by the connection's thread: the consume request's reply, then the delivery), acks it and runs
+    /// `body`. Returns, for the first delivery and for each `record()` of `body`, whether the task was on the
+    /// connection's thread at that point.
+    private func stepsOnConnectionThread(
+        queue name: String, messages: [String],
+        _ body: (AMQPChannel, String, AMQPConsumer, _ record: () -> Void) async throws -> Void
+    ) async throws -> [Bool] {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let (channel, queue) = try await TestBroker.confirmingChannel(on: connection, queue: name)
+        for result in await channel.publish(contentsOf: messages.map { .toQueue(queue, $0) }) { try result.get() }
+        let loop = connection.loop
+        return try await withTaskExecutorPreference(connection.executor) { () async throws -> [Bool] in
+            var onLoop: [Bool] = []
+            let consumer = try await channel.consume(queue: queue)
+            let first = try await consumer.next(max: 1)
+            onLoop.append(loop.isCurrentThread)
+            try first?.first?.ack()
+            try await body(channel, queue, consumer) { onLoop.append(loop.isCurrentThread) }
+            return onLoop
+        }
     }
 
     @Test("an executor including a second connection runs there what that connection's thread wakes up")
