@@ -5,6 +5,8 @@ Usage: python3 Benchmarks/Diagnostics/stages.py PREFIX
 reads PREFIX.<pid> (one file per hop process, lines "stage nanoseconds thread") and prints, per process,
 the median time of each stage since the I/O thread woke up, and the median of each step. Only events that
 arrive alone count (2 ms or more after the process's previous mark): the paced phase at 200 events/s.
+The chain benchmark starts its Choreo hops in the order sink, B, A, so (pids ascending, unless they
+wrapped) the files come in that order; the sink's has no "publish sent".
 """
 import glob
 import statistics
