@@ -77,7 +77,7 @@ struct HandlerRunner: Sendable {
                     // Deliveries not started go back to the queue when the channel closes.
                     if shouldStop() { break }
                     inFlight.add(batch.count)
-                    await admit(batch, completer: completer, inFlight: inFlight, group: &group)
+                    await admit(batch, from: consumer, completer: completer, inFlight: inFlight, group: &group)
                 }
             } catch {
                 failure = error
@@ -94,7 +94,7 @@ struct HandlerRunner: Sendable {
 
     /// Decodes a batch, claims its keys in one ledger write and starts the invocations.
     private func admit(
-        _ batch: [AMQPDelivery], completer: Completer, inFlight: InFlight,
+        _ batch: [AMQPDelivery], from consumer: AMQPConsumer, completer: Completer, inFlight: InFlight,
         group: inout ThrowingDiscardingTaskGroup<any Error>
     ) async {
         var admitted: [Admitted] = []
@@ -126,8 +126,16 @@ struct HandlerRunner: Sendable {
             return
         }
         FaultInjection.reached("after-claim")
+        // A delivery alone in flight, on the connection's thread, starts its invocation here and now, up to its
+        // first suspension (usually the wait for its publish's confirm): no task queued for the thread's next
+        // turn on its path. It would usually run on this thread next, and hold it just as long. Elsewhere (a
+        // burst, or the executor paused after a long job) a task of its own, so that invocations run in
+        // parallel and the consume loop goes on taking deliveries meanwhile.
+        let alone = batch.count == 1 && inFlight.count == 1 && consumer.isOnConnectionThread
         for (a, claim) in zip(admitted, claims) {
             switch claim {
+            case .claimed where alone:
+                group.addImmediateTask { await invoke(a, completer: completer, inFlight: inFlight) }
             case .claimed:
                 group.addTask { await invoke(a, completer: completer, inFlight: inFlight) }
             case .completed(let unpublished):

@@ -27,6 +27,11 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
         try await buffer.next(max: max)
     }
 
+    /// Whether the caller runs on the I/O thread of this consumer's connection: a task that prefers the
+    /// connection's ``ConnectionExecutor`` does when a delivery woke it there. Work done right there, inline,
+    /// costs a delivery no thread hand-over; anywhere else, a separate task keeps deliveries flowing.
+    public var isOnConnectionThread: Bool { channel.connection.loop.isCurrentThread }
+
     public func makeAsyncIterator() -> Iterator {
         Iterator(buffer: buffer)
     }

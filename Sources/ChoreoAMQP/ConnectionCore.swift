@@ -172,6 +172,10 @@ final class ConnectionCore {
             guard failure == nil, let live = self.state else { return }
             state = live
             amqp_maybe_release_buffers_on_channel(state, frame.channel)
+            // A job this frame queued (a consumer woken by a delivery) runs before the next read when nothing
+            // more is buffered: that read would only find the socket empty, a `recv` and a `poll` on a lone
+            // event's path. The socket is read again after the job.
+            if amqp_data_in_buffer(state) == 0, amqp_frames_enqueued(state) == 0, loop.hasQueuedJobs { return }
         }
     }
 

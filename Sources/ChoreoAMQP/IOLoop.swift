@@ -219,21 +219,29 @@ final class IOLoop: Sendable {
         }
     }
 
-    func wokeUp() {
-        queue.withLock { $0.sleeping = false }
-        var value: UInt64 = 0
-        _ = read(wakeFD, &value, 8)
-    }
-
     /// Sleeps until the socket is readable, a job is submitted, or the timeout passes.
     func sleep(socket: Int32, timeoutMilliseconds: Int32) {
-        var fds = [
+        // On the stack, and the eventfd read only when it was written: this runs at every event's wake-up.
+        var fds = (
             pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: socket, events: Int16(POLLIN), revents: 0),
-        ]
-        _ = poll(&fds, socket >= 0 ? 2 : 1, timeoutMilliseconds)
-        wokeUp()
+            pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+        )
+        let signalled = withUnsafeMutableBytes(of: &fds) { raw -> Bool in
+            let p = raw.baseAddress!.assumingMemoryBound(to: pollfd.self)
+            let ready = poll(p, socket >= 0 ? 2 : 1, timeoutMilliseconds)
+            return ready != 0 && p[0].revents != 0
+        }
+        queue.withLock { $0.sleeping = false }
+        // A write after `poll` returned stays in the eventfd and ends the next sleep at once: harmless, since the
+        // next turn takes the queued work anyway.
+        if signalled {
+            var value: UInt64 = 0
+            _ = read(wakeFD, &value, 8)
+        }
     }
+
+    /// Whether jobs wait for the thread's next turn.
+    var hasQueuedJobs: Bool { queue.withLock { !$0.jobs.isEmpty } }
 
     /// Until when ``ConnectionExecutor`` sends jobs woken here to the pool (after a long stretch on this
     /// thread). Read and written only on the I/O thread.

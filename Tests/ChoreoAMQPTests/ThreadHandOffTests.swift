@@ -232,10 +232,17 @@ struct ThreadHandOffTests {
         return try await withTaskExecutorPreference(connection.executor) { () async throws -> [Bool] in
             var onLoop: [Bool] = []
             let consumer = try await channel.consume(queue: queue)
+            // What the consumer says of the calling thread (the runtime decides by it whether to start a lone
+            // invocation inline) agrees with the loop's own answer, on the thread and on the pool.
+            func record() {
+                let here = loop.isCurrentThread
+                #expect(consumer.isOnConnectionThread == here)
+                onLoop.append(here)
+            }
             let first = try await consumer.next(max: 1)
-            onLoop.append(loop.isCurrentThread)
+            record()
             try first?.first?.ack()
-            try await body(channel, queue, consumer) { onLoop.append(loop.isCurrentThread) }
+            try await body(channel, queue, consumer, record)
             return onLoop
         }
     }
