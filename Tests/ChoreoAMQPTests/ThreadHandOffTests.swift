@@ -166,8 +166,7 @@ struct ThreadHandOffTests {
             record()
             // 5 ms of CPU is: what follows goes to the pool for 200 ms. The first yield was queued during
             // the stretch, the second comes after it.
-            let cpu = IOLoop.threadCPUTime()
-            while IOLoop.threadCPUTime() - cpu < .milliseconds(5) {}
+            useCPU(.milliseconds(5))
             await Task.yield()
             await Task.yield()
             record()
@@ -197,14 +196,12 @@ struct ThreadHandOffTests {
             // Six jobs of half a millisecond of CPU, each queued while the one before runs, so the thread does
             // not sleep between them (as when events come close together): 3 ms of CPU in all.
             for _ in 0..<6 {
-                let cpu = IOLoop.threadCPUTime()
-                while IOLoop.threadCPUTime() - cpu < .microseconds(500) {}
+                useCPU(.microseconds(500))
                 await Task.yield()
                 record()
             }
             // One job of 1.5 ms of CPU (an event's work on a slow moment of a small VM) does not pause it either.
-            let cpu = IOLoop.threadCPUTime()
-            while IOLoop.threadCPUTime() - cpu < .microseconds(1500) {}
+            useCPU(.microseconds(1500))
             await Task.yield()
             record()
             // Then a job long on the clock and short in CPU (the thread preempted): no pause either.
@@ -214,6 +211,12 @@ struct ThreadHandOffTests {
             record()
         }
         #expect(threads == [Bool](repeating: true, count: 9))
+    }
+
+    /// Keeps the calling thread busy until it has used `amount` of CPU time.
+    private func useCPU(_ amount: Duration) {
+        let start = IOLoop.threadCPUTime()
+        while IOLoop.threadCPUTime() - start < amount {}
     }
 
     /// Publishes `messages` to a fresh queue; then, preferring a new connection's executor, consumes the first
