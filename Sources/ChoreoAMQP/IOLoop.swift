@@ -243,7 +243,7 @@ final class IOLoop: Sendable {
     /// Whether jobs wait for the thread's next turn.
     var hasQueuedJobs: Bool { queue.withLock { !$0.jobs.isEmpty } }
 
-    /// Until when ``ConnectionExecutor`` sends jobs woken here to the pool (after a long stretch on this
+    /// Until when ``ConnectionExecutor`` sends jobs woken here to the pool (after a long job on this
     /// thread). Read and written only on the I/O thread.
     nonisolated(unsafe) var executorPausedUntil = ContinuousClock.now
 
