@@ -28,33 +28,41 @@ struct HopB: EventHandler {
 }
 
 /// Appends each event's end-to-end latency (microseconds since the producer stamped it) to a file.
-/// Lines are buffered and written every 5 ms, as the C sink writes its batch's lines with one flush: the
-/// measuring should cost both sinks alike, not a write call per event on one side only.
+/// Written as the C sink writes its lines: by the handler itself, after it read the clock, with one write
+/// for the lines of handlers that finished meanwhile (a lone event at 200/s: one write of its line; a burst:
+/// few writes). No thread of its own: one that woke to look every few milliseconds would be a wake-up in
+/// the Choreo sink, 200 a second, that the C sink does not have.
 final class LatencyLog: Sendable {
-    private let pending = Mutex<[UInt8]>([])
+    private let handle: FileHandle
+    /// Lines not yet written, and whether a handler is writing (it takes what comes meanwhile along).
+    private let pending = Mutex<(lines: [UInt8], writing: Bool)>(([], false))
 
     init(path: String) throws {
         if !FileManager.default.fileExists(atPath: path) {
             _ = FileManager.default.createFile(atPath: path, contents: nil)
         }
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
         handle.seekToEndOfFile()
-        let writer = Thread { [self] in
-            while true {
-                usleep(5000)
-                let lines = self.pending.withLock { p -> [UInt8] in
-                    defer { p.removeAll(keepingCapacity: true) }
-                    return p
-                }
-                if !lines.isEmpty { handle.write(Data(lines)) }
-            }
-        }
-        writer.start()
     }
 
     func record(sentAt: Double) {
         let micros = (Date().timeIntervalSince1970 - sentAt) * 1e6
-        pending.withLock { $0.append(contentsOf: "\(Int(micros))\n".utf8) }
+        let writes = pending.withLock { p -> Bool in
+            p.lines.append(contentsOf: "\(Int(micros))\n".utf8)
+            if p.writing { return false }
+            p.writing = true
+            return true
+        }
+        guard writes else { return }
+        while true {
+            let lines = pending.withLock { p -> [UInt8] in
+                defer { p.lines.removeAll(keepingCapacity: true) }
+                if p.lines.isEmpty { p.writing = false }
+                return p.lines
+            }
+            if lines.isEmpty { return }
+            handle.write(Data(lines))
+        }
     }
 }
 
