@@ -42,7 +42,7 @@ public struct EventEnvelope: Sendable, Hashable {
     public var data: Data
 
     public init(
-        id: String = UUID().uuidString.lowercased(), source: String, type: String, time: Date? = Date(),
+        id: String = EventID.random(), source: String, type: String, time: Date? = Date(),
         subject: String? = nil, dataContentType: String? = "application/json", dataSchema: String? = nil,
         dataVersion: Int = 1, correlationID: String? = nil, causationID: String? = nil, traceparent: String? = nil,
         idempotencyKey: String? = nil, extensions: [String: String] = [:], data: Data
@@ -66,7 +66,7 @@ public struct EventEnvelope: Sendable, Hashable {
 
     /// Builds an envelope for a typed event, encoding it as JSON.
     public init<E: Event>(
-        _ event: E, source: String, id: String = UUID().uuidString.lowercased(),
+        _ event: E, source: String, id: String = EventID.random(),
         correlationID: String? = nil, causationID: String? = nil,
         idempotencyKey: String? = nil, subject: String? = nil
     ) throws {

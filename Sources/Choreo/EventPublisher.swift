@@ -51,7 +51,7 @@ public final class EventPublisher: Sendable {
     ///   - idempotencyKey: a key handlers deduplicate by instead of the id.
     @discardableResult
     public func publish<E: Event>(
-        _ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
+        _ event: E, id: String = EventID.random(), correlationID: String? = nil,
         idempotencyKey: String? = nil, subject: String? = nil
     ) async throws -> String {
         let envelope = try EventEnvelope(

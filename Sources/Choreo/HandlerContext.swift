@@ -70,8 +70,6 @@ public final class HandlerContext: Sendable {
 
     package var emitted: [OutboxMessage] { buffer.withLock { $0 } }
 
-    private static let hexDigits = Array("0123456789abcdef".utf8)
-
     /// A UUID-shaped id from SHA-256 of (input id, handler, index): the same inputs give the same id.
     package static func derivedID(input: String, handler: String, index: Int) -> String {
         // The bytes of "input\0handler\0index", hashed as they are: no joined string or Data per emit.
@@ -83,24 +81,6 @@ public final class HandlerContext: Sendable {
         }
         var number = String(index)
         number.withUTF8 { sha.update(bufferPointer: UnsafeRawBufferPointer($0)) }
-        return sha.finalize().withUnsafeBytes { digest in
-            String(unsafeUninitializedCapacity: 36) { out in
-                let hex = hexDigits
-                var n = 0
-                for i in 0..<16 {
-                    var b = digest[i]
-                    if i == 6 { b = (b & 0x0F) | 0x50 }  // version 5 layout (name-based, SHA)
-                    if i == 8 { b = (b & 0x3F) | 0x80 }
-                    if i == 4 || i == 6 || i == 8 || i == 10 {
-                        out[n] = UInt8(ascii: "-")
-                        n += 1
-                    }
-                    out[n] = hex[Int(b >> 4)]
-                    out[n + 1] = hex[Int(b & 0x0F)]
-                    n += 2
-                }
-                return n
-            }
-        }
+        return sha.finalize().withUnsafeBytes { UUIDText.format($0, version: 5) }
     }
 }

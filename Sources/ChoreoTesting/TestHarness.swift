@@ -73,7 +73,7 @@ public actor TestHarness {
     /// Publishes an event to every handler subscribed to its type. Returns its id.
     @discardableResult
     public func publish<E: Event>(
-        _ event: E, id: String = UUID().uuidString.lowercased(), correlationID: String? = nil,
+        _ event: E, id: String = EventID.random(), correlationID: String? = nil,
         idempotencyKey: String? = nil
     ) throws -> String {
         let envelope = try EventEnvelope(

@@ -46,7 +46,7 @@ struct Publish: AsyncParsableCommand {
         guard (try? JSONSerialization.jsonObject(with: bytes, options: [.fragmentsAllowed])) != nil else {
             throw ValidationError("--data is not valid JSON")
         }
-        let eventID = id ?? UUID().uuidString.lowercased()
+        let eventID = id ?? EventID.random()
         let envelope = EventEnvelope(
             id: eventID, source: source, type: type, dataVersion: dataVersion,
             correlationID: correlationId ?? eventID, idempotencyKey: key, data: bytes)

@@ -109,6 +109,58 @@ struct EnvelopeCodecTests {
         #expect(a == "dfcd1d33-e00c-5d1f-b704-4a68228c0850")
     }
 
+    @Test("new event ids are random UUIDs (version 4), lowercase, never repeated, also when made concurrently")
+    func randomIDs() async {
+        // Four tasks at once, 500 ids each: a buffer of randomness serves 16 ids, so this refills it many times.
+        let ids = await withTaskGroup(of: [String].self) { group in
+            for _ in 0..<4 { group.addTask { (0..<500).map { _ in EventID.random() } } }
+            return await group.reduce(into: [String]()) { $0 += $1 }
+        }
+        #expect(Set(ids).count == 2000)
+        for id in ids {
+            let chars = Array(id)
+            #expect(id.count == 36 && id == id.lowercased() && UUID(uuidString: id) != nil, "\(id)")
+            #expect(chars[14] == "4" && "89ab".contains(chars[19]), "version and variant bits of \(id)")
+        }
+        // Every hex digit outside the fixed bits shows up: the bytes are not, say, all zero.
+        let digits = Set(ids.joined().filter { $0 != "-" })
+        #expect(digits == Set("0123456789abcdef"))
+        // An envelope made without an id gets one of these.
+        let made = EventEnvelope(source: "test", type: "t", data: Data("{}".utf8)).id
+        #expect(UUID(uuidString: made) != nil && Array(made)[14] == "4" && !ids.contains(made))
+    }
+
+    @Test("a forked child makes other ids than its parent, though both had the same random bytes buffered")
+    func randomIDsAfterFork() throws {
+        _ = EventID.random()  // the buffer now holds what the next ids are made of, in both processes
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        let child = fork()
+        if child == 0 {
+            // The child: one id, down the pipe, and out without running anything of the parent's.
+            var line = Array(EventID.random().utf8)
+            _ = write(fds[1], &line, line.count)
+            _exit(0)
+        }
+        #expect(child > 0)
+        close(fds[1])
+        defer { close(fds[0]) }
+        let parentID = EventID.random()
+        var poller = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
+        guard poll(&poller, 1, 10_000) == 1 else {
+            kill(child, SIGKILL)
+            _ = waitpid(child, nil, 0)
+            Issue.record("the child wrote no id within 10 s")
+            return
+        }
+        var bytes = [UInt8](repeating: 0, count: 64)
+        let n = read(fds[0], &bytes, bytes.count)
+        var status: Int32 = 0
+        _ = waitpid(child, &status, 0)
+        let childID = String(decoding: bytes.prefix(max(0, n)), as: UTF8.self)
+        #expect(UUID(uuidString: childID) != nil, "child wrote '\(childID)'")
+        #expect(childID != parentID)
+    }
     @Test("retry policy: delays by attempt, then exhaustion")
     func retryPolicy() {
         let p = RetryPolicy(maxAttempts: 4, delays: [.seconds(1), .seconds(10)])
