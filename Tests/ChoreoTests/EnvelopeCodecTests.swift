@@ -134,7 +134,7 @@ struct EnvelopeCodecTests {
     func randomIDsAfterFork() throws {
         _ = EventID.random()  // the buffer now holds what the next ids are made of, in both processes
         var fds: [Int32] = [0, 0]
-        #expect(pipe(&fds) == 0)
+        try #require(pipe(&fds) == 0)
         let child = fork()
         if child == 0 {
             // The child: one id, down the pipe, and out without running anything of the parent's.
@@ -142,9 +142,9 @@ struct EnvelopeCodecTests {
             _ = write(fds[1], &line, line.count)
             _exit(0)
         }
-        #expect(child > 0)
         close(fds[1])
         defer { close(fds[0]) }
+        try #require(child > 0, "fork failed")
         let parentID = EventID.random()
         var poller = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
         guard poll(&poller, 1, 10_000) == 1 else {
@@ -161,6 +161,7 @@ struct EnvelopeCodecTests {
         #expect(UUID(uuidString: childID) != nil, "child wrote '\(childID)'")
         #expect(childID != parentID)
     }
+
     @Test("retry policy: delays by attempt, then exhaustion")
     func retryPolicy() {
         let p = RetryPolicy(maxAttempts: 4, delays: [.seconds(1), .seconds(10)])
