@@ -13,7 +13,7 @@ name=choreo-bench
 port=${CHOREO_BENCH_PORT:-5675}
 
 # CHOREO_BROKER_ERL_ARGS adds Erlang VM flags to the broker (scripts/broker.sh), for experiments such as
-# the schedulers' busy wait: CHOREO_BROKER_ERL_ARGS="+sbwt very_short" (README, "Tried and not kept").
+# the schedulers' busy wait: CHOREO_BROKER_ERL_ARGS="+sbwt very_short" (Benchmarks/NOTES.md, "Tried and not kept").
 scripts/install-deps.sh
 scripts/broker.sh start "$name" "$port"
 trap 'scripts/broker.sh stop "$name"' EXIT
