@@ -8,18 +8,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "probe.h"
+
 #define N 2000
-
-static double now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e9 + t.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 int main(void) {
     const char *path = "/tmp/cold_insert.sqlite";

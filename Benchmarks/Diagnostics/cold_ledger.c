@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "probe.h"
+
 #define ROUNDS 1500
 #define PREFILL 50000
 
@@ -47,17 +49,6 @@ static struct ledger ledgers[VARIANTS];
 static char attributes[400]; // about what a Choreo outbox row's attribute JSON holds
 static unsigned char data[80];
 static double took[VARIANTS][ROUNDS];
-
-static double now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e9 + t.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static void exec(sqlite3 *db, const char *sql) {
     char *error = NULL;
