@@ -259,6 +259,9 @@ func startChoreoHop(
     if let ms = ProcessInfo.processInfo.environment["CHAIN_ACK_DELAY"] { p.arguments! += ["--ack-delay", ms] }
     var env = ProcessInfo.processInfo.environment.merging(environment) { $1 }
     env["CHOREO_LOG_LEVEL"] = "warning"
+    // For trying another allocator in the Choreo hops only (the C hops keep glibc's):
+    // CHAIN_HOP_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2.
+    if let preload = env["CHAIN_HOP_PRELOAD"], !preload.isEmpty { env["LD_PRELOAD"] = preload }
     p.environment = env
     try p.run()
     return p
