@@ -111,7 +111,6 @@ static void write_one(enum variant v, const char *key, double at, int in_transac
         bind_rows(l->first, l->second, 1, key, at);
         step(l->first);
         if (sqlite3_changes(l->db) == 1) step(l->second);
-        else sqlite3_reset(l->second);
         if (!in_transaction) step(l->commit);
         break;
     }

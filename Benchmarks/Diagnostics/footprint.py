@@ -6,8 +6,8 @@ command line matches PATTERN is sampled in turn, over and over, until none is le
 
 At 200 events/s a window holds about ten events, and in a chain round of `--count 2000` the paced
 phase is most of a hop's life, so the median window is one of it. The quietest window, between phases,
-shows what a process touches with no event (and shared pages that other processes use, such as libc's).
-The report gives, per process and mapping, the median window, the quietest one and their difference.
+shows what a process touches with no event: on this machine nothing, its threads all blocked. The
+report gives, per process and mapping, the median window, the quietest one and their difference.
 Run as root, beside the chain benchmark, for example:
 
     python3 Benchmarks/Diagnostics/footprint.py 'chain-benchmark hop a|bench.c.a ' &
@@ -50,7 +50,7 @@ def command(pid):
 
 
 def referenced(pid):
-    """kB referenced per mapping name, or None when the process is gone."""
+    """kB referenced per mapping name; empty or None when the process is gone."""
     per = defaultdict(int)
     name = "[anon]"
     try:
@@ -91,7 +91,8 @@ def main():
             names.setdefault(pid, command(pid))
             time.sleep(WINDOW)
             sample = referenced(pid)
-            if sample is not None:
+            # An exiting process's smaps is empty: not a window, and it would pass for the quietest one.
+            if sample:
                 windows[pid].append(sample)
         time.sleep(0.2)
     for pid, samples in windows.items():
