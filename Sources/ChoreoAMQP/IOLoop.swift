@@ -170,7 +170,7 @@ final class IOLoop: Sendable {
     func perform<T: Sendable>(_ body: @escaping @Sendable (ConnectionCore) throws(AMQPError) -> T)
         async throws(AMQPError) -> T
     {
-        let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
+        let result: Result<T, AMQPError> = await withUnsafeContinuation { continuation in
             let ended = submit { core in
                 do throws(AMQPError) {
                     continuation.resume(returning: .success(try body(core)))
@@ -188,7 +188,7 @@ final class IOLoop: Sendable {
     func performPublish<T: Sendable>(
         _ body: @escaping @Sendable (ConnectionCore, @escaping @Sendable (Result<T, AMQPError>) -> Void) -> Void
     ) async throws(AMQPError) -> T {
-        let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
+        let result: Result<T, AMQPError> = await withUnsafeContinuation { continuation in
             let ended = runOrSubmit { core in
                 body(core) { continuation.resume(returning: $0) }
             }

@@ -8,7 +8,7 @@ import Synchronization
 package final class WaitableState<State: Sendable>: Sendable {
     private struct Guarded {
         var state: State
-        var waiter: CheckedContinuation<Void, Never>?
+        var waiter: UnsafeContinuation<Void, Never>?
         var condition: (@Sendable (State) -> Bool)?
     }
 
@@ -25,7 +25,7 @@ package final class WaitableState<State: Sendable>: Sendable {
 
     /// Changes the state and wakes the waiter if its condition now holds.
     package func update<R>(_ body: (inout State) -> R) -> R {
-        let (result, waiter) = guarded.withLock { g -> (R, CheckedContinuation<Void, Never>?) in
+        let (result, waiter) = guarded.withLock { g -> (R, UnsafeContinuation<Void, Never>?) in
             let result = body(&g.state)
             guard let condition = g.condition, g.waiter != nil, condition(g.state) else { return (result, nil) }
             defer {
@@ -41,7 +41,7 @@ package final class WaitableState<State: Sendable>: Sendable {
     /// Returns when `condition` holds, or when the calling task is cancelled. One waiter at a time.
     package func wait(until condition: @escaping @Sendable (State) -> Bool) async {
         await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
                 let ready = guarded.withLock { g -> Bool in
                     if Task.isCancelled || condition(g.state) { return true }
                     g.waiter = continuation
@@ -51,7 +51,7 @@ package final class WaitableState<State: Sendable>: Sendable {
                 if ready { continuation.resume() }
             }
         } onCancel: {
-            let waiter = guarded.withLock { g -> CheckedContinuation<Void, Never>? in
+            let waiter = guarded.withLock { g -> UnsafeContinuation<Void, Never>? in
                 defer {
                     g.waiter = nil
                     g.condition = nil
