@@ -102,12 +102,21 @@ public final class SQLiteLedger: IdempotencyLedger {
         return fd
     }
 
+    /// Waits for a lock that the ledger's other connection holds (the checkpointer's restart, a reader) in
+    /// steps of 0.1 ms, for about 10 s in all. SQLite's own timeout sleeps 1, 2, 5, 10 ms and longer between
+    /// tries: a commit that met a restart of a millisecond or two waited 8 ms, and the checkpointer, waiting
+    /// for a gap between a busy writer's commits, slept up to 100 ms at a time while the log grew.
+    private static let retryBriefly: Database.BusyCallback = { tries in
+        usleep(100)
+        return tries < 100_000
+    }
+
     /// Opens the file with the connection settings below, migrates it and reads its completed keys.
     private static func openFile(_ path: String, filterMinimumBits: Int, checkpointLimits: WALCheckpointer.Limits)
         throws -> (DatabasePool, WALCheckpointer, CompletedKeys, firstUnpublished: Int64)
     {
         var config = Configuration()
-        config.busyMode = .timeout(10)
+        config.busyMode = .callback(retryBriefly)
         config.prepareDatabase { db in
             // WAL with NORMAL sync: a commit survives a crash of the process (what the protocol is built on);
             // a power loss can roll back the last commits before a checkpoint, and a duplicate of one of

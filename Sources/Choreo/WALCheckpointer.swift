@@ -4,7 +4,7 @@ import GRDBSQLite
 import Synchronization
 
 /// Copies the ledger's write-ahead log back into the database file on a thread and a connection of its own,
-/// so that no commit waits for it.
+/// so that no commit waits for it, and starts the log over at every pass.
 ///
 /// SQLite's own automatic checkpoint runs inside the commit that crosses its threshold: at 8,000 pages
 /// that commit took 27-31 ms here (most of it syncing the log), on the thread that also reads the
@@ -12,23 +12,27 @@ import Synchronization
 /// only counts: its WAL hook (called after every commit with the log's length in pages) wakes this
 /// thread when ``Limits/pass`` pages were added since the last pass.
 ///
-/// A pass is a passive checkpoint, which never blocks the writer; when commits slipped in meanwhile it
-/// runs again for those few pages, so that the log is usually copied to its end and the writer's next
-/// commit starts it over from the beginning. Under a steady stream of commits it may never be copied to
-/// its end: when the log holds ``Limits/restart`` pages the pass ends with a restart checkpoint, which
-/// makes commits wait while it copies the last pages (a millisecond or two, the rest being copied already).
+/// A pass is passive checkpoints, which never block the writer, until the log is copied to its end or
+/// nearly (three at most: commits slip in meanwhile), then a restart checkpoint, which makes commits wait
+/// while it copies the last few pages (a millisecond or two) and lets the writer's next commit start the
+/// log over from the beginning of the file. Passive passes alone do not get there under a steady stream:
+/// at 200 events/s a hop commits every 2.5 ms, and every pass syncs the disk for longer than that, so the
+/// log grew for as long as the process ran, and every commit appended to the file. Appending costs the
+/// writer about twice what overwriting does (the kernel allocates, zeroes and charges a new page-cache
+/// page and reserves a block for each page written past the end; `cold_append.c` in Benchmarks/Diagnostics:
+/// four frames 60 against 33 µs after a 5 ms sleep). Started over, the log is rewritten in pages the system
+/// holds already, as SQLite's own checkpoints do, and the file stays about a pass long.
+///
 /// Should this thread fail or fall behind, the writer checkpoints inline at ``Limits/inline`` pages, as
 /// SQLite would: the log stays bounded whatever happens here.
 final class WALCheckpointer: Sendable {
     struct Limits: Sendable {
         /// Pages added to the log since the last pass that start the next one.
         var pass: Int
-        /// Pages in the log at which a pass ends by restarting it.
-        var restart: Int
         /// Pages in the log at which the writer checkpoints inline.
         var inline: Int
 
-        static let standard = Limits(pass: 4_000, restart: 16_000, inline: 32_000)
+        static let standard = Limits(pass: 4_000, inline: 32_000)
     }
 
     let limits: Limits
@@ -105,10 +109,8 @@ final class WALCheckpointer: Sendable {
                     copied = result.checkpointedFrameCount
                     if result.checkpointedFrameCount >= result.walFrameCount { break }
                 }
-                if copied >= limits.restart {
-                    try db.checkpoint(.restart)
-                    restarted = true
-                }
+                try db.checkpoint(.restart)
+                restarted = true
             }
         } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY {
             // Another connection held a lock the checkpoint needs, for a moment (a single process uses the file).

@@ -548,7 +548,7 @@ struct SQLiteLedgerTests {
         // Small limits, and an inline limit that is never reached: only the checkpoint thread keeps the log short.
         let l = try SQLiteLedger(
             path: path.path, filterMinimumBits: 1 << 16,
-            checkpointLimits: WALCheckpointer.Limits(pass: 40, restart: 160, inline: 1_000_000))
+            checkpointLimits: WALCheckpointer.Limits(pass: 40, inline: 1_000_000))
         let checkpointer = l.checkpointer
         let one = try outbox(1)
         // One commit per key, each writing at least two pages (the table's and the index's): 8,000 pages or
@@ -568,7 +568,7 @@ struct SQLiteLedgerTests {
         }
         #expect(checkpointer.passes.load(ordering: .relaxed) >= 40, "a pass at least every round")
         #expect(checkpointer.failures.load(ordering: .relaxed) == 0)
-        // The log file is as long as the longest the log ever was: at most a round's pages past the restart limit.
+        // The log file is as long as the longest the log ever was: a pass starts it over, so at most a round's pages.
         let logBytes = try #require(
             try FileManager.default.attributesOfItem(atPath: path.path + "-wal")[.size] as? Int)
         #expect(logBytes < 1_000 * 4_096, "the log holds \(logBytes / 4_096) pages")
@@ -585,6 +585,31 @@ struct SQLiteLedgerTests {
                 try await l.claim(handler: "h", key: key, owner: "b", lease: .seconds(60))
                     == .completed(unpublished: one))
         }
+    }
+
+    @Test("under a steady stream of commits every pass starts the log over, so the file stays about a pass long")
+    func logStartsOverUnderLoad() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        let pass = 200
+        let l = try SQLiteLedger(
+            path: path.path, filterMinimumBits: 1 << 16,
+            checkpointLimits: WALCheckpointer.Limits(pass: pass, inline: 1_000_000))
+        let one = try outbox(1)
+        // Back to back, never waiting for a pass: passive checkpoints alone never find the log copied to its
+        // end then, and it would hold nearly every page written, at least two per commit (10,000 or more;
+        // 5,400 to 7,700 pages of 3,000 commits when passes did not restart it). Restarted at every pass, it
+        // held 390 to 750 pages, with two busy loops beside the test.
+        for n in 0..<5_000 {
+            let key = "k\(n)"
+            #expect(try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+            #expect(try await l.complete(handler: "h", key: key, owner: "a", outbox: one) == .committed)
+        }
+        #expect(l.checkpointer.passes.load(ordering: .relaxed) >= 5, "a pass every \(pass) pages or so")
+        #expect(l.checkpointer.failures.load(ordering: .relaxed) == 0)
+        // The file is as long as the longest the log ever was: a pass's pages and what came during one.
+        let logBytes = try #require(
+            try FileManager.default.attributesOfItem(atPath: path.path + "-wal")[.size] as? Int)
+        #expect(logBytes < 12 * pass * 4_096, "the log held \(logBytes / 4_096) pages")
     }
 
     /// The `claim` table as schema versions 1 to 3 had it.
