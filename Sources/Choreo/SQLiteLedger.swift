@@ -102,10 +102,9 @@ public final class SQLiteLedger: IdempotencyLedger {
         return fd
     }
 
-    /// Waits for a lock that the ledger's other connection holds (the checkpointer's restart, a reader) in
-    /// steps of 0.1 ms, for about 10 s in all. SQLite's own timeout sleeps 1, 2, 5, 10 ms and longer between
-    /// tries: a commit that met a restart of a millisecond or two waited 8 ms, and the checkpointer, waiting
-    /// for a gap between a busy writer's commits, slept up to 100 ms at a time while the log grew.
+    /// Waits for a lock that the ledger's checkpointer holds (its restart, a millisecond or two) in steps of
+    /// 0.1 ms, for about 10 s in all. SQLite's own timeout sleeps 1, 2, 5 ms and longer between tries: a
+    /// commit that met a restart waited 8 ms. (The checkpointer's own connection waits 20 ms at most.)
     private static let retryBriefly: Database.BusyCallback = { tries in
         usleep(100)
         return tries < 100_000
