@@ -667,7 +667,7 @@ private enum Raw {
     }
 
     /// Binds `values` and runs `body` on the statement. Texts and blobs are copied once into one buffer on
-    /// the stack (the heap when large) and bound as they lie there (a nil destructor, `SQLITE_STATIC`), so
+    /// the stack (the heap above 16 KiB) and bound as they lie there (a nil destructor, `SQLITE_STATIC`), so
     /// SQLite does not copy them again: with `SQLITE_TRANSIENT` each was a `malloc` and `free` of SQLite's,
     /// about twenty per event in a hop. The bindings are cleared before the buffer goes away.
     private static func withBound<T>(
@@ -682,7 +682,7 @@ private enum Raw {
             case .int, .real: break
             }
         }
-        return try withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 8) { buffer in
+        func bound(_ buffer: UnsafeMutableRawBufferPointer) throws -> T {
             sqlite3_reset(s)
             defer {
                 sqlite3_reset(s)
@@ -719,6 +719,13 @@ private enum Raw {
             }
             return try body(s)
         }
+        // Large payloads on the heap, whatever room the thread's stack has.
+        if bytes > 16_384 {
+            let heap = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 8)
+            defer { heap.deallocate() }
+            return try bound(heap)
+        }
+        return try withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 8, bound)
     }
 
     private static func error(_ db: Database, _ rc: Int32, _ sql: String) -> DatabaseError {

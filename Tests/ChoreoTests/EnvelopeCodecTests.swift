@@ -277,6 +277,25 @@ struct SQLiteLedgerTests {
         #expect(try await l.claim(handler: "h", key: "k", owner: "d", lease: .seconds(60)) == .claimed(attempts: 4))
     }
 
+    @Test("payloads and keys of any size survive the ledger: empty, small, and past the 16 KiB bound on the stack")
+    func largeValuesRoundTrip() async throws {
+        let l = try ledger()
+        for size in [0, 7, 16_000, 16_385, 1 << 20] {
+            var e = try EventEnvelope(Pong(n: size), source: "s", id: "big-\(size)")
+            e.data = Data((0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) })
+            let message = OutboxMessage(index: 0, envelope: e, exchange: "x", routingKey: "test.pong")
+            let key = "k\(size)-" + String(repeating: "é", count: size / 64)
+            #expect(try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+            #expect(try await l.complete(handler: "h", key: key, owner: "a", outbox: [message]) == .committed)
+            guard
+                case .completed(let stored) = try await l.claim(handler: "h", key: key, owner: "b", lease: .seconds(60))
+            else {
+                Issue.record("expected the completed key \(size)"); continue
+            }
+            #expect(stored == [message], "payload of \(size) bytes")
+        }
+    }
+
     @Test("every attribute of an outbox event survives the ledger, whatever characters its strings hold")
     func outboxAttributesRoundTrip() async throws {
         let l = try ledger()
