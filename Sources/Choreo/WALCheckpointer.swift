@@ -17,12 +17,14 @@ import Synchronization
 /// while it copies the last few pages (a millisecond or two) and lets the writer's next commit start the
 /// log over from the beginning of the file. The restart waits 20 ms at most for a gap between commits,
 /// else it is tried again at the next pass. Passive passes alone do not get there under a steady stream:
-/// at 200 events/s a hop commits every 2.5 ms, and every pass syncs the disk for longer than that, so the
-/// log grew for as long as the process ran, and every commit appended to the file. Appending costs the
-/// writer about twice what overwriting does (the kernel allocates, zeroes and charges a new page-cache
-/// page and reserves a block for each page written past the end; `cold_append.c` in Benchmarks/Diagnostics:
-/// four frames 60 against 33 µs after a 5 ms sleep). Started over, the log is rewritten in pages the system
-/// holds already, as SQLite's own checkpoints do, and the file stays about a pass long.
+/// at 200 events/s a hop commits every 2.5 ms, and every pass syncs the disk for longer than that. When
+/// only a log of 16,000 pages (64 MB) was restarted, every commit until then appended to the file (the
+/// first 16 s at 200 events/s, a short-lived process's whole life), and the file stayed 64 MB. Appending
+/// costs the writer about twice what rewriting does (the kernel allocates, zeroes and charges a new
+/// page-cache page and reserves a block for each page written past the end; `cold_append.c` in
+/// Benchmarks/Diagnostics: four frames 60 against 33 µs after a 5 ms sleep). Started over at every pass,
+/// the log is rewritten in pages the system holds already from the first pass on, as with SQLite's own
+/// checkpoints, and the file stays about a pass long.
 ///
 /// Should this thread fail or fall behind, the writer checkpoints inline at ``Limits/inline`` pages, as
 /// SQLite would: the log stays bounded whatever happens here.
