@@ -776,7 +776,7 @@ final class GroupCommit: Sendable {
         }
         if lead {
             defer { handOver() }
-            return try writeAlone(body)
+            return try inTransaction(body)
         }
         return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
             let box = ResultBox<T>()
@@ -823,9 +823,10 @@ final class GroupCommit: Sendable {
         }
     }
 
-    /// One operation in a transaction of its own, its result returned and its error thrown, as `write` does
-    /// for a batch of one, without the boxes and closures a batch's outcome travels in.
-    private func writeAlone<T>(_ body: (Database) throws -> T) throws -> T {
+    /// Runs `body` in a transaction on the writer: committed when it returns, rolled back when it or the
+    /// commit throws, and that error thrown. A lone write calls it directly, without the boxes and closures
+    /// a batch's outcomes travel in.
+    private func inTransaction<T>(_ body: (Database) throws -> T) throws -> T {
         try pool.writeWithoutTransaction { db in
             try Raw.run(db, "BEGIN DEFERRED TRANSACTION", [])
             do {
@@ -833,6 +834,7 @@ final class GroupCommit: Sendable {
                 try Raw.run(db, "COMMIT TRANSACTION", [])
                 return value
             } catch {
+                // After some errors SQLite has rolled back already; then this one fails, harmlessly.
                 try? Raw.run(db, "ROLLBACK TRANSACTION", [])
                 throw error
             }
@@ -845,47 +847,30 @@ final class GroupCommit: Sendable {
     /// methods prepare them anew each time, which costs more than a one-row commit itself.
     private func write(_ batch: [Pending]) {
         do {
-            try pool.writeWithoutTransaction { db in
-                try Raw.run(db, "BEGIN DEFERRED TRANSACTION", [])
-                do {
-                    if batch.count == 1 {
-                        // No savepoint needed: the transaction is the operation's alone.
-                        do { try batch[0].work(db) } catch { batch[0].outcome = .failure(error) }
-                        if case .failure = batch[0].outcome { throw RollBack() }
-                    } else {
-                        for op in batch {
-                            try Raw.run(db, "SAVEPOINT op", [])
-                            do {
-                                try op.work(db)
-                                try Raw.run(db, "RELEASE SAVEPOINT op", [])
-                                op.outcome = .success(())
-                            } catch {
-                                op.outcome = .failure(error)
-                                try Raw.run(db, "ROLLBACK TRANSACTION TO SAVEPOINT op", [])
-                                try Raw.run(db, "RELEASE SAVEPOINT op", [])
-                            }
-                        }
+            try inTransaction { db in
+                if batch.count == 1 {
+                    // No savepoint needed: the transaction is the operation's alone, and its error rolls it back.
+                    try batch[0].work(db)
+                    return
+                }
+                for op in batch {
+                    try Raw.run(db, "SAVEPOINT op", [])
+                    do {
+                        try op.work(db)
+                        try Raw.run(db, "RELEASE SAVEPOINT op", [])
+                        op.outcome = .success(())
+                    } catch {
+                        op.outcome = .failure(error)
+                        try Raw.run(db, "ROLLBACK TRANSACTION TO SAVEPOINT op", [])
+                        try Raw.run(db, "RELEASE SAVEPOINT op", [])
                     }
-                    try Raw.run(db, "COMMIT TRANSACTION", [])
-                } catch {
-                    // After some errors SQLite has rolled back already; then this one fails, harmlessly.
-                    try? Raw.run(db, "ROLLBACK TRANSACTION", [])
-                    throw error
                 }
             }
-            for op in batch { op.finish(op.outcome) }
-        } catch is RollBack {
-            for op in batch { op.finish(op.outcome) }
         } catch {
-            for op in batch {
-                op.outcome = .failure(error)
-                op.finish(op.outcome)
-            }
+            for op in batch { op.outcome = .failure(error) }
         }
+        for op in batch { op.finish(op.outcome) }
     }
-
-    /// Rolls back a single operation's transaction after it threw (its own error is reported).
-    private struct RollBack: Error {}
 }
 
 extension Duration {
