@@ -22,7 +22,8 @@ import ServiceLifecycle
 /// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--log-level`,
 /// `--manifest` (print the handler manifest as JSON and exit), `--check` (test broker and ledger
 /// reachability and exit) and `--help`.
-/// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0.
+/// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
+/// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
     public static func run(
         service: String, handlers: [any EventHandler],
@@ -32,7 +33,13 @@ public enum Choreo {
         do {
             options = try RunnerOptions.parse(arguments)
         } catch {
-            RunnerOptions.exit(withError: error)
+            // `--help` is not a failure; anything else the parser refuses is a usage error.
+            if RunnerOptions.exitCode(for: error) == .success {
+                print(RunnerOptions.fullMessage(for: error))
+                exit(0)
+            }
+            FileHandle.standardError.write(Data((RunnerOptions.fullMessage(for: error) + "\n").utf8))
+            exit(RunnerOptions.usageError)
         }
         keepFreedMemory()
         let code = await options.run(service: service, handlers: handlers)
@@ -57,8 +64,10 @@ public enum Choreo {
     }
 }
 
-/// The standard command line of a handler executable.
-struct RunnerOptions: ParsableArguments {
+/// The standard command line of a handler executable. A command (not bare arguments) so that its help and
+/// usage lines carry the executable's name and the abstract; ``Choreo/run(service:handlers:arguments:)``
+/// parses it and runs the service itself.
+struct RunnerOptions: ParsableCommand {
     static var configuration: CommandConfiguration {
         CommandConfiguration(
             commandName: URL(fileURLWithPath: CommandLine.arguments.first ?? "handler").lastPathComponent,
@@ -104,18 +113,28 @@ struct RunnerOptions: ParsableArguments {
         return c
     }
 
+    /// The exit code of an option or environment value that is wrong, as the `choreo` CLI's usage errors
+    /// (0: done, 1: failed, 2: used wrongly).
+    static let usageError: Int32 = 2
+
     func run(service: String, handlers: [any EventHandler]) async -> Int32 {
         let env = ProcessInfo.processInfo.environment
         let levelText = logLevel ?? env["CHOREO_LOG_LEVEL"] ?? "info"
         guard let level = Logger.Level(rawValue: levelText) else {
             FileHandle.standardError.write(Data("error: unknown --log-level '\(levelText)'\n".utf8))
-            return 2
+            return Self.usageError
         }
         var logger = Logger(label: "choreo.\(service)") { StreamLogHandler.standardError(label: $0) }
         logger.logLevel = level
+        let config: RunnerConfiguration
+        do {
+            config = try configuration(service: service)
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            return Self.usageError
+        }
         let runtime: ChoreoRuntime
         do {
-            let config = try configuration(service: service)
             if manifest {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

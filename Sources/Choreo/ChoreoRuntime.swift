@@ -82,19 +82,24 @@ public final class ChoreoRuntime: Service, Sendable {
                     break
                 } catch {
                     if isShuttingDown { break }
+                    // Full jitter: a wait drawn from zero to the backoff, so that services cut off together
+                    // do not all come back at the same moment.
+                    let wait = max(0.05, Double.random(in: 0...backoff.seconds))
+                    let metadata: Logger.Metadata = [
+                        "error": "\(error)", "retry.in": "\(String(format: "%.2f s", wait))",
+                    ]
                     if error is RegistryStarting {
                         // Services started together: another one declared the stream a moment ago and its
                         // writer is not up yet, so the broker closed this connection on the manifest append.
-                        logger.info(
-                            "the registry stream is still starting; reconnecting",
-                            metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                        logger.info("the registry stream is still starting; reconnecting", metadata: metadata)
+                    } else if error is CannotConnect {
+                        // Never connected, or not again yet: the broker is down, not there yet, or refuses the
+                        // login (a user can be created after the services start, so this too is retried).
+                        logger.warning("cannot connect to the broker; retrying", metadata: metadata)
                     } else {
-                        logger.warning(
-                            "broker connection lost; reconnecting",
-                            metadata: ["error": "\(error)", "retry.in": "\(backoff)"])
+                        logger.warning("broker connection lost; reconnecting", metadata: metadata)
                     }
-                    let jittered = Double.random(in: 0...backoff.seconds)
-                    try? await Task.sleep(for: .seconds(max(0.05, jittered)))
+                    try? await Task.sleep(for: .seconds(wait))
                     backoff = min(backoff * 2, configuration.reconnectBackoff.maximum)
                 }
             }
@@ -113,6 +118,12 @@ public final class ChoreoRuntime: Service, Sendable {
         case AMQPError.ReplyCode.internalError: return true
         default: return false
         }
+    }
+
+    /// Connecting or logging in to the broker failed.
+    struct CannotConnect: Error, CustomStringConvertible {
+        var cause: any Error
+        var description: String { "\(cause)" }
     }
 
     /// The manifest append failed because the registry stream was still starting.
@@ -147,12 +158,15 @@ public final class ChoreoRuntime: Service, Sendable {
         }
         var amqp = try AMQPConfiguration(url: configuration.url)
         amqp.connectionName = "\(configuration.service) consumer"
-        let consumerConnection = try await AMQPConnection.connect(to: amqp, logger: logger)
+        let consumerConnection: AMQPConnection
+        do { consumerConnection = try await AMQPConnection.connect(to: amqp, logger: logger) } catch {
+            throw CannotConnect(cause: error)
+        }
         amqp.connectionName = "\(configuration.service) publisher"
         let publisherConnection: AMQPConnection
         do { publisherConnection = try await AMQPConnection.connect(to: amqp, logger: logger) } catch {
             await consumerConnection.close()
-            throw error
+            throw CannotConnect(cause: error)
         }
         defer {
             ready.withLock { $0 = false }

@@ -62,7 +62,15 @@ public final class SQLiteLedger: IdempotencyLedger {
         self.filterMinimumBits = filterMinimumBits
         let directory = (path as NSString).deletingLastPathComponent
         if !directory.isEmpty {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), !isDirectory.boolValue {
+                throw ConfigurationError("cannot create the ledger \(path): \(directory) is a file, not a directory")
+            }
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            } catch {
+                throw ConfigurationError("cannot create the ledger's directory \(directory): \(Self.reason(error))")
+            }
         }
         fileLock = try Self.lock(path + ".lock", ledger: path)
         do {
@@ -74,8 +82,20 @@ public final class SQLiteLedger: IdempotencyLedger {
             firstUnpublishedRow = Mutex(firstUnpublished)
         } catch {
             close(fileLock)
-            throw error
+            throw ConfigurationError("cannot open the ledger \(path): \(Self.reason(error))")
         }
+    }
+
+    /// What went wrong, in words: SQLite's own message and code (not the statement it ran), or the
+    /// system's reason for a file that could not be made.
+    private static func reason(_ error: any Error) -> String {
+        if let e = error as? DatabaseError {
+            return "\(e.message ?? "SQLite error") (SQLite error \(e.extendedResultCode.rawValue))"
+        }
+        if let e = error as? CocoaError, let posix = e.underlying as? POSIXError {
+            return String(cString: strerror(posix.code.rawValue))
+        }
+        return "\(error)"
     }
 
     deinit { close(fileLock) }

@@ -25,15 +25,26 @@ enum Broker {
         _ args: [String], environment extra: [String: String] = [:], stdin: FileHandle? = nil,
         timeout: Double = 120
     ) async throws -> (code: Int32, out: String, err: String) {
+        try await runProduct("choreo", args, environment: extra, stdin: stdin, timeout: timeout)
+    }
+
+    /// Runs an executable of the package's products (the `choreo` CLI, the fixture service) to its end, with
+    /// `CHOREO_URL` set to the test broker's unless `extra` says otherwise; its exit code (minus the signal's
+    /// number when one ended it), standard output and standard error.
+    static func runProduct(
+        _ name: String, _ args: [String], environment extra: [String: String] = [:], stdin: FileHandle? = nil,
+        timeout: Double = 120
+    ) async throws -> (code: Int32, out: String, err: String) {
         let p = Process()
-        p.executableURL = ServiceProcess.productsDirectory.appendingPathComponent("choreo")
+        p.executableURL = ServiceProcess.productsDirectory.appendingPathComponent(name)
         p.arguments = args
         var env = ProcessInfo.processInfo.environment
         env["CHOREO_URL"] = url
         for (k, v) in extra { env[k] = v }
         p.environment = env
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cli-\(UUID().uuidString.prefix(8))")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("run-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
         let outURL = dir.appendingPathComponent("out"), errURL = dir.appendingPathComponent("err")
         _ = FileManager.default.createFile(atPath: outURL.path, contents: nil)
         _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
@@ -44,7 +55,7 @@ enum Broker {
         let deadline = ContinuousClock.now + .seconds(timeout)
         while p.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
         if p.isRunning {
-            kill(p.processIdentifier, SIGKILL); Issue.record("choreo \(args) did not finish in \(timeout) s")
+            kill(p.processIdentifier, SIGKILL); Issue.record("\(name) \(args) did not finish in \(timeout) s")
         }
         p.waitUntilExit()
         let code = p.terminationReason == .uncaughtSignal ? -p.terminationStatus : p.terminationStatus

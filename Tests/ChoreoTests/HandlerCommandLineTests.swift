@@ -1,0 +1,141 @@
+import ChoreoAMQP
+import Foundation
+import Testing
+
+@testable import Choreo
+
+/// The standard command line every handler executable gets from `Choreo.run`, run as a real process (the
+/// fixture service) against the test broker: what `--help`, `--manifest` and `--check` print, the exit codes
+/// (0 done, 1 cannot run, 2 used wrongly) and that the password in the URL never shows.
+@Suite("Handler executable command line", .serialized)
+final class HandlerCommandLineTests {
+    let dir: URL
+    let service = "cmdline-\(UUID().uuidString.prefix(6).lowercased())"
+
+    init() throws {
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("cmdline-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(at: dir) }
+
+    /// Runs the fixture service (the `ping` handler) with a ledger and gateway of its own in `dir`.
+    private func handler(_ args: [String], environment extra: [String: String] = [:]) async throws -> (
+        code: Int32, out: String, err: String
+    ) {
+        var env = [
+            "FIXTURE_SERVICE": service, "FIXTURE_GATEWAY": dir.appendingPathComponent("gateway.sqlite").path,
+            "CHOREO_LEDGER": dir.appendingPathComponent("ledger.sqlite").path,
+        ]
+        for (k, v) in extra { env[k] = v }
+        return try await Broker.runProduct("ChoreoTestService", args, environment: env, timeout: 60)
+    }
+
+    private func withPassword(_ password: String) throws -> String {
+        "amqp://guest:\(password)@\(try AMQPConfiguration(url: Broker.url).address)/"
+    }
+
+    @Test("--help names the executable, lists every standard option and never prints the password")
+    func help() async throws {
+        let r = try await handler(["--help"], environment: ["CHOREO_URL": try withPassword("s3cret-pw")])
+        #expect(r.code == 0)
+        #expect(r.out.contains("USAGE: ChoreoTestService [--url <url>]"), "\(r.out)")
+        #expect(r.out.contains("OVERVIEW: A Choreo handler service"))
+        for option in [
+            "--url", "--ledger", "--concurrency", "--prefetch", "--ack-delay", "--exchange", "--delivery-limit",
+            "--max-body-bytes", "--log-level", "--manifest", "--check", "--help",
+        ] {
+            #expect(r.out.contains(option), "\(option) is in the help")
+        }
+        #expect(!(r.out + r.err).contains("s3cret-pw"))
+    }
+
+    @Test("--manifest prints each handler's declaration as JSON without a broker or a ledger")
+    func manifest() async throws {
+        // Nothing listens on port 1, and the ledger's directory cannot be made: neither is needed.
+        let r = try await handler(
+            ["--manifest", "--ledger", "/dev/null/ledger.sqlite"],
+            environment: ["CHOREO_URL": "amqp://guest:s3cret-pw@127.0.0.1:1/"])
+        #expect(r.code == 0, "\(r.err)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [[String: Any]])
+        #expect(json.count == 1)
+        let ping = try #require(json.first)
+        #expect(ping["service"] as? String == service)
+        #expect(ping["handler"] as? String == "ping")
+        #expect(ping["consumes"] as? String == "test.ping")
+        #expect(ping["emits"] as? [String] == ["test.pong"])
+        #expect(ping["queue"] as? String == "choreo.\(service).ping")
+        #expect(ping["deadLetterQueue"] as? String == "choreo.\(service).ping.dlq")
+        #expect(ping["maxAttempts"] as? Int == 3)
+        #expect(!(r.out + r.err).contains("s3cret-pw"))
+    }
+
+    @Test("--check says the broker is reachable and the ledger writable, and exits 0")
+    func checkPasses() async throws {
+        let r = try await handler(["--check"])
+        let ledger = dir.appendingPathComponent("ledger.sqlite").path
+        let address = try AMQPConfiguration(url: Broker.url).address
+        #expect(r.code == 0, "\(r.err)")
+        #expect(r.out == "ok: broker amqp://guest@\(address)/ reachable, ledger \(ledger) writable\n")
+        #expect(FileManager.default.fileExists(atPath: ledger))
+    }
+
+    @Test("--check exits 1 with one line that says why, naming the broker or the ledger, never the password")
+    func checkFails() async throws {
+        let address = try AMQPConfiguration(url: Broker.url).address
+        let badLogin = try await handler(["--check"], environment: ["CHOREO_URL": try withPassword("s3cret-pw")])
+        #expect(badLogin.code == 1)
+        #expect(badLogin.err.hasPrefix("error: log in to amqp://guest@\(address)/ failed: 403 ACCESS_REFUSED"))
+        let nobody = try await handler(["--check", "--url", "amqp://guest:s3cret-pw@127.0.0.1:1/"])
+        #expect(nobody.code == 1)
+        #expect(nobody.err == "error: connect 127.0.0.1:1 failed: connection refused\n")
+
+        let notDirectory = dir.appendingPathComponent("gateway.sqlite").path
+        let underFile = try await handler(["--check", "--ledger", "\(notDirectory)/ledger.sqlite"])
+        #expect(underFile.code == 1)
+        #expect(
+            underFile.err
+                == "error: cannot create the ledger \(notDirectory)/ledger.sqlite: \(notDirectory) is a file, not a directory\n"
+        )
+        let garbage = dir.appendingPathComponent("garbage.sqlite").path
+        try Data(String(repeating: "not a database\n", count: 400).utf8).write(to: URL(fileURLWithPath: garbage))
+        let notSQLite = try await handler(["--check", "--ledger", garbage])
+        #expect(notSQLite.code == 1)
+        #expect(notSQLite.err == "error: cannot open the ledger \(garbage): file is not a database (SQLite error 26)\n")
+
+        // A ledger another process has open: this test process holds it.
+        let held = dir.appendingPathComponent("held.sqlite").path
+        let holder = try SQLiteLedger(path: held)
+        let inUse = try await handler(["--check", "--ledger", held])
+        withExtendedLifetime(holder) {}
+        #expect(inUse.code == 1)
+        #expect(inUse.err.hasPrefix("error: the ledger \(held) is in use by another process"))
+
+        for r in [badLogin, nobody, underFile, notSQLite, inUse] {
+            #expect(!(r.out + r.err).contains("s3cret-pw"))
+            #expect(r.err.split(separator: "\n").count == 1, "one line: \(r.err)")
+        }
+    }
+
+    @Test("a wrong option or environment value exits 2 with the reason, before anything starts")
+    func usageErrors() async throws {
+        let unknown = try await handler(["--bogus"])
+        #expect(unknown.code == 2)
+        #expect(unknown.err.hasPrefix("Error: Unknown option '--bogus'\nUsage: ChoreoTestService [--url <url>]"))
+        let notANumber = try await handler(["--concurrency", "many"])
+        #expect(notANumber.code == 2)
+        #expect(notANumber.err.hasPrefix("Error: The value 'many' is invalid for '--concurrency <concurrency>'"))
+        let outOfRange = try await handler(["--concurrency", "0"])
+        #expect(outOfRange.code == 2)
+        #expect(outOfRange.err == "error: --concurrency must be 1 to 10000\n")
+        let level = try await handler([], environment: ["CHOREO_LOG_LEVEL": "loud"])
+        #expect(level.code == 2)
+        #expect(level.err == "error: unknown --log-level 'loud'\n")
+        let url = try await handler([], environment: ["CHOREO_URL": "amqp://guest:s3cret-pw@127.0.0.1:notaport/"])
+        #expect(url.code == 2)
+        #expect(
+            url.err == "error: --url: parse URL amqp://guest:***@127.0.0.1:notaport/ failed: port must be 1 to 65535\n")
+        // None of them got as far as the ledger.
+        #expect(!FileManager.default.fileExists(atPath: dir.appendingPathComponent("ledger.sqlite").path))
+    }
+}
