@@ -18,6 +18,16 @@ struct CLITests {
         return ids[0]
     }
 
+    /// Runs the ping handler until it consumes, then stops it: its manifest is in the registry, its queues exist.
+    private func register(_ mesh: Mesh, channel: AMQPChannel) async throws {
+        let ping = try mesh.start("ping")
+        let info = await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.main) }, until: { ($0?.consumerCount ?? 0) > 0 })
+        try #require((info?.consumerCount ?? 0) > 0, "the ping handler did not start: \(ping.output)")
+        ping.terminate()
+        _ = await ping.waitForExit(seconds: 30)
+    }
+
     @Test("list is non-destructive, show explains, replay reaches only the failed handler, exactly once")
     func listShowReplay() async throws {
         let mesh = try Mesh()
@@ -189,11 +199,7 @@ struct CLITests {
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         // Register the handler (its manifest and queues), then build 10,000 dead letters as the runtime writes them.
-        let first = try mesh.start("ping")
-        await eventually(
-            { try? await channel.declareQueuePassive(mesh.pingQueues.main) }, until: { ($0?.consumerCount ?? 0) > 0 })
-        first.terminate()
-        _ = await first.waitForExit(seconds: 30)
+        try await register(mesh, channel: channel)
         let n = 10_000
         var letters: [AMQPOutgoingMessage] = []
         var ids: [String] = []
@@ -236,6 +242,11 @@ struct CLITests {
 
     @Test("every error path is one clear line with its exit code, and the password never shows")
     func errorPaths() async throws {
+        // An unknown id is told from an empty registry only once some handler has registered.
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        try await register(mesh, channel: channel)
         let unreachable = try await Broker.choreo(
             ["status"], environment: ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"])
         #expect(unreachable.code == 1)
