@@ -14,11 +14,14 @@ struct OrderFulfillmentTests {
 
     final class Service: @unchecked Sendable {
         let process = Process()
-        init(_ name: String, state: URL, exchange: String, environment: [String: String] = [:]) throws {
-            let products =
-                Bundle.allBundles.first { $0.bundlePath.hasSuffix(".xctest") }?.bundleURL.deletingLastPathComponent()
+        /// Where the sample's executables are: beside the test bundle.
+        static var products: URL {
+            Bundle.allBundles.first { $0.bundlePath.hasSuffix(".xctest") }?.bundleURL.deletingLastPathComponent()
                 ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-            process.executableURL = products.appendingPathComponent(name)
+        }
+
+        init(_ name: String, state: URL, exchange: String, environment: [String: String] = [:]) throws {
+            process.executableURL = Self.products.appendingPathComponent(name)
             process.arguments = ["--url", OrderFulfillmentTests.url, "--exchange", exchange]
             var env = ProcessInfo.processInfo.environment
             env["CHOREO_STATE_DIR"] = state.path
@@ -92,6 +95,29 @@ struct OrderFulfillmentTests {
             try await Task.sleep(for: .milliseconds(200))
         }
         return value
+    }
+
+    @Test("each service's --help and --manifest answer without a broker and leave no file behind")
+    func informationalRuns() async throws {
+        let state = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "orders-info-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: state, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: state) }
+        for name in ["order-service", "inventory", "payment", "shipping", "notifications"] {
+            for flag in ["--help", "--manifest"] {
+                let p = Process()
+                p.executableURL = Service.products.appendingPathComponent(name)
+                p.arguments = [flag, "--url", "amqp://guest:guest@127.0.0.1:1/"]
+                p.currentDirectoryURL = state
+                p.environment = ProcessInfo.processInfo.environment.merging(["CHOREO_STATE_DIR": state.path]) { $1 }
+                p.standardOutput = FileHandle.nullDevice
+                p.standardError = FileHandle.nullDevice
+                try p.run()
+                p.waitUntilExit()
+                #expect(p.terminationStatus == 0, "\(name) \(flag)")
+            }
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: state.path) == [])
     }
 
     @Test("500 orders of four kinds reach the right outcome while payment is killed with SIGKILL and restarted")
