@@ -23,7 +23,10 @@ else
     echo "docker-compose is not installed: skipped the compose file check (apt-get install docker-compose)" >&2
 fi
 scripts/broker.sh start "$name" "$port"
-trap 'scripts/broker.sh stop "$name"' EXIT
+# The tests' scratch files (ledgers, the fixture services' databases, captured output) go in a directory of
+# this run's own, removed at the end, so that runs leave nothing behind in /tmp.
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/choreo-tests.XXXXXX")
+trap 'scripts/broker.sh stop "$name"; rm -rf "$scratch"' EXIT
 
 export CHOREO_TEST_URL="amqp://guest:guest@127.0.0.1:$port/"
 export CHOREO_TEST_TLS_PORT=$((port + 1000))
@@ -31,4 +34,4 @@ export CHOREO_TEST_TLS_CA="${CHOREO_BROKER_BASE:-/tmp/choreo-brokers}/$name/tls/
 export CHOREO_TEST_BROKER_NAME="$name"
 swift build --build-tests
 # --no-parallel: some tests restart the broker or close all its connections.
-swift test --skip-build --no-parallel "$@"
+TMPDIR="$scratch" swift test --skip-build --no-parallel "$@"
