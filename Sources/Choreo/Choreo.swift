@@ -113,16 +113,22 @@ struct RunnerOptions: ParsableCommand {
         return c
     }
 
-    /// The exit code of an option or environment value that is wrong, as the `choreo` CLI's usage errors
-    /// (0: done, 1: failed, 2: used wrongly).
+    /// Exit codes as the `choreo` CLI's: 1 when the service cannot run, 2 for an option or environment value
+    /// that is wrong (0: done).
+    static let failed: Int32 = 1
     static let usageError: Int32 = 2
+
+    /// Writes `error: <message>` to standard error and returns `code`, the exit code.
+    private static func fail(_ message: String, _ code: Int32) -> Int32 {
+        FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+        return code
+    }
 
     func run(service: String, handlers: [any EventHandler]) async -> Int32 {
         let env = ProcessInfo.processInfo.environment
         let levelText = logLevel ?? env["CHOREO_LOG_LEVEL"] ?? "info"
         guard let level = Logger.Level(rawValue: levelText) else {
-            FileHandle.standardError.write(Data("error: unknown --log-level '\(levelText)'\n".utf8))
-            return Self.usageError
+            return Self.fail("unknown --log-level '\(levelText)'", Self.usageError)
         }
         var logger = Logger(label: "choreo.\(service)") { StreamLogHandler.standardError(label: $0) }
         logger.logLevel = level
@@ -130,8 +136,7 @@ struct RunnerOptions: ParsableCommand {
         do {
             config = try configuration(service: service)
         } catch {
-            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
-            return Self.usageError
+            return Self.fail("\(error)", Self.usageError)
         }
         let runtime: ChoreoRuntime
         do {
@@ -154,8 +159,7 @@ struct RunnerOptions: ParsableCommand {
                 return 0
             }
         } catch {
-            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
-            return 1
+            return Self.fail("\(error)", Self.failed)
         }
         let group = ServiceGroup(
             configuration: .init(
@@ -164,8 +168,7 @@ struct RunnerOptions: ParsableCommand {
             try await group.run()
             return 0
         } catch {
-            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
-            return 1
+            return Self.fail("\(error)", Self.failed)
         }
     }
 }
