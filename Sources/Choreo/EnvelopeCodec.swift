@@ -86,22 +86,15 @@ public enum EnvelopeCodec {
     private static func decodeBinary(body: Data, properties: AMQPProperties) throws(EnvelopeDecodingError)
         -> EventEnvelope
     {
-        typealias CE = WireNames.CloudEvents
         var attributes = Attributes()
-        for (name, value) in properties.headers ?? [:] {
-            // Cut by UTF-8 offset: dropFirst on the String walks grapheme clusters, a dozen times per event.
-            let attribute: Substring
-            if name.hasPrefix(CE.prefix) {
-                attribute = Substring(name.utf8.dropFirst(CE.prefix.utf8.count))
-            } else if name.hasPrefix(CE.legacyPrefix) {
-                attribute = Substring(name.utf8.dropFirst(CE.legacyPrefix.utf8.count))
-            } else {
-                continue
+        // In wire order, as received: no table of the headers is built (see AMQPProperties.headerFields).
+        for header in properties.headerFields ?? [] {
+            guard let attribute = Attributes.name(ofHeader: header.name) else { continue }
+            guard let text = stringValue(header.value) else {
+                throw EnvelopeDecodingError(
+                    "header '\(header.name)' has AMQP type \(typeName(header.value)), expected a string")
             }
-            guard let text = stringValue(value) else {
-                throw EnvelopeDecodingError("header '\(name)' has AMQP type \(typeName(value)), expected a string")
-            }
-            attributes.set(String(attribute), text)
+            attributes.set(attribute, text)
         }
         // message_id and type mirror the attributes; accept them when a plain AMQP client sent only those.
         if attributes.id == nil, let id = properties.messageID, !id.isEmpty { attributes.id = id }
@@ -156,24 +149,99 @@ public enum EnvelopeCodec {
         var correlationID, causationID, traceparent, idempotencyKey: String?
         var extensions: [String: String] = [:]
 
-        mutating func set(_ name: String, _ value: String) {
+        /// An attribute's name: one of the attributes read into fields, or an extension's (lower case).
+        enum Name {
+            case known(Known)
+            case other(String)
+        }
+
+        enum Known: CaseIterable {
+            case id, source, specVersion, type, time, subject, dataContentType, dataSchema, dataVersion
+            case correlationID, causationID, traceparent, idempotencyKey
+
+            var name: String {
+                typealias CE = WireNames.CloudEvents
+                switch self {
+                case .id: return CE.id
+                case .source: return CE.source
+                case .specVersion: return CE.specVersion
+                case .type: return CE.type
+                case .time: return CE.time
+                case .subject: return CE.subject
+                case .dataContentType: return CE.dataContentType
+                case .dataSchema: return CE.dataSchema
+                case .dataVersion: return CE.dataVersion
+                case .correlationID: return CE.correlationID
+                case .causationID: return CE.causationID
+                case .traceparent: return CE.traceparent
+                case .idempotencyKey: return CE.idempotencyKey
+                }
+            }
+
+            /// The names' UTF-8, to tell which one a header names by comparing bytes.
+            static let utf8 = allCases.map { (bytes: Array($0.name.utf8), attribute: $0) }
+        }
+
+        /// The attribute a header names (`cloudEvents_` or `cloudEvents:` and the name), nil for any other
+        /// header. Names come as CloudEvents writes them, in lower case, and are matched as bytes: comparing
+        /// Strings and cutting them cost more than the rest of reading a header, a dozen times per event.
+        static func name(ofHeader header: String) -> Name? {
             typealias CE = WireNames.CloudEvents
+            var header = header
+            return header.withUTF8 { utf8 -> Name? in
+                guard let rest = after(CE.prefix, in: utf8) ?? after(CE.legacyPrefix, in: utf8) else { return nil }
+                for k in Known.utf8 where k.bytes.count == rest.count {
+                    if k.bytes.withUnsafeBufferPointer({ same($0, rest) }) { return .known(k.attribute) }
+                }
+                return name(String(decoding: rest, as: UTF8.self))
+            }
+        }
+
+        /// An attribute's name as given (any case; structured mode's keys, a header's in upper case).
+        static func name(_ name: String) -> Name {
             let name = name.utf8.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) ? name.lowercased() : name
+            return Known.allCases.first(where: { $0.name == name }).map { .known($0) } ?? .other(name)
+        }
+
+        /// What follows `prefix` in `utf8`, nil when `utf8` does not start with it.
+        private static func after(_ prefix: String, in utf8: UnsafeBufferPointer<UInt8>)
+            -> UnsafeBufferPointer<UInt8>?
+        {
+            var prefix = prefix
+            return prefix.withUTF8 { p in
+                guard utf8.count >= p.count, same(p, UnsafeBufferPointer(rebasing: utf8[..<p.count])) else {
+                    return nil
+                }
+                return UnsafeBufferPointer(rebasing: utf8[p.count...])
+            }
+        }
+
+        private static func same(_ a: UnsafeBufferPointer<UInt8>, _ b: UnsafeBufferPointer<UInt8>) -> Bool {
+            guard a.count == b.count else { return false }
+            guard let p = a.baseAddress, let q = b.baseAddress else { return a.count == 0 }
+            return memcmp(p, q, a.count) == 0
+        }
+
+        mutating func set(_ name: String, _ value: String) {
+            set(Self.name(name), value)
+        }
+
+        mutating func set(_ name: Name, _ value: String) {
             switch name {
-            case CE.id: id = value
-            case CE.source: source = value
-            case CE.specVersion: specVersion = value
-            case CE.type: type = value
-            case CE.time: time = value
-            case CE.subject: subject = value
-            case CE.dataContentType: dataContentType = value
-            case CE.dataSchema: dataSchema = value
-            case CE.dataVersion: dataVersion = value
-            case CE.correlationID: correlationID = value
-            case CE.causationID: causationID = value
-            case CE.traceparent: traceparent = value
-            case CE.idempotencyKey: idempotencyKey = value
-            default: extensions[name] = value
+            case .known(.id): id = value
+            case .known(.source): source = value
+            case .known(.specVersion): specVersion = value
+            case .known(.type): type = value
+            case .known(.time): time = value
+            case .known(.subject): subject = value
+            case .known(.dataContentType): dataContentType = value
+            case .known(.dataSchema): dataSchema = value
+            case .known(.dataVersion): dataVersion = value
+            case .known(.correlationID): correlationID = value
+            case .known(.causationID): causationID = value
+            case .known(.traceparent): traceparent = value
+            case .known(.idempotencyKey): idempotencyKey = value
+            case .other(let name): extensions[name] = value
             }
         }
     }

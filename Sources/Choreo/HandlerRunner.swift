@@ -205,7 +205,7 @@ struct HandlerRunner: Sendable {
     /// Step 1: decodes the delivery and lets the handler vet it; anything unusable comes back as a rejection.
     private func decode(_ delivery: AMQPDelivery) -> Result<Admitted, Rejection> {
         let logger = self.logger
-        let attempt = Int(delivery.properties.headers?[WireNames.Headers.attempt]?.stringValue ?? "") ?? 1
+        let attempt = Int(delivery.properties.header(WireNames.Headers.attempt)?.stringValue ?? "") ?? 1
         if delivery.body.count > maxBodyBytes {
             return .failure(
                 Rejection(

@@ -37,7 +37,7 @@ public final class AMQPDelivery: Sendable {
     }
 
     /// Stream offset of this message when consumed from a stream queue.
-    public var streamOffset: Int64? { properties.headers?["x-stream-offset"]?.intValue }
+    public var streamOffset: Int64? { properties.header("x-stream-offset")?.intValue }
 
     /// Acknowledges the delivery (and with `multiple`, every earlier one on the channel).
     public func ack(multiple: Bool = false) throws(AMQPError) {

@@ -6,7 +6,12 @@ import Foundation
 public struct AMQPProperties: Sendable, Hashable {
     public var contentType: String?
     public var contentEncoding: String?
-    public var headers: AMQPTable?
+    /// The headers by name. A received message keeps its headers as they came, in order
+    /// (``headerFields``), and builds this table from them each time it is read.
+    public var headers: AMQPTable? {
+        get { headerStorage.table }
+        set { headerStorage = HeaderStorage(newValue) }
+    }
     /// 2 for persistent, 1 for transient. ``persistent`` reads and writes it as a Bool.
     public var deliveryMode: UInt8?
     public var priority: UInt8?
@@ -20,6 +25,7 @@ public struct AMQPProperties: Sendable, Hashable {
     public var type: String?
     public var userID: String?
     public var appID: String?
+    private var headerStorage = HeaderStorage(nil)
 
     public init(
         contentType: String? = nil,
@@ -51,11 +57,74 @@ public struct AMQPProperties: Sendable, Hashable {
         self.appID = appID
     }
 
+    /// The headers in the order they came on the wire, or, for headers set as a table, in the table's
+    /// order; nil when there are none.
+    ///
+    /// Reading a received message's headers this way builds no table: its names are not hashed, and a name
+    /// that occurs twice (which AMQP does not allow, and the table resolves to the last) appears twice.
+    public var headerFields: [AMQPHeaderField]? {
+        switch headerStorage {
+        case .none: nil
+        case .fields(let fields): fields
+        case .table(let table): table.map { AMQPHeaderField(name: $0.key, value: $0.value) }
+        }
+    }
+
+    /// The value of the header `name` (the last when it occurs twice, as in ``headers``), without building
+    /// the table.
+    public func header(_ name: String) -> AMQPFieldValue? {
+        switch headerStorage {
+        case .none: nil
+        case .fields(let fields): fields.last(where: { $0.name == name })?.value
+        case .table(let table): table[name]
+        }
+    }
+
+    /// The properties of a received message, its headers kept as they came.
+    package init(receivedHeaders fields: [AMQPHeaderField]) {
+        headerStorage = .fields(fields)
+    }
+
     /// Whether the broker writes the message to disk (delivery mode 2).
     public var persistent: Bool {
         get { deliveryMode == 2 }
         set { deliveryMode = newValue ? 2 : 1 }
     }
+}
+
+/// One header of a message: a name and its value.
+public struct AMQPHeaderField: Sendable, Hashable {
+    public var name: String
+    public var value: AMQPFieldValue
+
+    public init(name: String, value: AMQPFieldValue) {
+        self.name = name
+        self.value = value
+    }
+}
+
+/// The headers as a table (set by the program) or as the fields a message came with. Equal when their
+/// tables are equal, whichever way each is held: ``AMQPProperties`` compares as it did when it held a table.
+private enum HeaderStorage: Sendable, Hashable {
+    case none
+    case table(AMQPTable)
+    case fields([AMQPHeaderField])
+
+    init(_ table: AMQPTable?) {
+        self = table.map { .table($0) } ?? .none
+    }
+
+    var table: AMQPTable? {
+        switch self {
+        case .none: nil
+        case .table(let table): table
+        case .fields(let fields): AMQPTable(fields.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 })
+        }
+    }
+
+    static func == (a: HeaderStorage, b: HeaderStorage) -> Bool { a.table == b.table }
+
+    func hash(into hasher: inout Hasher) { hasher.combine(table) }
 }
 
 /// A message to publish: where it goes, its body and properties.

@@ -161,19 +161,20 @@ enum CDecode {
         return result
     }
 
-    /// A message's header table: as ``table(_:)``, with names and text values taken from `recent` when
-    /// they are the ones the previous message had at the same position.
-    static func headers(_ t: amqp_table_t, recent: inout RecentStrings) -> AMQPTable {
-        var result = AMQPTable()
-        guard t.num_entries > 0, let entries = t.entries else { return result }
+    /// A message's headers in wire order, with names and text values taken from `recent` when they are
+    /// the ones the previous message had at the same position. A list rather than a table: most readers
+    /// look at a few of them, or at all in turn, and hashing every name cost more than that.
+    static func headers(_ t: amqp_table_t, recent: inout RecentStrings) -> [AMQPHeaderField] {
+        guard t.num_entries > 0, let entries = t.entries else { return [] }
+        var result: [AMQPHeaderField] = []
         result.reserveCapacity(Int(t.num_entries))
         for i in 0..<Int(t.num_entries) {
             let e = entries[i]
             let name = recent.name(at: i, e.key)
             if e.value.kind == UInt8(ascii: "S"), let text = recent.value(at: i, e.value.value.bytes) {
-                result[name] = .string(text)
+                result.append(AMQPHeaderField(name: name, value: .string(text)))
             } else {
-                result[name] = fieldValue(e.value)
+                result.append(AMQPHeaderField(name: name, value: fieldValue(e.value)))
             }
         }
         return result
@@ -217,10 +218,11 @@ enum CDecode {
     /// A message's properties; `recent` reuses the strings of the connection's previous messages.
     static func properties(_ p: amqp_basic_properties_t, recent: inout RecentStrings) -> AMQPProperties {
         let f = p._flags
-        var r = AMQPProperties()
+        var r =
+            f & CHOREO_PROP_HEADERS != 0
+            ? AMQPProperties(receivedHeaders: headers(p.headers, recent: &recent)) : AMQPProperties()
         if f & CHOREO_PROP_CONTENT_TYPE != 0 { r.contentType = recent.contentType(p.content_type) }
         if f & CHOREO_PROP_CONTENT_ENCODING != 0 { r.contentEncoding = string(p.content_encoding) }
-        if f & CHOREO_PROP_HEADERS != 0 { r.headers = headers(p.headers, recent: &recent) }
         if f & CHOREO_PROP_DELIVERY_MODE != 0 { r.deliveryMode = p.delivery_mode }
         if f & CHOREO_PROP_PRIORITY != 0 { r.priority = p.priority }
         if f & CHOREO_PROP_CORRELATION_ID != 0 { r.correlationID = string(p.correlation_id) }

@@ -34,6 +34,11 @@ struct BrokerIntegrationTests {
         #expect(delivery.body == body)
         #expect(delivery.properties == properties)
         #expect(delivery.properties.headers == headers)
+        // A table goes out with its names in byte order; received headers keep the order they came in.
+        #expect(
+            delivery.properties.headerFields?.map(\.name)
+                == headers.keys.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) })
+        #expect(delivery.properties.header("u32") == .uint32(4_000_000_000) && delivery.properties.header("no") == nil)
         #expect(delivery.routingKey == queue)
         #expect(delivery.redelivered == false)
         try delivery.ack()

@@ -61,6 +61,31 @@ struct EnvelopeCodecTests {
         #expect(e.id == "x1" && e.type == "test.ping" && e.source == "other")
     }
 
+    @Test(
+        "received headers: either prefix, any case, extensions kept, other headers ignored, the last of a name counts")
+    func receivedHeaders() throws {
+        let fields: [(String, AMQPFieldValue)] = [
+            ("cloudEvents_id", "first"), ("x-death-count", .int32(2)), ("cloudEvents:ID", "x1"),
+            ("cloudEvents_Type", "test.ping"), ("cloudEvents_source", "other"), ("cloudEvents_specversion", "1.0"),
+            ("cloudEvents_dataversion", "2"), ("cloudEvents_idempotencykey", "k-9"), ("cloudEvents_tenant", "acme"),
+            ("cloudEvents_Region", "eu"), ("cloudevents_subject", "wrong prefix"),
+        ]
+        var props = AMQPProperties(receivedHeaders: fields.map { AMQPHeaderField(name: $0.0, value: $0.1) })
+        props.contentType = "application/json"
+        let e = try EnvelopeCodec.decode(body: Data(#"{"n":1}"#.utf8), properties: props)
+        #expect(e.id == "x1" && e.type == "test.ping" && e.source == "other")
+        #expect(e.dataVersion == 2 && e.idempotencyKey == "k-9" && e.subject == nil)
+        #expect(e.extensions == ["tenant": "acme", "region": "eu"])
+
+        let wrongType = AMQPProperties(receivedHeaders: [
+            AMQPHeaderField(name: "cloudEvents_id", value: "a"), AMQPHeaderField(name: "cloudEvents:type", value: 7),
+        ])
+        let error = #expect(throws: EnvelopeDecodingError.self) {
+            try EnvelopeCodec.decode(body: Data(), properties: wrongType)
+        }
+        #expect(error?.reason == "header 'cloudEvents:type' has AMQP type integer, expected a string")
+    }
+
     @Test("structured mode (application/cloudevents+json) is accepted on input")
     func structured() throws {
         let body = Data(
