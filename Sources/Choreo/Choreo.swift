@@ -33,13 +33,7 @@ public enum Choreo {
         do {
             options = try RunnerOptions.parse(arguments)
         } catch {
-            // `--help` is not a failure; anything else the parser refuses is a usage error.
-            if RunnerOptions.exitCode(for: error) == .success {
-                print(RunnerOptions.fullMessage(for: error))
-                exit(0)
-            }
-            FileHandle.standardError.write(Data((RunnerOptions.fullMessage(for: error) + "\n").utf8))
-            exit(RunnerOptions.usageError)
+            RunnerOptions.exit(refusedCommandLine: error)
         }
         keepFreedMemory()
         let code = await options.run(service: service, handlers: handlers)
@@ -61,6 +55,20 @@ public enum Choreo {
             _ = mallopt(M_MMAP_THRESHOLD, 4 << 20)
             _ = mallopt(M_TRIM_THRESHOLD, 64 << 20)
         #endif
+    }
+}
+
+extension ParsableArguments {
+    /// Ends a process whose command line the parser refused: `--help` is not a failure (printed, exit 0);
+    /// anything else is a usage error (the parser's message on standard error, exit 2). Handler executables
+    /// and the `choreo` CLI end this way alike.
+    package static func exit(refusedCommandLine error: any Error) -> Never {
+        if exitCode(for: error) == .success {
+            print(fullMessage(for: error))
+            Foundation.exit(0)
+        }
+        FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+        Foundation.exit(RunnerOptions.usageError)
     }
 }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Choreo
 import ChoreoAMQP
 import ChoreoOps
 import Foundation
@@ -12,12 +13,7 @@ enum CLIMain {
         do {
             command = try ChoreoCommand.parseAsRoot()
         } catch {
-            if ChoreoCommand.exitCode(for: error) == .success {
-                print(ChoreoCommand.fullMessage(for: error))
-                exit(0)
-            }
-            printError(ChoreoCommand.fullMessage(for: error))
-            exit(2)
+            ChoreoCommand.exit(refusedCommandLine: error)
         }
         do {
             try await run(command)
