@@ -22,27 +22,37 @@ public enum EnvelopeCodec {
     ) -> AMQPOutgoingMessage {
         typealias CE = WireNames.CloudEvents
         typealias H = PrefixedNames
-        var headers = AMQPTable(minimumCapacity: 12 + e.extensions.count + extraHeaders.count)
+        // The attributes as a list in their names' byte order, as a table would be sent (CArena sorts a
+        // table's names): no names hashed into a dictionary and sorted again for every event.
+        var fields: [AMQPHeaderField] = []
+        fields.reserveCapacity(12)
         func put(_ header: String, _ value: String?) {
-            if let value { headers[header] = .string(value) }
+            if let value { fields.append(AMQPHeaderField(name: header, value: .string(value))) }
         }
-        put(H.id, e.id)
-        put(H.source, e.source)
-        put(H.specVersion, e.specVersion)
-        put(H.type, e.type)
-        put(H.time, e.time.map(Timestamps.format))
-        put(H.subject, e.subject)
+        put(H.causationID, e.causationID)
+        put(H.correlationID, e.correlationID)
         put(H.dataSchema, e.dataSchema)
         put(H.dataVersion, String(e.dataVersion))
-        put(H.correlationID, e.correlationID)
-        put(H.causationID, e.causationID)
-        put(H.traceparent, e.traceparent)
+        put(H.id, e.id)
         put(H.idempotencyKey, e.idempotencyKey)
-        for (k, v) in e.extensions { put(CE.prefix + k, v) }
-        for (k, v) in extraHeaders { headers[k] = .string(v) }
-        let properties = AMQPProperties(
-            contentType: e.dataContentType, headers: headers, deliveryMode: 2, messageID: e.id,
+        put(H.source, e.source)
+        put(H.specVersion, e.specVersion)
+        put(H.subject, e.subject)
+        put(H.time, e.time.map(Timestamps.format))
+        put(H.traceparent, e.traceparent)
+        put(H.type, e.type)
+        var properties = AMQPProperties(
+            contentType: e.dataContentType, deliveryMode: 2, messageID: e.id,
             timestamp: e.time.map { UInt64(max(0, $0.timeIntervalSince1970)) }, type: e.type)
+        if e.extensions.isEmpty && extraHeaders.isEmpty {
+            properties.headerFields = fields
+        } else {
+            // Extensions and extra headers may name anything, an attribute's header too: a table, the last wins.
+            var headers = AMQPTable(fields.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 })
+            for (k, v) in e.extensions { headers[CE.prefix + k] = .string(v) }
+            for (k, v) in extraHeaders { headers[k] = .string(v) }
+            properties.headers = headers
+        }
         return AMQPOutgoingMessage(
             exchange: exchange, routingKey: routingKey ?? e.type, body: e.data, properties: properties)
     }

@@ -321,8 +321,22 @@ struct JSONParser {
 
 private struct TreeDecoder: Decoder {
     let value: JSONValue
-    let codingPath: [CodingKey]
+    /// The path to the container this value is in, and its key there. The whole path is an array made
+    /// when it is read (for an error, or a nested container), not one more array for every field decoded.
+    private let parentPath: [CodingKey]
+    private let key: CodingKey?
+    var codingPath: [CodingKey] { key.map { parentPath + [$0] } ?? parentPath }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
+
+    init(value: JSONValue, codingPath: [CodingKey]) {
+        self.init(value: value, in: codingPath, at: nil)
+    }
+
+    init(value: JSONValue, in parentPath: [CodingKey], at key: CodingKey?) {
+        self.value = value
+        self.parentPath = parentPath
+        self.key = key
+    }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
         guard case .object(let object) = value else {
@@ -458,7 +472,7 @@ private struct KeyedContainer<Key: CodingKey>: KeyedDecodingContainerProtocol {
                     codingPath: codingPath,
                     debugDescription: "No value associated with key \(key) (\"\(key.stringValue)\")."))
         }
-        return TreeDecoder(value: value, codingPath: codingPath + [key])
+        return TreeDecoder(value: value, in: codingPath, at: key)
     }
 
     func decodeNil(forKey key: Key) throws -> Bool { try child(key).decodeNil() }
@@ -489,11 +503,11 @@ private struct KeyedContainer<Key: CodingKey>: KeyedDecodingContainerProtocol {
     }
 
     func superDecoder() throws -> Decoder {
-        TreeDecoder(value: object["super"] ?? .null, codingPath: codingPath + [IndexKey(stringValue: "super")])
+        TreeDecoder(value: object["super"] ?? .null, in: codingPath, at: IndexKey(stringValue: "super"))
     }
 
     func superDecoder(forKey key: Key) throws -> Decoder {
-        TreeDecoder(value: object[key.stringValue] ?? .null, codingPath: codingPath + [key])
+        TreeDecoder(value: object[key.stringValue] ?? .null, in: codingPath, at: key)
     }
 }
 
@@ -518,8 +532,7 @@ private struct UnkeyedContainer: UnkeyedDecodingContainer {
                     codingPath: codingPath + [IndexKey(intValue: currentIndex)],
                     debugDescription: "Unkeyed container is at end."))
         }
-        let decoder = TreeDecoder(
-            value: elements[currentIndex], codingPath: codingPath + [IndexKey(intValue: currentIndex)])
+        let decoder = TreeDecoder(value: elements[currentIndex], in: codingPath, at: IndexKey(intValue: currentIndex))
         currentIndex += 1
         return decoder
     }

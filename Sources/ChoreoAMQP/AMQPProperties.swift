@@ -25,7 +25,8 @@ public struct AMQPProperties: Sendable, Hashable {
     public var type: String?
     public var userID: String?
     public var appID: String?
-    private var headerStorage = HeaderStorage(nil)
+    /// Read directly by `CArena`, which writes a list as it is and a table sorted.
+    private(set) var headerStorage = HeaderStorage(nil)
 
     public init(
         contentType: String? = nil,
@@ -57,17 +58,23 @@ public struct AMQPProperties: Sendable, Hashable {
         self.appID = appID
     }
 
-    /// The headers in the order they came on the wire, or, for headers set as a table, in the table's
-    /// order; nil when there are none.
+    /// The headers in the order they came on the wire (or were set in), or, for headers set as a table, in
+    /// the table's order; nil when there are none.
     ///
     /// Reading a received message's headers this way builds no table: its names are not hashed, and a name
     /// that occurs twice (which AMQP does not allow, and the table resolves to the last) appears twice.
+    ///
+    /// Headers set this way go out in the order given, without a table built or sorted on the way (a table
+    /// goes out with its names in byte order). Give each name once.
     public var headerFields: [AMQPHeaderField]? {
-        switch headerStorage {
-        case .none: nil
-        case .fields(let fields): fields
-        case .table(let table): table.map { AMQPHeaderField(name: $0.key, value: $0.value) }
+        get {
+            switch headerStorage {
+            case .none: nil
+            case .fields(let fields): fields
+            case .table(let table): table.map { AMQPHeaderField(name: $0.key, value: $0.value) }
+            }
         }
+        set { headerStorage = newValue.map { .fields($0) } ?? .none }
     }
 
     /// The value of the header `name` (the last when it occurs twice, as in ``headers``), without building
@@ -82,7 +89,7 @@ public struct AMQPProperties: Sendable, Hashable {
 
     /// The properties of a received message, its headers kept as they came.
     package init(receivedHeaders fields: [AMQPHeaderField]) {
-        headerStorage = .fields(fields)
+        headerFields = fields
     }
 
     /// Whether the broker writes the message to disk (delivery mode 2).
@@ -103,9 +110,10 @@ public struct AMQPHeaderField: Sendable, Hashable {
     }
 }
 
-/// The headers as a table (set by the program) or as the fields a message came with. Equal when their
-/// tables are equal, whichever way each is held: ``AMQPProperties`` compares as it did when it held a table.
-private enum HeaderStorage: Sendable, Hashable {
+/// The headers as a table or as a list of fields (a received message's, or set as a list). Equal when
+/// their tables are equal, whichever way each is held: ``AMQPProperties`` compares as it did when it held a
+/// table.
+enum HeaderStorage: Sendable, Hashable {
     case none
     case table(AMQPTable)
     case fields([AMQPHeaderField])

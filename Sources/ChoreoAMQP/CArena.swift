@@ -48,27 +48,37 @@ final class CArena {
     func table(_ table: AMQPTable?) throws -> amqp_table_t {
         guard let table, !table.isEmpty else { return amqp_table_t(num_entries: 0, entries: nil) }
         let entries = try allocate(amqp_table_entry_t.self, count: table.count)
-        for (i, (key, value)) in table.enumerated() {
-            guard key.utf8.count <= 255 else {
-                throw AMQPError(
-                    .invalidArgument, message: "header name longer than 255 bytes: \(key.prefix(40))...",
-                    operation: "encode headers")
-            }
-            entries[i] = amqp_table_entry_t(key: try bytes(key), value: try fieldValue(value))
-        }
+        for (i, (key, value)) in table.enumerated() { entries[i] = try entry(key, value) }
         // Sorted names make the wire bytes the same for the same headers (a dictionary's order is not), which
         // helps tests, and receivers that reuse the previous message's strings. Sorted here, on the C entries
         // by their bytes: sorting the Swift dictionary's pairs cost several times more.
         for i in 1..<table.count {
-            let entry = entries[i]
+            let moving = entries[i]
             var j = i
-            while j > 0, Self.compare(entry.key, entries[j - 1].key) < 0 {
+            while j > 0, Self.compare(moving.key, entries[j - 1].key) < 0 {
                 entries[j] = entries[j - 1]
                 j -= 1
             }
-            entries[j] = entry
+            entries[j] = moving
         }
         return amqp_table_t(num_entries: Int32(table.count), entries: entries)
+    }
+
+    /// Headers given as a list: written in its order, as they are.
+    func table(_ fields: [AMQPHeaderField]) throws -> amqp_table_t {
+        guard !fields.isEmpty else { return amqp_table_t(num_entries: 0, entries: nil) }
+        let entries = try allocate(amqp_table_entry_t.self, count: fields.count)
+        for (i, field) in fields.enumerated() { entries[i] = try entry(field.name, field.value) }
+        return amqp_table_t(num_entries: Int32(fields.count), entries: entries)
+    }
+
+    private func entry(_ name: String, _ value: AMQPFieldValue) throws -> amqp_table_entry_t {
+        guard name.utf8.count <= 255 else {
+            throw AMQPError(
+                .invalidArgument, message: "header name longer than 255 bytes: \(name.prefix(40))...",
+                operation: "encode headers")
+        }
+        return amqp_table_entry_t(key: try bytes(name), value: try fieldValue(value))
     }
 
     /// Byte order of two names (memcmp, then the shorter first).
@@ -116,7 +126,11 @@ final class CArena {
         var flags: amqp_flags_t = 0
         if let x = p.contentType { props.content_type = try bytes(x); flags |= CHOREO_PROP_CONTENT_TYPE }
         if let x = p.contentEncoding { props.content_encoding = try bytes(x); flags |= CHOREO_PROP_CONTENT_ENCODING }
-        if let x = p.headers { props.headers = try table(x); flags |= CHOREO_PROP_HEADERS }
+        switch p.headerStorage {
+        case .none: break
+        case .table(let t): props.headers = try table(t); flags |= CHOREO_PROP_HEADERS
+        case .fields(let f): props.headers = try table(f); flags |= CHOREO_PROP_HEADERS
+        }
         if let x = p.deliveryMode { props.delivery_mode = x; flags |= CHOREO_PROP_DELIVERY_MODE }
         if let x = p.priority { props.priority = x; flags |= CHOREO_PROP_PRIORITY }
         if let x = p.correlationID { props.correlation_id = try bytes(x); flags |= CHOREO_PROP_CORRELATION_ID }

@@ -42,6 +42,20 @@ struct BrokerIntegrationTests {
         #expect(delivery.routingKey == queue)
         #expect(delivery.redelivered == false)
         try delivery.ack()
+
+        // Headers set as a list go out in the order given, not sorted.
+        var listed = AMQPProperties(deliveryMode: 2)
+        let fields = [
+            AMQPHeaderField(name: "zeta", value: .string("last name first")),
+            AMQPHeaderField(name: "alpha", value: .int64(-1)),
+            AMQPHeaderField(name: "mid", value: .table(["k": .bool(true)])),
+        ]
+        listed.headerFields = fields
+        try await channel.publish(AMQPOutgoingMessage(exchange: "", routingKey: queue, body: body, properties: listed))
+        let second = try await nextDelivery(&iterator)
+        #expect(second.properties.headerFields == fields)
+        #expect(second.properties == listed)
+        try second.ack()
     }
 
     @Test("bodies around and across the frame size, and headers that change from message to message, arrive intact")

@@ -42,4 +42,19 @@ struct PropertiesTests {
         p.headers = nil
         #expect(p.headerFields == nil && p.header("a") == nil)
     }
+
+    @Test("headers set as a list are kept in the order given, and read by name as the table would")
+    func settingFields() {
+        var p = AMQPProperties(headers: ["old": .bool(false)])
+        let list = [AMQPHeaderField(name: "z", value: .string("1")), AMQPHeaderField(name: "a", value: .int32(2))]
+        p.headerFields = list
+        #expect(p.headerFields == list)
+        #expect(p.headers == ["z": .string("1"), "a": .int32(2)])
+        #expect(p.header("a") == .int32(2) && p.header("old") == nil)
+        #expect(p == AMQPProperties(headers: ["a": .int32(2), "z": .string("1")]))
+        p.headerFields = nil
+        #expect(p.headers == nil && p.headerFields == nil)
+        p.headerFields = []
+        #expect(p.headers == [:], "an empty list is an empty table, not no headers")
+    }
 }

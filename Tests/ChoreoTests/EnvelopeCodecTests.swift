@@ -15,6 +15,7 @@ struct EnvelopeCodecTests {
             idempotencyKey: "k-1", subject: "order-9")
         e.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         e.time = Date(timeIntervalSince1970: 1_764_000_000.5)
+        e.dataSchema = "https://example.com/schemas/ping-1.json"
         let message = EnvelopeCodec.encode(e, exchange: "choreo.events")
         #expect(message.routingKey == "test.ping")
         #expect(message.properties.messageID == "id-1" && message.properties.type == "test.ping")
@@ -23,8 +24,23 @@ struct EnvelopeCodecTests {
         #expect(message.properties.headers?["cloudEvents_time"] == .string("2025-11-24T16:00:00.500Z"))
         #expect(
             message.properties.headers?.values.allSatisfy { $0.stringValue != nil } == true, "flat string headers only")
+        // Written as a list already in byte order, so the wire bytes are what a sorted table would give.
+        let names = try #require(message.properties.headerFields).map(\.name)
+        #expect(names == names.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) })
+        #expect(names.count == 12 && Set(names).count == 12, "every attribute once: \(names)")
         let decoded = try EnvelopeCodec.decode(body: message.body, properties: message.properties)
         #expect(decoded == e)
+
+        // Extensions and extra headers join them, and an extra header overrides an attribute's.
+        e.extensions = ["tenant": "acme"]
+        let extended = EnvelopeCodec.encode(
+            e, exchange: "x", extraHeaders: ["choreo-attempt": "2", "cloudEvents_subject": "s"])
+        #expect(extended.properties.headers?["cloudEvents_tenant"] == "acme")
+        #expect(extended.properties.headers?["choreo-attempt"] == "2")
+        #expect(extended.properties.headers?["cloudEvents_subject"] == "s")
+        #expect(extended.properties.headers?.count == 14)
+        #expect(
+            try EnvelopeCodec.decode(body: extended.body, properties: extended.properties).extensions == e.extensions)
     }
 
     @Test("timestamps are written exactly as Foundation's ISO 8601 style writes them, and read back")
