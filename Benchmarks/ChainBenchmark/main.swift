@@ -97,8 +97,15 @@ let count = Int(option("--count", args) ?? "") ?? 20_000
 let rate = Double(option("--rate", args) ?? "") ?? 200
 let seconds = Double(option("--seconds", args) ?? "") ?? 10
 let rounds = max(1, Int(option("--rounds", args) ?? "") ?? 3)
-if args.contains("--hop-cost") {
-    try await HopCost(url: url, count: Int(option("--count", args) ?? "") ?? 40_000, rounds: rounds).run()
-    exit(0)
+do {
+    if args.contains("--hop-cost") {
+        try await HopCost(url: url, count: Int(option("--count", args) ?? "") ?? 40_000, rounds: rounds).run()
+    } else {
+        try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds, rounds: rounds).run()
+    }
+} catch {
+    // A line saying what failed (AMQP errors never carry the password), not a crash report.
+    FileHandle.standardError.write(
+        Data("chain-benchmark: \(error)\n(scripts/bench.sh chain starts the broker it needs)\n".utf8))
+    exit(1)
 }
-try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds, rounds: rounds).run()
