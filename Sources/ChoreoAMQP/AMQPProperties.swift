@@ -6,8 +6,8 @@ import Foundation
 public struct AMQPProperties: Sendable, Hashable {
     public var contentType: String?
     public var contentEncoding: String?
-    /// The headers by name. A received message keeps its headers as they came, in order
-    /// (``headerFields``), and builds this table from them each time it is read.
+    /// The headers by name. Headers received, or set as a list (``headerFields``), are kept as that list
+    /// in its order, and this table is built from them each time it is read.
     public var headers: AMQPTable? {
         get { headerStorage.table }
         set { headerStorage = HeaderStorage(newValue) }
