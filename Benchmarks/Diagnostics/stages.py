@@ -16,10 +16,10 @@ NAMES = {
     0: "I/O thread woke (socket)", 15: "first frame read", 16: "properties decoded", 1: "delivery built",
     2: "consume loop has it", 18: "decode() start", 17: "envelope decoded", 3: "payload decoded",
     4: "claimed", 5: "invocation started", 6: "handler done", 7: "settle start", 8: "complete() called",
-    9: "BEGIN", 14: "inserts done", 10: "COMMIT done", 11: "complete() returned", 12: "outbox encoded",
+    23: "ledger write starts", 9: "in the writer, BEGIN next", 14: "inserts done", 10: "COMMIT done", 11: "complete() returned", 12: "outbox encoded",
     13: "publish sent", 19: "core.publish", 20: "properties in C", 21: "frames encoded", 22: "tracked",
 }
-ORDER = [0, 15, 16, 1, 2, 18, 17, 3, 4, 5, 6, 7, 8, 9, 14, 10, 11, 12, 19, 20, 21, 22, 13]
+ORDER = [0, 15, 16, 1, 2, 18, 17, 3, 4, 5, 6, 7, 8, 23, 9, 14, 10, 11, 12, 19, 20, 21, 22, 13]
 # Marks that come before the delivery (per wake-up, per frame) and after it (first occurrence).
 BEFORE = {0, 15, 16}
 
