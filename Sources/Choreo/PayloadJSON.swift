@@ -64,14 +64,14 @@ struct JSONObject {
     init(members: [(key: String, value: JSONValue)]) {
         self.members = members
         if members.count > 16 {
-            // A repeated key: the last one counts.
-            index = Dictionary(members.enumerated().map { ($1.key, $0) }, uniquingKeysWith: { $1 })
+            // A repeated name: the first one counts, as with Foundation's decoder.
+            index = Dictionary(members.enumerated().map { ($1.key, $0) }, uniquingKeysWith: { first, _ in first })
         }
     }
 
     subscript(key: String) -> JSONValue? {
         if let index { return index[key].map { members[$0].value } }
-        return members.last(where: { $0.key == key })?.value
+        return members.first(where: { $0.key == key })?.value
     }
 }
 

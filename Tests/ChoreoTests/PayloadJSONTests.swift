@@ -181,6 +181,29 @@ struct PayloadJSONTests {
         }
     }
 
+    @Test("member names are matched whether written plainly, with escapes or in other scripts")
+    func memberNames() throws {
+        struct Names: Codable, Equatable {
+            var plain: Int
+            var grüße: Int
+            var quoted: Int
+            enum CodingKeys: String, CodingKey {
+                case plain
+                case grüße
+                case quoted = "a\"b"
+            }
+        }
+        let json = #"{"pl\u0061in":1,"grüße":2,"a\"b":3,"plain":4}"#
+        // A repeated name: the first one counts, as with Foundation.
+        let expected = Names(plain: 1, grüße: 2, quoted: 3)
+        #expect(try PayloadJSON.decode(Names.self, from: Data(json.utf8)) == expected)
+        #expect(try JSONCoding.decoder.decode(Names.self, from: Data(json.utf8)) == expected)
+        let many = "{" + (0..<40).map { "\"k\($0)\":\($0)" }.joined(separator: ",") + ",\"k7\":70}"
+        let byName = try PayloadJSON.decode([String: Int].self, from: Data(many.utf8))
+        #expect(byName.count == 40 && byName["k7"] == 7 && byName["k39"] == 39)
+        #expect(try JSONCoding.decoder.decode([String: Int].self, from: Data(many.utf8)) == byName)
+    }
+
     @Test("non-finite numbers are refused, as by Foundation")
     func nonFinite() {
         #expect(throws: EncodingError.self) { try PayloadJSON.encode([Double.nan]) }
