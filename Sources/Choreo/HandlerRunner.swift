@@ -146,12 +146,21 @@ struct HandlerRunner: Sendable {
                     group.addTask { await completer.settleAll() }
                 }
             case .heldElsewhere:
+                if logger.logLevel <= .debug {
+                    a.logger.debug("another invocation holds this key; keeping this copy until that one settles")
+                }
                 group.addTask { await waitForKey(a, completer: completer, inFlight: inFlight) }
             }
         }
     }
 
     /// Another invocation holds the key (a concurrent duplicate): keep this copy until that one settles.
+    ///
+    /// DESIGN.md acks such a copy at once, counting on the holder's own copy being redelivered if the holder
+    /// dies. That fails when the holder's copy is this one: a lease that outlives its process (a ledger shared
+    /// by replicas, or any `IdempotencyLedger` that stores leases) can be held by a dead incarnation of this very
+    /// delivery, and acking it would lose the event. Also, an invocation of a delivery from before a reconnect
+    /// may commit and then fail to publish; a copy that waits finds the key completed and publishes its outbox.
     private func waitForKey(_ a: Admitted, completer: Completer, inFlight: InFlight) async {
         do {
             while true {

@@ -48,6 +48,43 @@ struct DeliveryProtocolTests {
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
     }
 
+    @Test("copies of one event that arrive together run the handler once; the others wait for it, then are acked")
+    func copiesArrivingTogether() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let sink = try mesh.start("sink")
+        defer { sink.terminate() }
+        try await waitForConsumer("choreo.\(mesh.sinkService).sink", channel: channel)
+        // Three copies with one id, queued before the handler starts, reach it together: the first claims the key
+        // and works for 500 ms, the others find the key held by a live lease.
+        let id = UUID().uuidString.lowercased()
+        try await mesh.publishPings(
+            Array(repeating: Ping(n: 1, workMilliseconds: 500), count: 3), on: channel, ids: [id, id, id])
+        let ping = try mesh.start("ping", environment: ["CHOREO_LOG_LEVEL": "debug"])
+        defer { ping.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("sink") }, until: { $0 >= 1 })
+
+        // A graceful stop lets the waiting copies settle; a copy left unacked returns to the queue when the
+        // handler's connection closes, which the broker has done once the queue has no consumer.
+        ping.terminate()
+        #expect(await ping.waitForExit(seconds: 30))
+        #expect(ping.process.terminationReason == .exit && ping.exitStatus == 0, "\(ping.output)")
+        let info = await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.main) }, until: { $0?.consumerCount == 0 })
+        #expect(info?.consumerCount == 0)
+        #expect(info?.messageCount == 0, "every copy was acked")
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+        #expect(
+            ping.output.components(separatedBy: "another invocation holds this key").count - 1 == 2,
+            "both later copies found the key held: \(ping.output)")
+        #expect(gateway.requests("ping") == 1, "the copies must not run the handler again")
+        #expect(gateway.effectKeys("ping") == [id])
+        #expect(gateway.effectKeys("sink") == [HandlerContext.derivedID(input: id, handler: "ping", index: 0)])
+        #expect(gateway.requests("sink") == 1)
+    }
+
     @Test("retries exhausted end in the dead-letter queue with the failure metadata")
     func retriesExhausted() async throws {
         let mesh = try Mesh()
