@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "ChoreoAMQP", targets: ["ChoreoAMQP"]),
         .library(name: "Choreo", targets: ["Choreo"]),
+        .library(name: "ChoreoPostgres", targets: ["ChoreoPostgres"]),
         .library(name: "ChoreoTesting", targets: ["ChoreoTesting"]),
         .library(name: "ChoreoOps", targets: ["ChoreoOps"]),
         .executable(name: "choreo", targets: ["ChoreoCLI"]),
@@ -22,6 +23,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         .systemLibrary(
@@ -48,6 +51,15 @@ let package = Package(
                 // The SQLite C API under GRDB, for the ledger's per-event statements.
                 .product(name: "GRDBSQLite", package: "GRDB.swift"),
                 .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .target(
+            name: "ChoreoPostgres",
+            dependencies: [
+                "Choreo",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         .target(
@@ -123,7 +135,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "ChoreoTestService",
-            dependencies: ["Choreo", "TestEvents", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: ["Choreo", "ChoreoPostgres", "TestEvents", .product(name: "GRDB", package: "GRDB.swift")],
             path: "Tests/Fixtures/ChoreoTestService"
         ),
         .executableTarget(
@@ -154,7 +166,7 @@ let package = Package(
         .testTarget(
             name: "ChoreoTests",
             dependencies: [
-                "Choreo", "ChoreoAMQP", "ChoreoTesting", "ChoreoTestService", "TestEvents",
+                "Choreo", "ChoreoAMQP", "ChoreoPostgres", "ChoreoTesting", "ChoreoTestService", "TestEvents",
                 .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what Choreo needs from Debian's packages: the RabbitMQ broker, the rabbitmq-c headers and
-# pkg-config. Idempotent: does nothing when everything is present. As root it runs apt-get; otherwise
-# it prints the exact command to run and exits 1.
+# Installs what Choreo needs from Debian's packages: the RabbitMQ broker, the rabbitmq-c headers,
+# pkg-config and PostgreSQL (for the shared ledger's tests). Idempotent: does nothing when everything is
+# present. As root it runs apt-get; otherwise it prints the exact command to run and exits 1.
 set -euo pipefail
 
 missing=()
@@ -10,6 +10,8 @@ pkg-config --exists librabbitmq 2>/dev/null || missing+=(librabbitmq-dev)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 [ -f /usr/include/sqlite3.h ] || missing+=(libsqlite3-dev)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The shared ledger's tests run a private PostgreSQL server (scripts/postgres.sh).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -23,10 +23,16 @@ else
     echo "docker-compose is not installed: skipped the compose file check (apt-get install docker-compose)" >&2
 fi
 scripts/broker.sh start "$name" "$port"
+# The shared ledger's tests use a private PostgreSQL server beside the broker.
+pg_name=${CHOREO_TEST_POSTGRES:-choreo-test-pg}
+pg_port=${CHOREO_TEST_POSTGRES_PORT:-5443}
 # The tests' scratch files (ledgers, the fixture services' databases, captured output) go in a directory of
 # this run's own, removed at the end, so that runs leave nothing behind in /tmp.
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/choreo-tests.XXXXXX")
-trap 'scripts/broker.sh stop "$name"; rm -rf "$scratch"' EXIT
+trap 'scripts/broker.sh stop "$name"; scripts/postgres.sh stop "$pg_name"; rm -rf "$scratch"' EXIT
+scripts/postgres.sh start "$pg_name" "$pg_port"
+CHOREO_TEST_POSTGRES_URL=$(scripts/postgres.sh url "$pg_name")
+export CHOREO_TEST_POSTGRES_URL
 
 export CHOREO_TEST_URL="amqp://guest:guest@127.0.0.1:$port/"
 export CHOREO_TEST_TLS_PORT=$((port + 1000))

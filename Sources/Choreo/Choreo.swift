@@ -19,14 +19,17 @@ import ServiceLifecycle
 /// ```
 ///
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
-/// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`,
+/// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`, `--lease`,
 /// `--log-level`, `--manifest` (print the handler manifest as JSON and exit), `--check` (test broker and
 /// ledger reachability and exit) and `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
+    ///
+    /// `ledgers` names the ledger types that `--ledger` may give as a URL besides a SQLite file, such as
+    /// `[PostgresLedger.self]` (module `ChoreoPostgres`) for a ledger shared by several replicas.
     public static func run(
-        service: String, handlers: [any EventHandler],
+        service: String, handlers: [any EventHandler], ledgers: [any URLOpenableLedger.Type] = [],
         arguments: [String] = Array(CommandLine.arguments.dropFirst())
     ) async {
         let options: RunnerOptions
@@ -36,7 +39,7 @@ public enum Choreo {
             RunnerOptions.exit(refusedCommandLine: error)
         }
         keepFreedMemory()
-        let code = await options.run(service: service, handlers: handlers)
+        let code = await options.run(service: service, handlers: handlers, ledgerKinds: ledgers)
         exit(code)
     }
 
@@ -84,7 +87,10 @@ struct RunnerOptions: ParsableCommand {
 
     @Option(help: "Broker URL, amqp://user:password@host:port/vhost (env CHOREO_URL).")
     var url: String?
-    @Option(help: "SQLite ledger file (env CHOREO_LEDGER; default ./<service>.ledger.sqlite).")
+    @Option(
+        help:
+            "SQLite ledger file, or a ledger URL the executable supports such as postgres://user@host/db (env CHOREO_LEDGER; default ./<service>.ledger.sqlite)."
+    )
     var ledger: String?
     @Option(help: "Concurrent invocations per handler (default 16).")
     var concurrency: Int?
@@ -99,6 +105,11 @@ struct RunnerOptions: ParsableCommand {
     var deliveryLimit: Int?
     @Option(help: "Larger bodies are dead-lettered unread (default 4194304).")
     var maxBodyBytes: Int?
+    @Option(
+        help:
+            "Seconds a claimed key stays held without renewal; with a shared ledger, how long a replica that died holds its keys (default 60)."
+    )
+    var lease: Int?
     @Option(help: "trace, debug, info, notice, warning, error or critical (env CHOREO_LOG_LEVEL; default info).")
     var logLevel: String?
     @Flag(help: "Print the handler manifest as JSON and exit.")
@@ -117,6 +128,10 @@ struct RunnerOptions: ParsableCommand {
         if let exchange { c.exchange = exchange }
         if let deliveryLimit { c.deliveryLimit = deliveryLimit }
         if let maxBodyBytes { c.maxBodyBytes = maxBodyBytes }
+        if let lease {
+            guard (1...86_400).contains(lease) else { throw ConfigurationError("--lease must be 1 to 86400 seconds") }
+            c.leaseDuration = .seconds(lease)
+        }
         try c.validate()
         return c
     }
@@ -132,7 +147,7 @@ struct RunnerOptions: ParsableCommand {
         return code
     }
 
-    func run(service: String, handlers: [any EventHandler]) async -> Int32 {
+    func run(service: String, handlers: [any EventHandler], ledgerKinds: [any URLOpenableLedger.Type]) async -> Int32 {
         let env = ProcessInfo.processInfo.environment
         let levelText = logLevel ?? env["CHOREO_LOG_LEVEL"] ?? "info"
         guard let level = Logger.Level(rawValue: levelText) else {
@@ -157,13 +172,22 @@ struct RunnerOptions: ParsableCommand {
                 print(String(decoding: try encoder.encode(manifests), as: UTF8.self))
                 return 0
             }
-            runtime = try ChoreoRuntime(configuration: config, handlers: handlers, logger: logger)
+            let ledger: (any IdempotencyLedger)?
+            do {
+                ledger = try await LedgerLocation.open(
+                    config.ledgerPath, service: service, kinds: ledgerKinds, logger: logger)
+            } catch let error as ConfigurationError {
+                return Self.fail("\(error)", Self.usageError)
+            }
+            runtime = try ChoreoRuntime(configuration: config, handlers: handlers, ledger: ledger, logger: logger)
             if check {
                 let amqp = try AMQPConfiguration(url: config.url)
                 let connection = try await AMQPConnection.connect(to: amqp)
                 await connection.close()
                 try await runtime.ledger.check()
-                print("ok: broker \(amqp) reachable, ledger \(config.resolvedLedgerPath) writable")
+                print(
+                    "ok: broker \(amqp) reachable, ledger \(LedgerLocation.display(config.resolvedLedgerPath)) writable"
+                )
                 return 0
             }
         } catch {

@@ -35,7 +35,14 @@ public final class ChoreoRuntime: Service, Sendable {
         guard Set(names).count == names.count else {
             throw ConfigurationError("handler names must be unique: \(names)")
         }
-        self.ledger = try ledger ?? SQLiteLedger(path: configuration.resolvedLedgerPath)
+        if let ledger {
+            self.ledger = ledger
+        } else if let scheme = configuration.ledgerPath.flatMap(LedgerLocation.scheme(of:)) {
+            // Not a file: SQLite would make one named after the URL.
+            throw ConfigurationError(unsupportedScheme: scheme, location: configuration.resolvedLedgerPath)
+        } else {
+            self.ledger = try SQLiteLedger(path: configuration.resolvedLedgerPath)
+        }
         self.logger = logger
     }
 

@@ -8,7 +8,8 @@ public struct RunnerConfiguration: Sendable {
     public var service: String
     /// Broker URL; default `amqp://guest:guest@127.0.0.1:5672/` (`CHOREO_URL`).
     public var url: String = "amqp://guest:guest@127.0.0.1:5672/"
-    /// SQLite ledger file; default `./<service>.ledger.sqlite` (`CHOREO_LEDGER`).
+    /// SQLite ledger file, or a ledger URL (`postgres://...`) for the executable's ``URLOpenableLedger`` types;
+    /// default `./<service>.ledger.sqlite` (`CHOREO_LEDGER`).
     public var ledgerPath: String?
     /// Concurrent handler invocations per handler, unless the handler sets its own. Default 16.
     public var concurrency: Int = 16

@@ -594,7 +594,7 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// The attributes as the JSON object ``StoredAttributes`` decodes, written directly into bytes: this runs
     /// for every emitted event, and a JSONEncoder (or appending to a String piece by piece) costs several
     /// times more than the rest of the row.
-    static func encodeAttributes(_ e: EventEnvelope) -> String {
+    package static func encodeAttributes(_ e: EventEnvelope) -> String {
         var out: [UInt8] = []
         out.reserveCapacity(512)
         out.append(UInt8(ascii: "{"))
@@ -637,7 +637,7 @@ public final class SQLiteLedger: IdempotencyLedger {
         return String(decoding: out, as: UTF8.self)
     }
 
-    private static func decodeAttributes(_ text: String) throws -> EventEnvelope {
+    package static func decodeAttributes(_ text: String) throws -> EventEnvelope {
         let s = try attributeDecoder.decode(StoredAttributes.self, from: Data(text.utf8))
         return EventEnvelope(
             id: s.id, source: s.source, type: s.type,

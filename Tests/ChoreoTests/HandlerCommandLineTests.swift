@@ -43,7 +43,7 @@ final class HandlerCommandLineTests {
         #expect(r.out.contains("OVERVIEW: A Choreo handler service"))
         for option in [
             "--url", "--ledger", "--concurrency", "--prefetch", "--ack-delay", "--exchange", "--delivery-limit",
-            "--max-body-bytes", "--log-level", "--manifest", "--check", "--help",
+            "--max-body-bytes", "--lease", "--log-level", "--manifest", "--check", "--help",
         ] {
             #expect(r.out.contains(option), "\(option) is in the help")
         }
@@ -114,6 +114,56 @@ final class HandlerCommandLineTests {
         for r in [badLogin, nobody, underFile, notSQLite, inUse] {
             #expect(!(r.out + r.err).contains("s3cret-pw"))
             #expect(r.err.split(separator: "\n").count == 1, "one line: \(r.err)")
+        }
+    }
+
+    @Test(
+        "a PostgreSQL ledger URL: --check masks its password; a wrong one, a bad URL or an unknown scheme fail in one line"
+    )
+    func postgresLedger() async throws {
+        let url = try Postgres.url()
+        let masked = LedgerURL.redacted(url)
+        let password = try #require(URLComponents(string: url)?.password)
+        let ok = try await handler(["--check", "--ledger", url])
+        let address = try AMQPConfiguration(url: Broker.url).address
+        #expect(ok.code == 0, "\(ok.err)")
+        #expect(ok.out == "ok: broker amqp://guest@\(address)/ reachable, ledger \(masked) writable\n")
+        // The password from PGPASSWORD, the URL without one.
+        let fromEnvironment = try await handler(
+            ["--check"],
+            environment: [
+                "CHOREO_LEDGER": url.replacingOccurrences(of: ":\(password)@", with: "@"), "PGPASSWORD": password,
+            ])
+        #expect(fromEnvironment.code == 0, "\(fromEnvironment.err)")
+
+        let wrong = try await handler(["--check", "--ledger", try Postgres.url(password: "s3cret-pw")])
+        #expect(wrong.code == 1)
+        #expect(
+            wrong.err.hasPrefix("error: PostgreSQL ledger \(masked): cannot connect: password authentication failed"))
+        let badURL = try await handler([
+            "--check", "--ledger", "postgres://choreo:s3cret-pw@127.0.0.1/choreo?sslmode=no",
+        ])
+        #expect(badURL.code == 2)
+        #expect(
+            badURL.err
+                == "error: --ledger postgres://choreo:***@127.0.0.1/choreo?sslmode=no: sslmode must be disable, prefer, require or verify-full, not 'no'\n"
+        )
+        let scheme = try await handler(["--check", "--ledger", "mysql://u:s3cret-pw@127.0.0.1/db"])
+        #expect(scheme.code == 2)
+        #expect(
+            scheme.err
+                == "error: --ledger mysql://u:***@127.0.0.1/db: this executable opens no 'mysql://' ledger; give a SQLite file path\n"
+        )
+        // An executable built without ChoreoPostgres says what it takes to have it.
+        let sample = try await Broker.runProduct(
+            "inventory", ["--check", "--ledger", url], environment: [:], timeout: 60)
+        #expect(sample.code == 2)
+        #expect(sample.err.contains("this executable opens no 'postgres://' ledger"), "\(sample.err)")
+        #expect(sample.err.contains("`import ChoreoPostgres` and pass `ledgers: [PostgresLedger.self]`"))
+        for r in [ok, fromEnvironment, wrong, badURL, scheme, sample] {
+            #expect(!(r.out + r.err).contains(password))
+            #expect(!(r.out + r.err).contains("s3cret-pw"))
+            #expect(r.err.split(separator: "\n").count <= 1, "one line: \(r.err)")
         }
     }
 

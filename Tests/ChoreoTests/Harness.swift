@@ -67,18 +67,36 @@ enum Broker {
 
     /// Runs `scripts/broker.sh ctl <node> ARGS` (stop_app, start_app).
     static func ctl(_ args: String...) throws {
+        _ = try ctlOutput(args)
+    }
+
+    /// Ready and unacknowledged messages of a queue, as rabbitmqctl counts them (a passive declare counts only
+    /// the ready ones); nil when there is no such queue.
+    static func messages(in queue: String) throws -> Int? {
+        let out = try ctlOutput(["list_queues", "-q", "--no-table-headers", "name", "messages"])
+        for line in out.split(separator: "\n") {
+            let fields = line.split(separator: "\t")
+            if fields.count == 2, fields[0] == queue { return Int(fields[1]) }
+        }
+        return nil
+    }
+
+    private static func ctlOutput(_ args: [String]) throws -> String {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
         let p = Process()
         p.executableURL = root.appendingPathComponent("scripts/broker.sh")
         p.arguments = ["ctl", nodeName] + args
-        p.standardOutput = FileHandle.nullDevice
+        let out = Pipe()
+        p.standardOutput = out
         p.standardError = FileHandle.nullDevice
         try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         guard p.terminationStatus == 0 else {
             throw ConfigurationError("broker.sh ctl \(args) exited \(p.terminationStatus)")
         }
+        return String(decoding: data, as: UTF8.self)
     }
 }
 
@@ -100,9 +118,11 @@ struct Mesh {
     var pingQueues: WireNames.HandlerQueues { .init(service: pingService, handler: "ping") }
 
     /// Starts the fixture service as a real process.
+    /// `ledger` replaces the role's own SQLite file (a PostgreSQL URL, for replicas); `instance` names the log of
+    /// one of several processes of a role.
     func start(
         _ role: String, concurrency: Int = 8, arguments: [String] = [],
-        environment extra: [String: String] = [:]
+        environment extra: [String: String] = [:], ledger: String? = nil, instance: String? = nil
     ) throws -> ServiceProcess {
         let service = role == "sink" ? sinkService : role == "audit" ? "audit-\(id)" : pingService
         var env = ProcessInfo.processInfo.environment
@@ -112,11 +132,11 @@ struct Mesh {
         env["FIXTURE_RETRY_MS"] = "200"
         env["CHOREO_LOG_LEVEL"] = "warning"
         for (k, v) in extra { env[k] = v }
-        let log = directory.appendingPathComponent("\(role).log")
+        let log = directory.appendingPathComponent("\(instance ?? role).log")
         return try ServiceProcess(
             arguments: [
                 "--url", Broker.url, "--exchange", exchange, "--ledger",
-                directory.appendingPathComponent("\(role).ledger.sqlite").path,
+                ledger ?? directory.appendingPathComponent("\(role).ledger.sqlite").path,
                 "--concurrency", String(concurrency),
             ] + arguments, environment: env, log: log)
     }

@@ -1,4 +1,5 @@
 import Choreo
+import ChoreoPostgres
 import Foundation
 import GRDB
 import TestEvents
@@ -74,7 +75,13 @@ struct SinkHandler: EventHandler {
 }
 
 switch env["FIXTURE_ROLE"] ?? "ping" {
-case "sink": await Choreo.run(service: env["FIXTURE_SERVICE"] ?? "fixture-sink", handlers: [SinkHandler()])
-case "audit": await Choreo.run(service: env["FIXTURE_SERVICE"] ?? "fixture-audit", handlers: [AuditHandler()])
-default: await Choreo.run(service: env["FIXTURE_SERVICE"] ?? "fixture", handlers: [PingHandler()])
+case "sink":
+    await Choreo.run(
+        service: env["FIXTURE_SERVICE"] ?? "fixture-sink", handlers: [SinkHandler()], ledgers: [PostgresLedger.self])
+case "audit":
+    await Choreo.run(
+        service: env["FIXTURE_SERVICE"] ?? "fixture-audit", handlers: [AuditHandler()], ledgers: [PostgresLedger.self])
+default:
+    await Choreo.run(
+        service: env["FIXTURE_SERVICE"] ?? "fixture", handlers: [PingHandler()], ledgers: [PostgresLedger.self])
 }

@@ -1,0 +1,585 @@
+import Choreo
+import Foundation
+import Logging
+import NIOSSL
+import PostgresNIO
+
+/// The idempotency-key ledger on PostgreSQL, shared by several replicas of a handler (DESIGN.md, "Scale beyond
+/// one machine"): the SQLite ledger is for one process per file, this one for any number of processes on any
+/// number of machines.
+///
+/// ```swift
+/// import Choreo
+/// import ChoreoPostgres
+///
+/// await Choreo.run(service: "inventory", handlers: [ReserveStock()], ledgers: [PostgresLedger.self])
+/// // inventory --ledger postgres://inventory@db.internal:5432/choreo   (password in PGPASSWORD)
+/// ```
+///
+/// The URL is `postgres://user[:password]@host[:port]/database[?sslmode=...]`; without a password in it,
+/// `PGPASSWORD` gives it. `sslmode` is read as libpq reads it: `prefer` (the default) and `require` encrypt
+/// without checking the server's certificate, `verify-full` checks it and the host name against the system's
+/// trust store, `disable` sends plain text.
+///
+/// Leases live in the database with the database's clock, so a lease outlives the process that took it: a
+/// replica that dies holding a key makes that key's redelivered copy wait until the lease expires (the
+/// runtime's lease, 60 s by default), whichever replica gets it. Keys are scoped by service and handler, so
+/// several services may share one database. Two tables, `choreo_ledger` (a row per key) and `choreo_outbox`
+/// (a row per emitted event until pruned), created at the first start; a `choreo_ledger_meta` row records the
+/// schema version.
+public final class PostgresLedger: URLOpenableLedger, Sendable {
+    public static let urlSchemes = ["postgres", "postgresql"]
+    /// Leases are shared: the runtime waits for a dead replica's leases to expire instead of voiding them.
+    public var isExclusiveToOneProcess: Bool { false }
+
+    static let schemaVersion = 1
+
+    private let settings: Settings
+    private let client: PostgresClient
+    private let running: Task<Void, Never>
+    /// Prefix of every stored handler name: the service's keys are its own.
+    private let scope: String
+    /// The URL with its password masked, for messages.
+    public let location: String
+    private let logger: Logger
+
+    /// Connects, creates or checks the tables, and returns the ledger; fails with the reason within 15 s
+    /// when the database cannot be reached or used.
+    public static func open(url: String, service: String, logger: Logger) async throws -> PostgresLedger {
+        let ledger = try PostgresLedger(url: url, service: service, logger: logger)
+        do {
+            // One connection of its own first: the pool retries a failed connection in the background while
+            // queries wait, so a wrong password or a refused connection would only show as a timeout.
+            try await ledger.run("connect", within: .seconds(15)) { try await ledger.probe() }
+            try await ledger.run("prepare its tables", within: .seconds(15)) { try await ledger.prepare() }
+        } catch {
+            ledger.close()
+            throw error
+        }
+        return ledger
+    }
+
+    /// A ledger on the database `url` names, not yet connected: ``open(url:service:logger:)`` also prepares
+    /// the tables.
+    public init(url: String, service: String, logger: Logger) throws {
+        settings = try Settings(url: url)
+        location = settings.display
+        scope = service + "/"
+        var quiet = logger
+        quiet.logLevel = max(logger.logLevel, .notice)  // PostgresNIO logs each query at debug
+        self.logger = quiet
+        client = PostgresClient(configuration: settings.clientConfiguration, backgroundLogger: quiet)
+        running = Task { [client] in await client.run() }
+    }
+
+    deinit { running.cancel() }
+
+    /// Closes the connections; the ledger cannot be used afterwards.
+    public func close() { running.cancel() }
+
+    // MARK: IdempotencyLedger
+
+    public func claim(handler: String, key rawKey: String, owner: String, lease: Duration) async throws -> LedgerClaim {
+        let h = scope + handler
+        let key = Self.stored(rawKey)
+        let seconds = lease.inSeconds
+        return try await run("claim a key") { [self] in
+            // The claim is one statement: a new key is inserted, a key free again (released, or its lease
+            // expired) taken over; the row lock makes concurrent claims of one key take turns.
+            for _ in 0..<10 {
+                let claimed = try await client.query(
+                    """
+                    INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
+                    VALUES (\(h), \(key), \(owner), now() + make_interval(secs => \(seconds)), 1, now())
+                    ON CONFLICT (handler, key) DO UPDATE
+                    SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
+                        claimed_at = now()
+                    WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
+                    RETURNING l.attempts
+                    """, logger: logger)
+                for try await attempts in claimed.decode(Int.self) { return .claimed(attempts: attempts) }
+                let state = try await client.query(
+                    """
+                    SELECT completed, lease_expires, coalesce(lease_expires > now(), false)
+                    FROM choreo_ledger WHERE handler = \(h) AND key = \(key)
+                    """, logger: logger)
+                for try await (completed, expires, live) in state.decode((Bool, Date?, Bool).self) {
+                    if completed {
+                        return .completed(unpublished: try await unpublished(handler: h, key: key, on: nil))
+                    }
+                    if live, let expires { return .heldElsewhere(until: expires) }
+                }
+                // Released, expired or pruned between the two statements: claim again.
+            }
+            throw PostgresLedgerError("the key \(key) changed hands ten times in a row; giving up this claim")
+        }
+    }
+
+    public func renew(handler: String, key rawKey: String, owner: String, lease: Duration) async throws -> Bool {
+        let h = scope + handler
+        let key = Self.stored(rawKey)
+        let seconds = lease.inSeconds
+        return try await run("renew a lease") { [self] in
+            try await exists(
+                client.query(
+                    """
+                    UPDATE choreo_ledger SET lease_expires = now() + make_interval(secs => \(seconds))
+                    WHERE handler = \(h) AND key = \(key) AND owner = \(owner) AND NOT completed RETURNING 1
+                    """, logger: logger))
+        }
+    }
+
+    public func complete(handler: String, key rawKey: String, owner: String, outbox: [OutboxMessage]) async throws
+        -> LedgerCompletion
+    {
+        let h = scope + handler
+        let key = Self.stored(rawKey)
+        let rows = outbox.map { ($0, SQLiteLedger.encodeAttributes($0.envelope)) }
+        return try await run("complete a key") { [self] in
+            try await client.withTransaction(logger: logger) { connection -> LedgerCompletion in
+                // Completed only by the lease's owner; the key and its outbox in one transaction.
+                let mine = try await exists(
+                    connection.query(
+                        """
+                        UPDATE choreo_ledger SET completed = true, owner = NULL, lease_expires = NULL,
+                            completed_at = now()
+                        WHERE handler = \(h) AND key = \(key) AND owner = \(owner) AND NOT completed RETURNING 1
+                        """, logger: logger))
+                if mine {
+                    for (m, attributes) in rows {
+                        try await connection.query(
+                            """
+                            INSERT INTO choreo_outbox (handler, key, idx, exchange, routing_key, attributes, data)
+                            VALUES (\(h), \(key), \(m.index), \(m.exchange), \(m.routingKey), \(attributes),
+                                \(ByteBuffer(bytes: m.envelope.data)))
+                            """, logger: logger)
+                    }
+                    return .committed
+                }
+                let completed = try await first(
+                    connection.query(
+                        "SELECT completed FROM choreo_ledger WHERE handler = \(h) AND key = \(key)", logger: logger),
+                    as: Bool.self)
+                if completed == true {
+                    return .alreadyCompleted(unpublished: try await unpublished(handler: h, key: key, on: connection))
+                }
+                return .leaseLost
+            }
+        }
+    }
+
+    public func markPublished(handler: String, key rawKey: String, indexes: [Int]) async throws {
+        guard !indexes.isEmpty else { return }
+        let h = scope + handler
+        let key = Self.stored(rawKey)
+        try await run("record published outbox entries") { [self] in
+            _ = try await client.query(
+                """
+                UPDATE choreo_outbox SET published = true
+                WHERE handler = \(h) AND key = \(key) AND idx = ANY(\(indexes)) AND NOT published
+                """, logger: logger)
+        }
+    }
+
+    public func release(handler: String, key rawKey: String, owner: String) async throws {
+        let h = scope + handler
+        let key = Self.stored(rawKey)
+        try await run("release a lease") { [self] in
+            _ = try await client.query(
+                """
+                UPDATE choreo_ledger SET owner = NULL, lease_expires = NULL
+                WHERE handler = \(h) AND key = \(key) AND owner = \(owner) AND NOT completed
+                """, logger: logger)
+        }
+    }
+
+    /// Drops every lease of the handler. The runtime never calls it for this ledger (other replicas may hold
+    /// those leases); it is for an operator who knows that no replica runs.
+    public func releaseAllLeases(handler: String) async throws {
+        let h = scope + handler
+        try await run("release the handler's leases") { [self] in
+            _ = try await client.query(
+                """
+                UPDATE choreo_ledger SET owner = NULL, lease_expires = NULL
+                WHERE handler = \(h) AND NOT completed AND owner IS NOT NULL
+                """, logger: logger)
+        }
+    }
+
+    /// Deletes this service's keys completed before `date` whose outbox is all published (with their outbox
+    /// rows), and keys claimed before `date` that were never completed and are not held (released after a
+    /// dead letter, or abandoned), a thousand per transaction.
+    public func prune(completedBefore date: Date) async throws -> Int {
+        let prefix = Self.likePattern(scope)
+        var removed = 0
+        while !Task.isCancelled {
+            let n = try await run("prune old keys") { [self] in
+                let rows = try await client.query(
+                    """
+                    DELETE FROM choreo_ledger WHERE ctid IN (
+                        SELECT l.ctid FROM choreo_ledger l
+                        WHERE l.handler LIKE \(prefix)
+                          AND ((l.completed AND l.completed_at < \(date)
+                                AND NOT EXISTS (
+                                    SELECT 1 FROM choreo_outbox o
+                                    WHERE o.handler = l.handler AND o.key = l.key AND NOT o.published))
+                            OR (NOT l.completed AND l.claimed_at < \(date)
+                                AND (l.owner IS NULL OR l.lease_expires <= now())))
+                        LIMIT 1000)
+                    RETURNING 1
+                    """, logger: logger)
+                var n = 0
+                for try await _ in rows.decode(Int.self) { n += 1 }
+                return n
+            }
+            removed += n
+            if n < 1000 { break }
+        }
+        return removed
+    }
+
+    public func check() async throws {
+        try await run("check it", within: .seconds(10)) { [self] in try await checkTables() }
+    }
+
+    private func checkTables() async throws {
+        let rows = try await client.query(
+            """
+            SELECT pg_is_in_recovery(),
+                has_table_privilege('choreo_ledger', 'INSERT, UPDATE, DELETE')
+                AND has_table_privilege('choreo_outbox', 'INSERT, UPDATE, DELETE')
+            """, logger: logger)
+        var state: (Bool, Bool)?
+        for try await row in rows.decode((Bool, Bool).self) where state == nil { state = row }
+        guard let (standby, writable) = state else { throw PostgresLedgerError("no answer to the check") }
+        if standby { throw PostgresLedgerError("the server is a read-only standby") }
+        if !writable { throw PostgresLedgerError("the user may not write the ledger's tables") }
+    }
+
+    public func unpublished(handler: String, limit: Int) async throws -> [PendingOutbox] {
+        let h = scope + handler
+        return try await run("read unpublished outbox entries") { [self] in
+            let rows = try await client.query(
+                """
+                SELECT key, idx, exchange, routing_key, attributes, data FROM choreo_outbox
+                WHERE handler = \(h) AND NOT published AND key IN (
+                    SELECT DISTINCT key FROM choreo_outbox WHERE handler = \(h) AND NOT published LIMIT \(limit))
+                ORDER BY key, idx
+                """, logger: logger)
+            var pending: [PendingOutbox] = []
+            for try await row in rows.decode((String, Int, String, String, String, ByteBuffer).self) {
+                let message = try Self.message(index: row.1, exchange: row.2, routingKey: row.3, row.4, row.5)
+                let key = Self.original(row.0)
+                if pending.last?.key == key {
+                    pending[pending.count - 1].messages.append(message)
+                } else {
+                    pending.append(PendingOutbox(key: key, messages: [message]))
+                }
+            }
+            return pending
+        }
+    }
+
+    // MARK: Storage
+
+    /// Creates the tables, or checks the version of those found; one replica at a time (an advisory lock),
+    /// since concurrent `CREATE TABLE IF NOT EXISTS` can collide.
+    private func prepare() async throws {
+        try await client.withTransaction(logger: logger) { connection in
+            try await connection.query("SELECT pg_advisory_xact_lock(\(Self.advisoryLock))", logger: logger)
+            for statement in Self.schema {
+                try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger)
+            }
+            let version = try await first(
+                connection.query(
+                    "SELECT value FROM choreo_ledger_meta WHERE name = 'schema_version'", logger: logger),
+                as: String.self)
+            guard let version, let number = Int(version) else {
+                throw PostgresLedgerError("choreo_ledger_meta has no schema version")
+            }
+            if number > Self.schemaVersion {
+                throw PostgresLedgerError(
+                    "the tables are of schema version \(number), made by a newer Choreo (this one knows \(Self.schemaVersion))"
+                )
+            }
+        }
+    }
+
+    /// Opens and closes one connection, so that a refused connection or login fails now, with its reason.
+    private func probe() async throws {
+        let connection = try await PostgresConnection.connect(
+            configuration: try settings.connectionConfiguration(), id: 0, logger: logger)
+        try await connection.close()
+    }
+
+    /// "choreo" in ASCII: the advisory lock that serializes preparing the tables.
+    static let advisoryLock: Int = 0x63_686F_7265_6F
+
+    static let schema = [
+        """
+        CREATE TABLE IF NOT EXISTS choreo_ledger (
+            handler text NOT NULL,
+            key text NOT NULL,
+            completed boolean NOT NULL DEFAULT false,
+            owner text,
+            lease_expires timestamptz,
+            attempts integer NOT NULL DEFAULT 0,
+            claimed_at timestamptz NOT NULL DEFAULT now(),
+            completed_at timestamptz,
+            PRIMARY KEY (handler, key))
+        """,
+        "CREATE INDEX IF NOT EXISTS choreo_ledger_completed_at ON choreo_ledger (completed_at) WHERE completed",
+        "CREATE INDEX IF NOT EXISTS choreo_ledger_claimed_at ON choreo_ledger (claimed_at) WHERE NOT completed",
+        """
+        CREATE TABLE IF NOT EXISTS choreo_outbox (
+            handler text NOT NULL,
+            key text NOT NULL,
+            idx bigint NOT NULL,
+            exchange text NOT NULL,
+            routing_key text NOT NULL,
+            attributes text NOT NULL,
+            data bytea NOT NULL,
+            published boolean NOT NULL DEFAULT false,
+            PRIMARY KEY (handler, key, idx),
+            FOREIGN KEY (handler, key) REFERENCES choreo_ledger (handler, key) ON DELETE CASCADE)
+        """,
+        "CREATE INDEX IF NOT EXISTS choreo_outbox_unpublished ON choreo_outbox (handler, key) WHERE NOT published",
+        "CREATE TABLE IF NOT EXISTS choreo_ledger_meta (name text PRIMARY KEY, value text NOT NULL)",
+        "INSERT INTO choreo_ledger_meta VALUES ('schema_version', '\(schemaVersion)') ON CONFLICT DO NOTHING",
+    ]
+
+    /// The key's outbox entries not recorded as published, in emit order.
+    private func unpublished(handler h: String, key: String, on connection: PostgresConnection?) async throws
+        -> [OutboxMessage]
+    {
+        let query: PostgresQuery = """
+            SELECT idx, exchange, routing_key, attributes, data FROM choreo_outbox
+            WHERE handler = \(h) AND key = \(key) AND NOT published ORDER BY idx
+            """
+        let rows =
+            if let connection {
+                try await connection.query(query, logger: logger)
+            } else {
+                try await client.query(query, logger: logger)
+            }
+        var messages: [OutboxMessage] = []
+        for try await row in rows.decode((Int, String, String, String, ByteBuffer).self) {
+            messages.append(try Self.message(index: row.0, exchange: row.1, routingKey: row.2, row.3, row.4))
+        }
+        return messages
+    }
+
+    private static func message(
+        index: Int, exchange: String, routingKey: String, _ attributes: String, _ data: ByteBuffer
+    )
+        throws -> OutboxMessage
+    {
+        var envelope = try SQLiteLedger.decodeAttributes(attributes)
+        envelope.data = Data(data.readableBytesView)
+        return OutboxMessage(index: index, envelope: envelope, exchange: exchange, routingKey: routingKey)
+    }
+
+    /// A key as stored: PostgreSQL's text holds no NUL character, which an `idempotencykey` header may carry,
+    /// so a key with a NUL or a backslash is escaped (`\\` for a backslash, `\0` for a NUL); others are as given.
+    static func stored(_ key: String) -> String {
+        guard key.utf8.contains(where: { $0 == 0 || $0 == UInt8(ascii: "\\") }) else { return key }
+        var out = ""
+        for c in key.unicodeScalars {
+            switch c {
+            case "\0": out += "\\0"
+            case "\\": out += "\\\\"
+            default: out.unicodeScalars.append(c)
+            }
+        }
+        return out
+    }
+
+    /// The key ``stored(_:)`` wrote.
+    static func original(_ stored: String) -> String {
+        guard stored.utf8.contains(UInt8(ascii: "\\")) else { return stored }
+        var out = ""
+        var escaped = false
+        for c in stored.unicodeScalars {
+            if escaped {
+                out.unicodeScalars.append(c == "0" ? "\0" : c)
+                escaped = false
+            } else if c == "\\" {
+                escaped = true
+            } else {
+                out.unicodeScalars.append(c)
+            }
+        }
+        return out
+    }
+
+    /// `text` as a LIKE pattern matching itself followed by anything.
+    static func likePattern(_ text: String) -> String {
+        var out = ""
+        for c in text {
+            if c == "%" || c == "_" || c == "\\" { out.append("\\") }
+            out.append(c)
+        }
+        return out + "%"
+    }
+
+    // MARK: Errors
+
+    /// Runs `body`, at most `limit` (a database that does not answer fails the call instead of hanging it),
+    /// turning PostgresNIO's errors (whose descriptions say nothing, on purpose) into ones that say what
+    /// failed, without the password.
+    @discardableResult
+    private func run<T: Sendable>(
+        _ operation: String, within limit: Duration = .seconds(30), _ body: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
+        do {
+            return try await withThrowingTaskGroup(of: T?.self) { group in
+                group.addTask { try await body() }
+                group.addTask {
+                    try await Task.sleep(for: limit)
+                    return nil
+                }
+                let first = try await group.next()
+                group.cancelAll()
+                guard case .some(.some(let value)) = first else {
+                    throw PostgresLedgerError("no answer within \(Int(limit.inSeconds)) s")
+                }
+                return value
+            }
+        } catch let error as PostgresLedgerError {
+            throw PostgresLedgerError("PostgreSQL ledger \(location): cannot \(operation): \(error.description)")
+        } catch {
+            throw PostgresLedgerError("PostgreSQL ledger \(location): cannot \(operation): \(Self.reason(error))")
+        }
+    }
+
+    static func reason(_ error: any Error) -> String {
+        guard let e = error as? PSQLError else { return String(describing: error) }
+        if let info = e.serverInfo, let message = info[.message] {
+            let state = info[.sqlState].map { " (SQLSTATE \($0))" } ?? ""
+            return message + state
+        }
+        if let underlying = e.underlying {
+            let text = String(describing: underlying)
+            // NIO's words for it: "Connection errors: SingleConnectionFailure(target: ..., error: connection reset
+            // (error set): Connection refused (errno: 111))".
+            return text.contains("Connection refused") ? "connection refused" : text
+        }
+        switch e.code {
+        case .serverClosedConnection: return "the server closed the connection"
+        case .clientClosedConnection, .poolClosed: return "the ledger was closed"
+        case .authMechanismRequiresPassword: return "the server asks for a password and none was given (PGPASSWORD)"
+        case .sslUnsupported: return "the server does not offer TLS (sslmode=require)"
+        default: return "\(e.code)"
+        }
+    }
+}
+
+/// A PostgreSQL ledger failure, with what failed and why; never the password.
+public struct PostgresLedgerError: Error, CustomStringConvertible {
+    public var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Whether a statement returned a row.
+private func exists(_ rows: PostgresRowSequence) async throws -> Bool {
+    var found = false
+    for try await _ in rows { found = true }
+    return found
+}
+
+/// The first row's column, decoded; nil when there is no row.
+private func first<T: PostgresDecodable & Sendable>(_ rows: PostgresRowSequence, as type: T.Type) async throws -> T? {
+    var result: T?
+    for try await value in rows.decode(T.self) where result == nil { result = value }
+    return result
+}
+
+extension Duration {
+    var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+/// A ledger URL's parts.
+struct Settings: Sendable {
+    /// `sslmode` as libpq reads it: `prefer` and `require` encrypt without checking the certificate,
+    /// `verify-full` checks it and the host name against the system's trust store.
+    enum TLSMode: String, Sendable {
+        case disable, prefer, require
+        case verifyFull = "verify-full"
+    }
+
+    var host: String
+    var port: Int
+    var user: String
+    var password: String?
+    var database: String?
+    var tls: TLSMode
+    /// The URL with the password masked.
+    var display: String
+
+    init(url: String, environment: [String: String] = ProcessInfo.processInfo.environment) throws {
+        let display = LedgerURL.redacted(url)
+        // A usage error (the executable exits 2), as any other wrong option value.
+        func bad(_ why: String) -> ConfigurationError { ConfigurationError("--ledger \(display): \(why)") }
+        guard let c = URLComponents(string: url), let scheme = c.scheme?.lowercased(),
+            PostgresLedger.urlSchemes.contains(scheme)
+        else {
+            throw bad("expected postgres://user[:password]@host[:port]/database")
+        }
+        guard var host = c.host, !host.isEmpty else { throw bad("no host") }
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard let user = c.user, !user.isEmpty else { throw bad("no user") }
+        let port = c.port ?? 5432
+        guard (1...65_535).contains(port) else { throw bad("port \(port) is out of range") }
+        let path = c.path.hasPrefix("/") ? String(c.path.dropFirst()) : c.path
+        guard !path.contains("/") else { throw bad("the path must be a database name") }
+        var tls = TLSMode.prefer
+        for item in c.queryItems ?? [] {
+            guard item.name == "sslmode" else {
+                throw bad("unknown parameter '\(item.name)' (only sslmode is understood)")
+            }
+            guard let mode = item.value.flatMap(TLSMode.init(rawValue:)) else {
+                throw bad("sslmode must be disable, prefer, require or verify-full, not '\(item.value ?? "")'")
+            }
+            tls = mode
+        }
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = c.password ?? environment["PGPASSWORD"]
+        self.database = path.isEmpty ? nil : path
+        self.tls = tls
+        self.display = display
+    }
+
+    private var tlsConfiguration: TLSConfiguration {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        if tls != .verifyFull { configuration.certificateVerification = .none }
+        return configuration
+    }
+
+    var clientConfiguration: PostgresClient.Configuration {
+        let mode: PostgresClient.Configuration.TLS =
+            switch tls {
+            case .disable: .disable
+            case .prefer: .prefer(tlsConfiguration)
+            case .require, .verifyFull: .require(tlsConfiguration)
+            }
+        var configuration = PostgresClient.Configuration(
+            host: host, port: port, username: user, password: password, database: database, tls: mode)
+        configuration.options.connectTimeout = .seconds(5)
+        return configuration
+    }
+
+    func connectionConfiguration() throws -> PostgresConnection.Configuration {
+        let mode: PostgresConnection.Configuration.TLS =
+            switch tls {
+            case .disable: .disable
+            case .prefer: .prefer(try NIOSSLContext(configuration: tlsConfiguration))
+            case .require, .verifyFull: .require(try NIOSSLContext(configuration: tlsConfiguration))
+            }
+        var configuration = PostgresConnection.Configuration(
+            host: host, port: port, username: user, password: password, database: database, tls: mode)
+        configuration.options.connectTimeout = .seconds(5)
+        return configuration
+    }
+}

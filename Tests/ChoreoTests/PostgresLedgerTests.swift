@@ -1,0 +1,316 @@
+import ChoreoAMQP
+import Foundation
+import Logging
+import TestEvents
+import Testing
+
+@testable import Choreo
+@testable import ChoreoPostgres
+
+/// The PostgreSQL server the shared ledger's tests use (started by scripts/test.sh, scripts/postgres.sh).
+enum Postgres {
+    static func url() throws -> String {
+        try #require(
+            ProcessInfo.processInfo.environment["CHOREO_TEST_POSTGRES_URL"],
+            "CHOREO_TEST_POSTGRES_URL is not set: run the tests through scripts/test.sh, which starts PostgreSQL")
+    }
+
+    /// A ledger of a service of its own, so that tests never see each other's keys.
+    static func ledger(service: String = "svc-\(UUID().uuidString.prefix(8).lowercased())") async throws
+        -> PostgresLedger
+    {
+        try await PostgresLedger.open(url: try url(), service: service, logger: Logger(label: "test"))
+    }
+
+    /// The server's URL with another password.
+    static func url(password: String) throws -> String {
+        var c = try #require(URLComponents(string: try url()))
+        c.password = password
+        return try #require(c.string)
+    }
+}
+
+@Suite("PostgreSQL ledger", .serialized, .timeLimit(.minutes(3)))
+struct PostgresLedgerTests {
+    private func outbox(_ n: Int) throws -> [OutboxMessage] {
+        try (0..<n).map {
+            OutboxMessage(
+                index: $0, envelope: try EventEnvelope(Pong(n: $0), source: "s", id: "out-\($0)"),
+                exchange: "x", routingKey: "test.pong")
+        }
+    }
+
+    @Test("claim, a live lease, completion with the outbox, duplicates and confirms, as with the SQLite ledger")
+    func protocolSteps() async throws {
+        let l = try await Postgres.ledger()
+        defer { l.close() }
+        #expect(!l.isExclusiveToOneProcess)
+        #expect(try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+        guard
+            case .heldElsewhere(let until) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
+        else {
+            Issue.record("a live lease must hold the key for its owner"); return
+        }
+        #expect(until > Date().addingTimeInterval(50))
+        #expect(try await l.renew(handler: "h", key: "k", owner: "a", lease: .seconds(60)))
+        #expect(try await !l.renew(handler: "h", key: "k", owner: "b", lease: .seconds(60)))
+        #expect(
+            try await l.complete(handler: "h", key: "k", owner: "b", outbox: []) == .leaseLost,
+            "only the lease's owner completes the key")
+        let out = try outbox(2)
+        #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: out) == .committed)
+        #expect(
+            try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)) == .completed(unpublished: out))
+        #expect(try await l.unpublished(handler: "h", limit: 10) == [PendingOutbox(key: "k", messages: out)])
+        try await l.markPublished(handler: "h", key: "k", indexes: [0])
+        #expect(
+            try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
+                == .completed(unpublished: [out[1]]))
+        try await l.markPublished([PublishedEntries(handler: "h", key: "k", indexes: [1])])
+        #expect(
+            try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)) == .completed(unpublished: []))
+        #expect(try await l.unpublished(handler: "h", limit: 10).isEmpty)
+        #expect(
+            try await l.complete(handler: "h", key: "k", owner: "a", outbox: out) == .alreadyCompleted(unpublished: []),
+            "a second completion writes nothing")
+        try await l.check()
+    }
+
+    @Test("a released key is claimed again at once; an expired lease passes on, and its first owner cannot complete")
+    func releaseAndExpiry() async throws {
+        let l = try await Postgres.ledger()
+        defer { l.close() }
+        #expect(try await l.claim(handler: "h", key: "r", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+        try await l.release(handler: "h", key: "r", owner: "a")
+        #expect(try await l.claim(handler: "h", key: "r", owner: "b", lease: .seconds(60)) == .claimed(attempts: 2))
+
+        #expect(try await l.claim(handler: "h", key: "e", owner: "a", lease: .seconds(1)) == .claimed(attempts: 1))
+        let taken = await eventually(within: 10) {
+            try? await l.claim(handler: "h", key: "e", owner: "b", lease: .seconds(60))
+        } until: {
+            $0 == .claimed(attempts: 2)
+        }
+        #expect(taken == .claimed(attempts: 2), "the lease expired after 1 s")
+        #expect(try await l.complete(handler: "h", key: "e", owner: "a", outbox: []) == .leaseLost)
+        #expect(try await !l.renew(handler: "h", key: "e", owner: "a", lease: .seconds(60)))
+        #expect(try await l.complete(handler: "h", key: "e", owner: "b", outbox: []) == .committed)
+    }
+
+    @Test("two replicas racing for the same 200 keys: each key is claimed and completed by exactly one")
+    func replicasRace() async throws {
+        let service = "race-\(UUID().uuidString.prefix(8).lowercased())"
+        let first = try await Postgres.ledger(service: service)
+        let second = try await Postgres.ledger(service: service)
+        defer {
+            first.close()
+            second.close()
+        }
+        let keys = (0..<200).map { "key-\($0)" }
+        /// The keys this replica claimed, and those it completed.
+        func work(_ ledger: PostgresLedger, owner: String) async throws -> (claimed: [String], won: [String]) {
+            var claimed: [String] = []
+            var won: [String] = []
+            for key in keys {
+                guard case .claimed = try await ledger.claim(handler: "h", key: key, owner: owner, lease: .seconds(60))
+                else { continue }
+                claimed.append(key)
+                if try await ledger.complete(handler: "h", key: key, owner: owner, outbox: try outbox(1)) == .committed
+                {
+                    won.append(key)
+                }
+            }
+            return (claimed, won)
+        }
+        async let a = work(first, owner: "replica-a")
+        async let b = work(second, owner: "replica-b")
+        let ((claimedA, wonA), (claimedB, wonB)) = try await (a, b)
+        #expect(Set(claimedA).isDisjoint(with: claimedB), "a key held by one replica is never claimed by the other")
+        #expect(wonA == claimedA && wonB == claimedB, "every claim completes")
+        #expect(wonA.count + wonB.count == keys.count)
+        #expect(Set(wonA).isDisjoint(with: wonB))
+        #expect(Set(wonA).union(wonB) == Set(keys))
+        #expect(try await first.unpublished(handler: "h", limit: 1000).count == keys.count)
+    }
+
+    @Test("services sharing the database keep their keys apart; keys with NUL and backslashes round-trip")
+    func scopesAndOddKeys() async throws {
+        let one = try await Postgres.ledger()
+        let two = try await Postgres.ledger()
+        defer {
+            one.close()
+            two.close()
+        }
+        let odd = ["a\u{0}b", "back\\slash", "\\0", "\\", "\u{0}", "日本 🎉 100% _x_"]
+        for key in odd {
+            #expect(
+                try await one.claim(handler: "h", key: key, owner: "o", lease: .seconds(60)) == .claimed(attempts: 1))
+            #expect(try await one.complete(handler: "h", key: key, owner: "o", outbox: try outbox(1)) == .committed)
+            #expect(
+                try await two.claim(handler: "h", key: key, owner: "o", lease: .seconds(60)) == .claimed(attempts: 1),
+                "another service's key of the same name is its own")
+        }
+        #expect(Set(try await one.unpublished(handler: "h", limit: 100).map(\.key)) == Set(odd))
+        #expect(try await two.unpublished(handler: "h", limit: 100).isEmpty)
+        #expect(PostgresLedger.original(PostgresLedger.stored("x\\0y")) == "x\\0y")
+    }
+
+    @Test("the outbox keeps every attribute of an emitted event, byte for byte")
+    func attributesRoundTrip() async throws {
+        let l = try await Postgres.ledger()
+        defer { l.close() }
+        let tricky = "quote \" backslash \\ newline \n nul \u{0} é 日本 🎉 </script>"
+        var e = try EventEnvelope(Pong(n: 1), source: "choreo://s/\(tricky)", id: "id-\(tricky)")
+        e.time = Date(timeIntervalSince1970: 1_764_082_680.123456)
+        e.subject = tricky
+        e.correlationID = "corr"
+        e.causationID = "cause"
+        e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        e.idempotencyKey = tricky
+        e.extensions = ["zeta": tricky, "alpha": ""]
+        e.data = Data([0, 1, 2, 255, 0])
+        let message = OutboxMessage(index: 0, envelope: e, exchange: "x", routingKey: "test.pong")
+        _ = try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60))
+        #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: [message]) == .committed)
+        #expect(
+            try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
+                == .completed(unpublished: [message]))
+    }
+
+    @Test("pruning removes old keys whose outbox is published and released keys, and keeps the rest")
+    func pruning() async throws {
+        let l = try await Postgres.ledger()
+        let other = try await Postgres.ledger()
+        defer {
+            l.close()
+            other.close()
+        }
+        let out = try outbox(1)
+        for key in ["published", "unpublished"] {
+            _ = try await l.claim(handler: "h", key: key, owner: "o", lease: .seconds(60))
+            #expect(try await l.complete(handler: "h", key: key, owner: "o", outbox: out) == .committed)
+        }
+        try await l.markPublished(handler: "h", key: "published", indexes: [0])
+        _ = try await l.claim(handler: "h", key: "released", owner: "o", lease: .seconds(60))
+        try await l.release(handler: "h", key: "released", owner: "o")
+        _ = try await l.claim(handler: "h", key: "held", owner: "o", lease: .seconds(60))
+        _ = try await other.claim(handler: "h", key: "published", owner: "o", lease: .seconds(60))
+        #expect(try await other.complete(handler: "h", key: "published", owner: "o", outbox: []) == .committed)
+
+        #expect(try await l.prune(completedBefore: Date().addingTimeInterval(-3600)) == 0, "nothing is that old")
+        #expect(try await l.prune(completedBefore: Date().addingTimeInterval(60)) == 2)
+        // Gone: the claim starts over. Kept: the unpublished outbox and the live lease.
+        #expect(
+            try await l.claim(handler: "h", key: "published", owner: "p", lease: .seconds(60)) == .claimed(attempts: 1))
+        #expect(
+            try await l.claim(handler: "h", key: "released", owner: "p", lease: .seconds(60)) == .claimed(attempts: 1))
+        #expect(
+            try await l.claim(handler: "h", key: "unpublished", owner: "p", lease: .seconds(60))
+                == .completed(unpublished: out))
+        guard case .heldElsewhere = try await l.claim(handler: "h", key: "held", owner: "p", lease: .seconds(60)) else {
+            Issue.record("a live lease is never pruned"); return
+        }
+        #expect(
+            try await other.claim(handler: "h", key: "published", owner: "q", lease: .seconds(60))
+                == .completed(unpublished: []),
+            "another service's keys are not pruned")
+    }
+
+    @Test("a wrong password, an unreachable server and bad URLs give one clear error each, never the password")
+    func failures() async throws {
+        let secret = "not-the-password-7f3a9"
+        do {
+            _ = try await PostgresLedger.open(
+                url: try Postgres.url(password: secret), service: "s", logger: Logger(label: "test"))
+            Issue.record("a wrong password must be refused")
+        } catch {
+            let message = "\(error)"
+            #expect(message.contains("password authentication failed for user \"choreo\""), "\(message)")
+            #expect(message.contains("postgres://choreo:***@127.0.0.1:"), "\(message)")
+            #expect(!message.contains(secret))
+        }
+        let started = ContinuousClock.now
+        do {
+            _ = try await PostgresLedger.open(
+                url: "postgres://choreo:\(secret)@127.0.0.1:1/choreo", service: "s", logger: Logger(label: "test"))
+            Issue.record("nothing listens on port 1")
+        } catch {
+            let message = "\(error)"
+            #expect(message.hasSuffix("@127.0.0.1:1/choreo: cannot connect: connection refused"), "\(message)")
+            #expect(!message.contains(secret))
+        }
+        #expect(ContinuousClock.now - started < .seconds(20))
+        for (url, why) in [
+            ("postgres://127.0.0.1/choreo", "no user"),
+            ("postgres://u:\(secret)@127.0.0.1/choreo?sslmode=sometimes", "sslmode must be"),
+            ("postgres://u:\(secret)@127.0.0.1/choreo?search_path=x", "unknown parameter 'search_path'"),
+            ("postgres://u:\(secret)@127.0.0.1:99999/choreo", "--ledger postgres://u:***@127.0.0.1:99999/choreo"),
+            ("postgres://u:\(secret)@/choreo", "no host"),
+        ] {
+            #expect {
+                _ = try PostgresLedger(url: url, service: "s", logger: Logger(label: "test"))
+            } throws: { error in
+                "\(error)".contains(why) && !"\(error)".contains(secret)
+            }
+        }
+    }
+}
+
+@Suite("Replicas sharing a PostgreSQL ledger", .serialized, .timeLimit(.minutes(5)))
+struct PostgresReplicaTests {
+    @Test("two replicas of a handler on one queue handle each event once, duplicates and a kill -9 included")
+    func replicas() async throws {
+        let url = try Postgres.url()
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let sink = try mesh.start("sink")
+        defer { sink.terminate() }
+        let sinkQueue = "choreo.\(mesh.sinkService).sink"
+        let sinkInfo = await eventually({ try? await channel.declareQueuePassive(sinkQueue) }) {
+            ($0?.consumerCount ?? 0) > 0
+        }
+        try #require((sinkInfo?.consumerCount ?? 0) > 0, "the sink did not start: \(sink.output)")
+
+        let n = 400
+        let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 10) }, on: channel)
+        // The first 100 again, same ids: duplicates that either replica may get, at the same time as the original.
+        try await mesh.publishPings(
+            (0..<100).map { Ping(n: $0, workMilliseconds: 10) }, on: channel, ids: Array(ids.prefix(100)))
+        // A 2 s lease: the keys the killed replica held wait that long for the other one.
+        let arguments = ["--lease", "2"]
+        let first = try mesh.start("ping", arguments: arguments, ledger: url, instance: "replica-1")
+        let second = try mesh.start("ping", arguments: arguments, ledger: url, instance: "replica-2")
+        defer {
+            first.terminate()
+            second.terminate()
+        }
+        let both = await eventually({ try? await channel.declareQueuePassive(mesh.pingQueues.main) }) {
+            ($0?.consumerCount ?? 0) == 2
+        }
+        #expect(both?.consumerCount == 2, "\(first.output)\n\(second.output)")
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= n / 4 })
+        first.kill9()
+
+        await eventually(within: 90, { gateway.effects("ping") }, until: { $0 >= n })
+        await eventually(within: 30, { gateway.effects("sink") }, until: { $0 >= n })
+        // Every copy settled: none ready, none delivered and unacknowledged (the survivor acks the copies last).
+        let left = await eventually {
+            try? Broker.messages(in: mesh.pingQueues.main)
+        } until: {
+            $0 == 0
+        }
+        #expect(left == 0, "every copy was acked")
+        #expect(gateway.effectKeys("ping") == Set(ids), "every event took effect once")
+        // Only what the killed replica was running can have run twice: at most its 8 invocations in flight.
+        #expect((n...(n + 8)).contains(gateway.requests("ping")), "\(gateway.requests("ping")) handler runs")
+        let pongs = Set(ids.map { HandlerContext.derivedID(input: $0, handler: "ping", index: 0) })
+        #expect(gateway.effectKeys("sink") == pongs, "each output delivered downstream once after deduplication")
+        #expect(gateway.requests("sink") == n)
+
+        second.terminate()
+        #expect(await second.waitForExit(seconds: 30))
+        #expect(second.exitStatus == 0, "\(second.output)")
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+    }
+}
