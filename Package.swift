@@ -145,7 +145,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "chain-benchmark",
-            dependencies: ["Choreo", "ChoreoAMQP"],
+            dependencies: ["Choreo", "ChoreoAMQP", "ChoreoPostgres"],
             path: "Benchmarks/ChainBenchmark"
         ),
         .testTarget(

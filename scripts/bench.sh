@@ -2,6 +2,7 @@
 # Release-mode benchmarks against a private broker (port 5675) that this script starts and stops.
 #   scripts/bench.sh amqp [options]   ChoreoAMQP vs raw rabbitmq-c: publish with confirms, consume with ack
 #   scripts/bench.sh chain [options]  producer -> A -> B -> sink, Choreo vs a rabbitmq-c chain in C
+#                                     (--postgres: also Choreo with its ledgers on a private PostgreSQL)
 #   scripts/bench.sh chain --hop-cost [--count N] [--rounds N]   CPU per event of one hop alone, Choreo vs C
 # Options go to the benchmark executable (--count, --size, --batch, --prefetch, --rounds).
 set -euo pipefail
@@ -25,6 +26,18 @@ amqp)
     .build/release/AMQPBenchmark "$@"
     ;;
 chain)
+    # --postgres (no value): also the Choreo chain with its ledgers on a private PostgreSQL started here.
+    args=()
+    for a in "$@"; do
+        if [ "$a" = "--postgres" ]; then
+            scripts/postgres.sh start choreo-bench-pg 5444
+            trap 'scripts/broker.sh stop "$name"; scripts/postgres.sh stop choreo-bench-pg' EXIT
+            args+=(--postgres "$(scripts/postgres.sh url choreo-bench-pg)")
+        else
+            args+=("$a")
+        fi
+    done
+    set -- "${args[@]}"
     # One product per call: given several --product flags, swift build builds only the last.
     swift build -c release --product chain-benchmark
     swift build -c release --product chain-baseline-c

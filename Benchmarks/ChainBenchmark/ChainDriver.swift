@@ -10,6 +10,8 @@ struct ChainDriver {
     let rate: Double
     let seconds: Double
     let rounds: Int
+    /// A PostgreSQL URL: the Choreo chain runs a second time with its hops' ledgers there.
+    let postgres: String?
     /// Events sent through each chain before anything is timed.
     let warmup = 2000
 
@@ -28,11 +30,15 @@ struct ChainDriver {
         print(
             "broker \(config), \(ProcessInfo.processInfo.activeProcessorCount) cores; persistent messages, confirms, a SQLite ledger per hop, \(chainInFlight) deliveries in flight per hop"
         )
-        let chains: [(label: String, run: () async throws -> Result)] = [
+        var chains: [(label: String, run: () async throws -> Result)] = [
             ("Choreo", { try await runChoreo(config) }),
             ("rabbitmq-c, one transaction per batch", { try await runBaseline(config, mode: "batch") }),
             ("rabbitmq-c, one transaction per event", { try await runBaseline(config, mode: "per-event") }),
         ]
+        if let postgres {
+            print("and the Choreo chain with its ledgers on PostgreSQL, \(LedgerURL.redacted(postgres))")
+            chains.append(("Choreo, PostgreSQL ledgers", { try await runChoreo(config, postgres: postgres) }))
+        }
         // Each round runs the three chains, starting with a different one each time: the machine drifts over
         // minutes, and a chain always run first or last would carry that drift into the ratios.
         var results = [[Result]](repeating: [], count: chains.count)
@@ -67,7 +73,8 @@ struct ChainDriver {
 
     // MARK: Choreo
 
-    private func runChoreo(_ config: AMQPConfiguration) async throws -> Result {
+    /// `postgres`: the hops' ledgers on that database instead of a SQLite file each.
+    private func runChoreo(_ config: AMQPConfiguration, postgres: String? = nil) async throws -> Result {
         let dir = try scratch("choreo")
         let latency = dir.appendingPathComponent("latency.txt")
         _ = FileManager.default.createFile(atPath: latency.path, contents: nil)
@@ -76,7 +83,8 @@ struct ChainDriver {
         for role in ["sink", "b", "a"] {
             hops.append(
                 try startChoreoHop(
-                    role, url: url, exchange: "bench.choreo", ledger: dir.appendingPathComponent("\(role).sqlite"),
+                    role, url: url, exchange: "bench.choreo",
+                    ledger: postgres ?? dir.appendingPathComponent("\(role).sqlite").path,
                     environment: ["CHAIN_LATENCY_FILE": latency.path]))
         }
         let connection = try await AMQPConnection.connect(to: config)
@@ -247,12 +255,12 @@ func declareAsHandlerQueue(_ queue: String, on channel: AMQPChannel) async throw
 
 /// Starts this executable as a Choreo hop (`a`, `b` or `sink`) with `chainInFlight` invocations.
 func startChoreoHop(
-    _ role: String, url: String, exchange: String, ledger: URL, environment: [String: String] = [:]
+    _ role: String, url: String, exchange: String, ledger: String, environment: [String: String] = [:]
 ) throws -> Process {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
     p.arguments = [
-        "hop", role, "--url", url, "--exchange", exchange, "--ledger", ledger.path,
+        "hop", role, "--url", url, "--exchange", exchange, "--ledger", ledger,
         "--concurrency", String(chainInFlight),
     ]
     // For comparing ack delays (RunnerConfiguration.ackDelay): CHAIN_ACK_DELAY=MS.

@@ -94,7 +94,8 @@ struct HopCost {
 
     /// The process, the queue it consumes and the exchange its events go to.
     private func choreoHop(_ dir: URL) throws -> (Process, String, String) {
-        let p = try startChoreoHop("a", url: url, exchange: exchange, ledger: dir.appendingPathComponent("a.sqlite"))
+        let p = try startChoreoHop(
+            "a", url: url, exchange: exchange, ledger: dir.appendingPathComponent("a.sqlite").path)
         return (p, "choreo.bench-a.hop", exchange)
     }
 

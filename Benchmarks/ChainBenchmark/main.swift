@@ -1,5 +1,6 @@
 import Choreo
 import ChoreoAMQP
+import ChoreoPostgres
 import Foundation
 import Synchronization
 
@@ -8,6 +9,7 @@ import Synchronization
 // (chain-baseline-c: same broker, the same CloudEvents messages, one SQLite insert per event per hop).
 //
 //   chain-benchmark [--url URL] [--count 20000] [--rate 200] [--seconds 10] [--rounds 3]   the driver (release mode)
+//       [--postgres URL]   also the Choreo chain with its hops' ledgers on that PostgreSQL database
 //   chain-benchmark --hop-cost [--count 40000] [--rounds 3]                                  CPU per event of one hop alone
 //   chain-benchmark hop ROLE [runner options]                                              one Choreo hop (a, b or sink)
 
@@ -82,11 +84,12 @@ if args.first == "hop" {
     let role = args.count > 1 ? args[1] : "a"
     let rest = Array(args.dropFirst(2))
     switch role {
-    case "a": await Choreo.run(service: "bench-a", handlers: [HopA()], arguments: rest)
-    case "b": await Choreo.run(service: "bench-b", handlers: [HopB()], arguments: rest)
+    case "a": await Choreo.run(service: "bench-a", handlers: [HopA()], ledgers: [PostgresLedger.self], arguments: rest)
+    case "b": await Choreo.run(service: "bench-b", handlers: [HopB()], ledgers: [PostgresLedger.self], arguments: rest)
     default:
         let log = try LatencyLog(path: ProcessInfo.processInfo.environment["CHAIN_LATENCY_FILE"] ?? "latency.txt")
-        await Choreo.run(service: "bench-sink", handlers: [Sink(log: log)], arguments: rest)
+        await Choreo.run(
+            service: "bench-sink", handlers: [Sink(log: log)], ledgers: [PostgresLedger.self], arguments: rest)
     }
     exit(0)
 }
@@ -101,7 +104,9 @@ do {
     if args.contains("--hop-cost") {
         try await HopCost(url: url, count: Int(option("--count", args) ?? "") ?? 40_000, rounds: rounds).run()
     } else {
-        try await ChainDriver(url: url, count: count, rate: rate, seconds: seconds, rounds: rounds).run()
+        try await ChainDriver(
+            url: url, count: count, rate: rate, seconds: seconds, rounds: rounds, postgres: option("--postgres", args)
+        ).run()
     }
 } catch {
     // A line saying what failed (AMQP errors never carry the password), not a crash report.

@@ -280,6 +280,214 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
     }
 
+    // MARK: Groups
+
+    /// One (handler, key) as stored.
+    private struct StoredKey: Hashable, Comparable {
+        var handler: String
+        var key: String
+        static func < (a: Self, b: Self) -> Bool { (a.handler, a.key) < (b.handler, b.key) }
+    }
+
+    /// Claims a group of keys with one statement (the runner claims every delivery that arrived together):
+    /// rows locked in key order, so that two replicas claiming overlapping groups never deadlock. A key that
+    /// appears twice is claimed by its first request and found held by the later ones.
+    public func claim(_ requests: [ClaimRequest], lease: Duration) async throws -> [LedgerClaim] {
+        if requests.count == 1, let r = requests.first {
+            return [try await claim(handler: r.handler, key: r.key, owner: r.owner, lease: lease)]
+        }
+        var first: [StoredKey: Int] = [:]
+        for (i, r) in requests.enumerated() {
+            let k = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
+            if first[k] == nil { first[k] = i }
+        }
+        let order = first.sorted { $0.key < $1.key }
+        let handlers = order.map(\.key.handler)
+        let keys = order.map(\.key.key)
+        let owners = order.map { requests[$0.value].owner }
+        let seconds = lease.inSeconds
+        let claimed: [StoredKey: (attempts: Int, until: Date)] = try await run("claim keys") { [self] in
+            let rows = try await client.query(
+                """
+                INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
+                SELECT h, k, o, now() + make_interval(secs => \(seconds)), 1, now()
+                FROM unnest(\(handlers)::text[], \(keys)::text[], \(owners)::text[]) AS t(h, k, o) ORDER BY h, k
+                ON CONFLICT (handler, key) DO UPDATE
+                SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
+                    claimed_at = now()
+                WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
+                RETURNING l.handler, l.key, l.attempts, l.lease_expires
+                """, logger: logger)
+            var claimed: [StoredKey: (Int, Date)] = [:]
+            for try await (h, k, attempts, until) in rows.decode((String, String, Int, Date).self) {
+                claimed[StoredKey(handler: h, key: k)] = (attempts, until)
+            }
+            return claimed
+        }
+        var results = [LedgerClaim?](repeating: nil, count: requests.count)
+        var others: [StoredKey: Int] = [:]
+        for (k, i) in first {
+            if let c = claimed[k] { results[i] = .claimed(attempts: c.attempts) } else { others[k] = i }
+        }
+        // Keys completed or held: what each one is, then the outbox entries of the completed ones.
+        if !others.isEmpty {
+            let states = try await states(of: Array(others.keys))
+            for (k, i) in others {
+                let r = requests[i]
+                switch states[k] {
+                case .completed(let unpublished)?: results[i] = .completed(unpublished: unpublished)
+                case .held(let until)?: results[i] = .heldElsewhere(until: until)
+                case nil:  // released, expired or pruned in between
+                    results[i] = try await claim(handler: r.handler, key: r.key, owner: r.owner, lease: lease)
+                }
+            }
+        }
+        // Later requests for a key already requested in this group.
+        for (i, r) in requests.enumerated() where results[i] == nil {
+            let k = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
+            switch results[first[k]!] {
+            case .claimed?: results[i] = .heldElsewhere(until: claimed[k]?.until ?? Date().addingTimeInterval(seconds))
+            case let other?: results[i] = other
+            case nil: break
+            }
+        }
+        return results.map { $0! }
+    }
+
+    private enum KeyState: Sendable {
+        case completed([OutboxMessage])
+        case held(until: Date)
+    }
+
+    /// The keys that are completed (with their unpublished outbox entries) or held by a live lease; a key
+    /// that is neither is missing from the result.
+    private func states(of keys: [StoredKey]) async throws -> [StoredKey: KeyState] {
+        let handlers = keys.map(\.handler)
+        let names = keys.map(\.key)
+        return try await run("read keys") { [self] in
+            var states: [StoredKey: KeyState] = [:]
+            let rows = try await client.query(
+                """
+                SELECT l.handler, l.key, l.completed, l.lease_expires
+                FROM choreo_ledger l JOIN unnest(\(handlers)::text[], \(names)::text[]) AS t(h, k)
+                    ON l.handler = t.h AND l.key = t.k
+                WHERE l.completed OR l.lease_expires > now()
+                """, logger: logger)
+            var completed: [StoredKey] = []
+            for try await (h, k, done, until) in rows.decode((String, String, Bool, Date?).self) {
+                let key = StoredKey(handler: h, key: k)
+                if done {
+                    states[key] = .completed([])
+                    completed.append(key)
+                } else if let until {
+                    states[key] = .held(until: until)
+                }
+            }
+            guard !completed.isEmpty else { return states }
+            let entries = try await client.query(
+                """
+                SELECT o.handler, o.key, o.idx, o.exchange, o.routing_key, o.attributes, o.data
+                FROM choreo_outbox o
+                JOIN unnest(\(completed.map(\.handler))::text[], \(completed.map(\.key))::text[]) AS t(h, k)
+                    ON o.handler = t.h AND o.key = t.k
+                WHERE NOT o.published ORDER BY o.handler, o.key, o.idx
+                """, logger: logger)
+            var pending: [StoredKey: [OutboxMessage]] = [:]
+            for try await row in entries.decode((String, String, Int, String, String, String, ByteBuffer).self) {
+                pending[StoredKey(handler: row.0, key: row.1), default: []].append(
+                    try Self.message(index: row.2, exchange: row.3, routingKey: row.4, row.5, row.6))
+            }
+            for (key, messages) in pending { states[key] = .completed(messages) }
+            return states
+        }
+    }
+
+    /// Completes a group of keys in one transaction, one commit (the disk sync the group shares): each key
+    /// exactly as ``complete(handler:key:owner:outbox:)`` does, its rows locked in key order.
+    public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
+        if requests.count == 1, let r = requests.first {
+            return [try await complete(handler: r.handler, key: r.key, owner: r.owner, outbox: r.outbox)]
+        }
+        let prepared = requests.enumerated().map { i, r in
+            (
+                index: i, handler: scope + r.handler, key: Self.stored(r.key), owner: r.owner,
+                rows: r.outbox.map { ($0, SQLiteLedger.encodeAttributes($0.envelope)) }
+            )
+        }.sorted { ($0.handler, $0.key) < ($1.handler, $1.key) }
+        return try await run("complete keys") { [self] in
+            try await client.withTransaction(logger: logger) { connection -> [LedgerCompletion] in
+                var results = [LedgerCompletion](repeating: .leaseLost, count: requests.count)
+                var outbox:
+                    (h: [String], k: [String], i: [Int], x: [String], r: [String], a: [String], d: [ByteBuffer]) =
+                        ([], [], [], [], [], [], [])
+                for p in prepared {
+                    let mine = try await exists(
+                        connection.query(
+                            """
+                            UPDATE choreo_ledger SET completed = true, owner = NULL, lease_expires = NULL,
+                                completed_at = now()
+                            WHERE handler = \(p.handler) AND key = \(p.key) AND owner = \(p.owner) AND NOT completed
+                            RETURNING 1
+                            """, logger: logger))
+                    if mine {
+                        results[p.index] = .committed
+                        for (m, attributes) in p.rows {
+                            outbox.h.append(p.handler)
+                            outbox.k.append(p.key)
+                            outbox.i.append(m.index)
+                            outbox.x.append(m.exchange)
+                            outbox.r.append(m.routingKey)
+                            outbox.a.append(attributes)
+                            outbox.d.append(ByteBuffer(bytes: m.envelope.data))
+                        }
+                        continue
+                    }
+                    let completed = try await first(
+                        connection.query(
+                            "SELECT completed FROM choreo_ledger WHERE handler = \(p.handler) AND key = \(p.key)",
+                            logger: logger),
+                        as: Bool.self)
+                    if completed == true {
+                        results[p.index] = .alreadyCompleted(
+                            unpublished: try await unpublished(handler: p.handler, key: p.key, on: connection))
+                    }
+                }
+                if !outbox.h.isEmpty {
+                    try await connection.query(
+                        """
+                        INSERT INTO choreo_outbox (handler, key, idx, exchange, routing_key, attributes, data)
+                        SELECT * FROM unnest(\(outbox.h)::text[], \(outbox.k)::text[], \(outbox.i)::bigint[],
+                            \(outbox.x)::text[], \(outbox.r)::text[], \(outbox.a)::text[], \(outbox.d)::bytea[])
+                        """, logger: logger)
+                }
+                return results
+            }
+        }
+    }
+
+    /// Records a group's confirmed outbox entries with one statement.
+    public func markPublished(_ entries: [PublishedEntries]) async throws {
+        var handlers: [String] = []
+        var keys: [String] = []
+        var indexes: [Int] = []
+        for e in entries {
+            for i in e.indexes {
+                handlers.append(scope + e.handler)
+                keys.append(Self.stored(e.key))
+                indexes.append(i)
+            }
+        }
+        guard !handlers.isEmpty else { return }
+        try await run("record published outbox entries") { [self, handlers, keys, indexes] in
+            _ = try await client.query(
+                """
+                UPDATE choreo_outbox o SET published = true
+                FROM unnest(\(handlers)::text[], \(keys)::text[], \(indexes)::bigint[]) AS t(h, k, i)
+                WHERE o.handler = t.h AND o.key = t.k AND o.idx = t.i AND NOT o.published
+                """, logger: logger)
+        }
+    }
+
     // MARK: Storage
 
     /// Creates the tables, or checks the version of those found; one replica at a time (an advisory lock),

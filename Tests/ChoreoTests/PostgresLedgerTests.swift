@@ -132,6 +132,80 @@ struct PostgresLedgerTests {
         #expect(try await first.unpublished(handler: "h", limit: 1000).count == keys.count)
     }
 
+    @Test("groups: one claim for many keys (new, repeated, completed, held), one transaction completing many")
+    func groups() async throws {
+        let l = try await Postgres.ledger()
+        defer { l.close() }
+        let out = try outbox(2)
+        _ = try await l.claim(handler: "h", key: "done", owner: "x", lease: .seconds(60))
+        #expect(try await l.complete(handler: "h", key: "done", owner: "x", outbox: out) == .committed)
+        try await l.markPublished(handler: "h", key: "done", indexes: [0])
+        _ = try await l.claim(handler: "h", key: "held", owner: "x", lease: .seconds(60))
+
+        let claims = try await l.claim(
+            ["new-1", "done", "held", "new-2", "new-1"].map { ClaimRequest(handler: "h", key: $0, owner: "o-\($0)") },
+            lease: .seconds(60))
+        #expect(claims.count == 5)
+        #expect(claims[0] == .claimed(attempts: 1))
+        #expect(claims[1] == .completed(unpublished: [out[1]]))
+        guard case .heldElsewhere = claims[2], case .heldElsewhere = claims[4] else {
+            Issue.record("a held key, and a key's second request in the group, are held: \(claims)"); return
+        }
+        #expect(claims[3] == .claimed(attempts: 1))
+
+        // Completed: both new keys; lease lost: "held" (owner x holds it); already completed: "done".
+        let completions = try await l.complete([
+            CompletionRequest(handler: "h", key: "new-2", owner: "o-new-2", outbox: out),
+            CompletionRequest(handler: "h", key: "held", owner: "o-held", outbox: []),
+            CompletionRequest(handler: "h", key: "new-1", owner: "o-new-1", outbox: [out[0]]),
+            CompletionRequest(handler: "h", key: "done", owner: "o-done", outbox: []),
+        ])
+        #expect(completions == [.committed, .leaseLost, .committed, .alreadyCompleted(unpublished: [out[1]])])
+        #expect(
+            Set(try await l.unpublished(handler: "h", limit: 10)) == [
+                PendingOutbox(key: "done", messages: [out[1]]), PendingOutbox(key: "new-1", messages: [out[0]]),
+                PendingOutbox(key: "new-2", messages: out),
+            ])
+        try await l.markPublished([
+            PublishedEntries(handler: "h", key: "new-2", indexes: [0, 1]),
+            PublishedEntries(handler: "h", key: "done", indexes: [1]),
+        ])
+        #expect(try await l.unpublished(handler: "h", limit: 10) == [PendingOutbox(key: "new-1", messages: [out[0]])])
+    }
+
+    @Test("two replicas claiming overlapping groups in opposite orders neither deadlock nor share a key")
+    func groupsRace() async throws {
+        let service = "groups-\(UUID().uuidString.prefix(8).lowercased())"
+        let first = try await Postgres.ledger(service: service)
+        let second = try await Postgres.ledger(service: service)
+        defer {
+            first.close()
+            second.close()
+        }
+        let keys = (0..<300).map { "key-\($0)" }
+        func work(_ ledger: PostgresLedger, owner: String, keys: [String]) async throws -> [String] {
+            var claimed: [String] = []
+            for start in stride(from: 0, to: keys.count, by: 20) {
+                let group = Array(keys[start..<min(start + 20, keys.count)])
+                let results = try await ledger.claim(
+                    group.map { ClaimRequest(handler: "h", key: $0, owner: owner) }, lease: .seconds(60))
+                let mine = zip(group, results).compactMap { k, r -> String? in
+                    if case .claimed = r { return k } else { return nil }
+                }
+                claimed += mine
+                let done = try await ledger.complete(
+                    mine.map { CompletionRequest(handler: "h", key: $0, owner: owner, outbox: []) })
+                #expect(done.allSatisfy { $0 == .committed })
+            }
+            return claimed
+        }
+        async let a = work(first, owner: "a", keys: keys)
+        async let b = work(second, owner: "b", keys: keys.reversed())
+        let (claimedA, claimedB) = try await (a, b)
+        #expect(Set(claimedA).isDisjoint(with: claimedB))
+        #expect(Set(claimedA).union(claimedB) == Set(keys))
+    }
+
     @Test("services sharing the database keep their keys apart; keys with NUL and backslashes round-trip")
     func scopesAndOddKeys() async throws {
         let one = try await Postgres.ledger()
