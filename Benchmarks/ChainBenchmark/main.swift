@@ -94,6 +94,21 @@ if args.first == "hop" {
     exit(0)
 }
 
+if args.first == "ledger-probe" {
+    // chain-benchmark ledger-probe LEDGER [--count N] [--pause-ms MS]: one event's ledger calls (claim, complete with
+    // one outbox entry, record the confirm) one after another, timed; LEDGER a SQLite file or a PostgreSQL URL.
+    let location = args.count > 1 ? args[1] : "probe.sqlite"
+    let n = Int(option("--count", args) ?? "") ?? 2000
+    let pause = Int(option("--pause-ms", args) ?? "") ?? 0
+    do {
+        try await LedgerProbe(location: location, count: n, pause: .milliseconds(pause)).run()
+    } catch {
+        FileHandle.standardError.write(Data("chain-benchmark ledger-probe: \(error)\n".utf8))
+        exit(1)
+    }
+    exit(0)
+}
+
 let url =
     option("--url", args) ?? ProcessInfo.processInfo.environment["CHOREO_URL"] ?? "amqp://guest:guest@127.0.0.1:5675/"
 let count = Int(option("--count", args) ?? "") ?? 20_000
