@@ -32,7 +32,7 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/choreo-tests.XXXXXX")
 trap 'scripts/broker.sh stop "$name"; scripts/postgres.sh stop "$pg_name"; rm -rf "$scratch"' EXIT
 scripts/postgres.sh start "$pg_name" "$pg_port"
 CHOREO_TEST_POSTGRES_URL=$(scripts/postgres.sh url "$pg_name")
-export CHOREO_TEST_POSTGRES_URL
+export CHOREO_TEST_POSTGRES_URL CHOREO_TEST_POSTGRES_NAME="$pg_name"
 
 export CHOREO_TEST_URL="amqp://guest:guest@127.0.0.1:$port/"
 export CHOREO_TEST_TLS_PORT=$((port + 1000))

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NIOSSL
 import PostgresNIO
+import Synchronization
 
 /// The idempotency-key ledger on PostgreSQL, shared by several replicas of a handler (DESIGN.md, "Scale beyond
 /// one machine"): the SQLite ledger is for one process per file, this one for any number of processes on any
@@ -35,8 +36,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     static let schemaVersion = 1
 
     private let settings: Settings
-    private let client: PostgresClient
-    private let running: Task<Void, Never>
+    private let connections: LedgerConnections
     /// Prefix of every stored handler name: the service's keys are its own.
     private let scope: String
     /// The URL with its password masked, for messages.
@@ -48,10 +48,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     public static func open(url: String, service: String, logger: Logger) async throws -> PostgresLedger {
         let ledger = try PostgresLedger(url: url, service: service, logger: logger)
         do {
-            // One connection of its own first: the pool retries a failed connection in the background while
-            // queries wait, so a wrong password or a refused connection would only show as a timeout.
-            try await ledger.run("connect", within: .seconds(15)) { try await ledger.probe() }
-            try await ledger.run("prepare its tables", within: .seconds(15)) { try await ledger.prepare() }
+            // Connecting first, so that a wrong password or a refused connection fails with its own reason.
+            try await ledger.run("connect", within: .seconds(15)) { _ in }
+            try await ledger.run("prepare its tables", within: .seconds(15)) { try await ledger.prepare(on: $0) }
         } catch {
             ledger.close()
             throw error
@@ -68,14 +67,15 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         var quiet = logger
         quiet.logLevel = max(logger.logLevel, .notice)  // PostgresNIO logs each query at debug
         self.logger = quiet
-        client = PostgresClient(configuration: settings.clientConfiguration, backgroundLogger: quiet)
-        running = Task { [client] in await client.run() }
+        connections = LedgerConnections(maximum: 8, logger: quiet) { [settings] in
+            try settings.connectionConfiguration()
+        }
     }
 
-    deinit { running.cancel() }
+    deinit { connections.close() }
 
     /// Closes the connections; the ledger cannot be used afterwards.
-    public func close() { running.cancel() }
+    public func close() { connections.close() }
 
     // MARK: IdempotencyLedger
 
@@ -83,11 +83,11 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let h = scope + handler
         let key = Self.stored(rawKey)
         let seconds = lease.inSeconds
-        return try await run("claim a key") { [self] in
+        return try await run("claim a key") { [self] connection in
             // The claim is one statement: a new key is inserted, a key free again (released, or its lease
             // expired) taken over; the row lock makes concurrent claims of one key take turns.
             for _ in 0..<10 {
-                let claimed = try await client.query(
+                let claimed = try await connection.query(
                     """
                     INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
                     VALUES (\(h), \(key), \(owner), now() + make_interval(secs => \(seconds)), 1, now())
@@ -98,14 +98,14 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
                     RETURNING l.attempts
                     """, logger: logger)
                 for try await attempts in claimed.decode(Int.self) { return .claimed(attempts: attempts) }
-                let state = try await client.query(
+                let state = try await connection.query(
                     """
                     SELECT completed, lease_expires, coalesce(lease_expires > now(), false)
                     FROM choreo_ledger WHERE handler = \(h) AND key = \(key)
                     """, logger: logger)
                 for try await (completed, expires, live) in state.decode((Bool, Date?, Bool).self) {
                     if completed {
-                        return .completed(unpublished: try await unpublished(handler: h, key: key, on: nil))
+                        return .completed(unpublished: try await unpublished(handler: h, key: key, on: connection))
                     }
                     if live, let expires { return .heldElsewhere(until: expires) }
                 }
@@ -119,9 +119,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let h = scope + handler
         let key = Self.stored(rawKey)
         let seconds = lease.inSeconds
-        return try await run("renew a lease") { [self] in
+        return try await run("renew a lease") { [self] connection in
             try await exists(
-                client.query(
+                connection.query(
                     """
                     UPDATE choreo_ledger SET lease_expires = now() + make_interval(secs => \(seconds))
                     WHERE handler = \(h) AND key = \(key) AND owner = \(owner) AND NOT completed RETURNING 1
@@ -135,8 +135,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let h = scope + handler
         let key = Self.stored(rawKey)
         let rows = outbox.map { ($0, SQLiteLedger.encodeAttributes($0.envelope)) }
-        return try await run("complete a key") { [self] in
-            try await client.withTransaction(logger: logger) { connection -> LedgerCompletion in
+        return try await run("complete a key") { [self] connection in
+            try await transaction(on: connection) { () -> LedgerCompletion in
                 // Completed only by the lease's owner; the key and its outbox in one transaction.
                 let mine = try await exists(
                     connection.query(
@@ -172,8 +172,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         guard !indexes.isEmpty else { return }
         let h = scope + handler
         let key = Self.stored(rawKey)
-        try await run("record published outbox entries") { [self] in
-            _ = try await client.query(
+        try await run("record published outbox entries") { [self] connection in
+            _ = try await connection.query(
                 """
                 UPDATE choreo_outbox SET published = true
                 WHERE handler = \(h) AND key = \(key) AND idx = ANY(\(indexes)) AND NOT published
@@ -184,8 +184,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     public func release(handler: String, key rawKey: String, owner: String) async throws {
         let h = scope + handler
         let key = Self.stored(rawKey)
-        try await run("release a lease") { [self] in
-            _ = try await client.query(
+        try await run("release a lease") { [self] connection in
+            _ = try await connection.query(
                 """
                 UPDATE choreo_ledger SET owner = NULL, lease_expires = NULL
                 WHERE handler = \(h) AND key = \(key) AND owner = \(owner) AND NOT completed
@@ -197,8 +197,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     /// those leases); it is for an operator who knows that no replica runs.
     public func releaseAllLeases(handler: String) async throws {
         let h = scope + handler
-        try await run("release the handler's leases") { [self] in
-            _ = try await client.query(
+        try await run("release the handler's leases") { [self] connection in
+            _ = try await connection.query(
                 """
                 UPDATE choreo_ledger SET owner = NULL, lease_expires = NULL
                 WHERE handler = \(h) AND NOT completed AND owner IS NOT NULL
@@ -213,8 +213,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let prefix = Self.likePattern(scope)
         var removed = 0
         while !Task.isCancelled {
-            let n = try await run("prune old keys") { [self] in
-                let rows = try await client.query(
+            let n = try await run("prune old keys") { [self] connection in
+                let rows = try await connection.query(
                     """
                     DELETE FROM choreo_ledger WHERE ctid IN (
                         SELECT l.ctid FROM choreo_ledger l
@@ -239,11 +239,11 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     }
 
     public func check() async throws {
-        try await run("check it", within: .seconds(10)) { [self] in try await checkTables() }
+        try await run("check it", within: .seconds(10)) { [self] in try await checkTables(on: $0) }
     }
 
-    private func checkTables() async throws {
-        let rows = try await client.query(
+    private func checkTables(on connection: PostgresConnection) async throws {
+        let rows = try await connection.query(
             """
             SELECT pg_is_in_recovery(),
                 has_table_privilege('choreo_ledger', 'INSERT, UPDATE, DELETE')
@@ -258,8 +258,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
 
     public func unpublished(handler: String, limit: Int) async throws -> [PendingOutbox] {
         let h = scope + handler
-        return try await run("read unpublished outbox entries") { [self] in
-            let rows = try await client.query(
+        return try await run("read unpublished outbox entries") { [self] connection in
+            let rows = try await connection.query(
                 """
                 SELECT key, idx, exchange, routing_key, attributes, data FROM choreo_outbox
                 WHERE handler = \(h) AND NOT published AND key IN (
@@ -306,8 +306,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let keys = order.map(\.key.key)
         let owners = order.map { requests[$0.value].owner }
         let seconds = lease.inSeconds
-        let claimed: [StoredKey: (attempts: Int, until: Date)] = try await run("claim keys") { [self] in
-            let rows = try await client.query(
+        let claimed: [StoredKey: (attempts: Int, until: Date)] = try await run("claim keys") { [self] connection in
+            let rows = try await connection.query(
                 """
                 INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
                 SELECT h, k, o, now() + make_interval(secs => \(seconds)), 1, now()
@@ -364,9 +364,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     private func states(of keys: [StoredKey]) async throws -> [StoredKey: KeyState] {
         let handlers = keys.map(\.handler)
         let names = keys.map(\.key)
-        return try await run("read keys") { [self] in
+        return try await run("read keys") { [self] connection in
             var states: [StoredKey: KeyState] = [:]
-            let rows = try await client.query(
+            let rows = try await connection.query(
                 """
                 SELECT l.handler, l.key, l.completed, l.lease_expires
                 FROM choreo_ledger l JOIN unnest(\(handlers)::text[], \(names)::text[]) AS t(h, k)
@@ -384,7 +384,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
                 }
             }
             guard !completed.isEmpty else { return states }
-            let entries = try await client.query(
+            let entries = try await connection.query(
                 """
                 SELECT o.handler, o.key, o.idx, o.exchange, o.routing_key, o.attributes, o.data
                 FROM choreo_outbox o
@@ -414,8 +414,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
                 rows: r.outbox.map { ($0, SQLiteLedger.encodeAttributes($0.envelope)) }
             )
         }.sorted { ($0.handler, $0.key) < ($1.handler, $1.key) }
-        return try await run("complete keys") { [self] in
-            try await client.withTransaction(logger: logger) { connection -> [LedgerCompletion] in
+        return try await run("complete keys") { [self] connection in
+            try await transaction(on: connection) { () -> [LedgerCompletion] in
                 var results = [LedgerCompletion](repeating: .leaseLost, count: requests.count)
                 var outbox:
                     (h: [String], k: [String], i: [Int], x: [String], r: [String], a: [String], d: [ByteBuffer]) =
@@ -478,8 +478,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
             }
         }
         guard !handlers.isEmpty else { return }
-        try await run("record published outbox entries") { [self, handlers, keys, indexes] in
-            _ = try await client.query(
+        try await run("record published outbox entries") { [self, handlers, keys, indexes] connection in
+            _ = try await connection.query(
                 """
                 UPDATE choreo_outbox o SET published = true
                 FROM unnest(\(handlers)::text[], \(keys)::text[], \(indexes)::bigint[]) AS t(h, k, i)
@@ -492,8 +492,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
 
     /// Creates the tables, or checks the version of those found; one replica at a time (an advisory lock),
     /// since concurrent `CREATE TABLE IF NOT EXISTS` can collide.
-    private func prepare() async throws {
-        try await client.withTransaction(logger: logger) { connection in
+    private func prepare(on connection: PostgresConnection) async throws {
+        try await transaction(on: connection) {
             try await connection.query("SELECT pg_advisory_xact_lock(\(Self.advisoryLock))", logger: logger)
             for statement in Self.schema {
                 try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger)
@@ -511,13 +511,6 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
                 )
             }
         }
-    }
-
-    /// Opens and closes one connection, so that a refused connection or login fails now, with its reason.
-    private func probe() async throws {
-        let connection = try await PostgresConnection.connect(
-            configuration: try settings.connectionConfiguration(), id: 0, logger: logger)
-        try await connection.close()
     }
 
     /// "choreo" in ASCII: the advisory lock that serializes preparing the tables.
@@ -557,19 +550,14 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     ]
 
     /// The key's outbox entries not recorded as published, in emit order.
-    private func unpublished(handler h: String, key: String, on connection: PostgresConnection?) async throws
+    private func unpublished(handler h: String, key: String, on connection: PostgresConnection) async throws
         -> [OutboxMessage]
     {
         let query: PostgresQuery = """
             SELECT idx, exchange, routing_key, attributes, data FROM choreo_outbox
             WHERE handler = \(h) AND key = \(key) AND NOT published ORDER BY idx
             """
-        let rows =
-            if let connection {
-                try await connection.query(query, logger: logger)
-            } else {
-                try await client.query(query, logger: logger)
-            }
+        let rows = try await connection.query(query, logger: logger)
         var messages: [OutboxMessage] = []
         for try await row in rows.decode((Int, String, String, String, ByteBuffer).self) {
             messages.append(try Self.message(index: row.0, exchange: row.1, routingKey: row.2, row.3, row.4))
@@ -632,31 +620,68 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
 
     // MARK: Errors
 
-    /// Runs `body`, at most `limit` (a database that does not answer fails the call instead of hanging it),
-    /// turning PostgresNIO's errors (whose descriptions say nothing, on purpose) into ones that say what
-    /// failed, without the password.
+    /// Runs `body` on a connection of its own, at most `limit`, turning PostgresNIO's errors (whose descriptions
+    /// say nothing, on purpose) into ones that say what failed, without the password.
+    ///
+    /// A call whose time is up fails at once, and its connection is closed, which fails the query it waits
+    /// for. The caller does not wait for the call to end: PostgresNIO can leave a query unanswered for good
+    /// (one written just as its connection closed), so the call is left to end on its own, or never.
     @discardableResult
     private func run<T: Sendable>(
-        _ operation: String, within limit: Duration = .seconds(30), _ body: @escaping @Sendable () async throws -> T
+        _ operation: String, within limit: Duration = .seconds(30),
+        _ body: @escaping @Sendable (PostgresConnection) async throws -> T
     ) async throws -> T {
-        do {
-            return try await withThrowingTaskGroup(of: T?.self) { group in
-                group.addTask { try await body() }
-                group.addTask {
-                    try await Task.sleep(for: limit)
-                    return nil
-                }
-                let first = try await group.next()
-                group.cancelAll()
-                guard case .some(.some(let value)) = first else {
-                    throw PostgresLedgerError("no answer within \(Int(limit.inSeconds)) s")
-                }
-                return value
+        let outcome = await withCheckedContinuation {
+            (continuation: CheckedContinuation<Result<T, any Error>, Never>) in
+            let done = Mutex(false)
+            let finish: @Sendable (Result<T, any Error>) -> Bool = { result in
+                guard
+                    done.withLock({ d in
+                        defer { d = true }; return !d
+                    })
+                else { return false }
+                continuation.resume(returning: result)
+                return true
             }
-        } catch let error as PostgresLedgerError {
+            let work = Task {
+                do {
+                    _ = finish(.success(try await self.connections.with(body)))
+                } catch {
+                    _ = finish(.failure(error))
+                }
+            }
+            // The time is up: cancelling the call closes its connection (see `LedgerConnections.with`).
+            let timer = Task {
+                try await Task.sleep(for: limit)
+                if finish(.failure(PostgresLedgerError("no answer within \(Int(limit.inSeconds)) s"))) { work.cancel() }
+            }
+            Task {
+                await work.value
+                timer.cancel()
+            }
+        }
+        switch outcome {
+        case .success(let value):
+            return value
+        case .failure(let error as PostgresLedgerError):
             throw PostgresLedgerError("PostgreSQL ledger \(location): cannot \(operation): \(error.description)")
-        } catch {
+        case .failure(let error):
             throw PostgresLedgerError("PostgreSQL ledger \(location): cannot \(operation): \(Self.reason(error))")
+        }
+    }
+
+    /// `body` in a transaction on `connection`. Unlike PostgresNIO's `withTransaction`, no `ROLLBACK` is sent on
+    /// a connection that has closed (a query written to a closed connection may never be answered); the server
+    /// rolls an interrupted transaction back by itself.
+    private func transaction<T>(on connection: PostgresConnection, _ body: () async throws -> T) async throws -> T {
+        try await connection.query("BEGIN", logger: logger)
+        do {
+            let value = try await body()
+            try await connection.query("COMMIT", logger: logger)
+            return value
+        } catch {
+            if !connection.isClosed { _ = try? await connection.query("ROLLBACK", logger: logger) }
+            throw error
         }
     }
 
@@ -674,7 +699,8 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
         switch e.code {
         case .serverClosedConnection: return "the server closed the connection"
-        case .clientClosedConnection, .poolClosed: return "the ledger was closed"
+        case .clientClosedConnection:
+            return "the connection was closed (the call took too long, or the ledger was closed)"
         case .authMechanismRequiresPassword: return "the server asks for a password and none was given (PGPASSWORD)"
         case .sslUnsupported: return "the server does not offer TLS (sslmode=require)"
         default: return "\(e.code)"
@@ -762,19 +788,6 @@ struct Settings: Sendable {
     private var tlsConfiguration: TLSConfiguration {
         var configuration = TLSConfiguration.makeClientConfiguration()
         if tls != .verifyFull { configuration.certificateVerification = .none }
-        return configuration
-    }
-
-    var clientConfiguration: PostgresClient.Configuration {
-        let mode: PostgresClient.Configuration.TLS =
-            switch tls {
-            case .disable: .disable
-            case .prefer: .prefer(tlsConfiguration)
-            case .require, .verifyFull: .require(tlsConfiguration)
-            }
-        var configuration = PostgresClient.Configuration(
-            host: host, port: port, username: user, password: password, database: database, tls: mode)
-        configuration.options.connectTimeout = .seconds(5)
         return configuration
     }
 

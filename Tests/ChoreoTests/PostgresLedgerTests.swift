@@ -22,6 +22,23 @@ enum Postgres {
         try await PostgresLedger.open(url: try url(), service: service, logger: Logger(label: "test"))
     }
 
+    /// Runs `scripts/postgres.sh ARG <the tests' server>` (pause, resume).
+    static func script(_ command: String) throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let name = try #require(ProcessInfo.processInfo.environment["CHOREO_TEST_POSTGRES_NAME"])
+        let p = Process()
+        p.executableURL = root.appendingPathComponent("scripts/postgres.sh")
+        p.arguments = [command, name]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            throw ConfigurationError("postgres.sh \(command) \(name) exited \(p.terminationStatus)")
+        }
+    }
+
     /// The server's URL with another password.
     static func url(password: String) throws -> String {
         var c = try #require(URLComponents(string: try url()))
@@ -386,5 +403,42 @@ struct PostgresReplicaTests {
         #expect(await second.waitForExit(seconds: 30))
         #expect(second.exitStatus == 0, "\(second.output)")
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+    }
+
+    @Test("the database stopped for 3 s mid-stream: nothing lost, each effect once, the handler goes on")
+    func databaseOutage() async throws {
+        let url = try Postgres.url()
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let n = 200
+        let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 10) }, on: channel)
+        let ping = try mesh.start("ping", arguments: ["--lease", "2"], ledger: url)
+        defer { ping.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 40 })
+        try Postgres.script("pause")
+        defer { try? Postgres.script("resume") }  // when the test stops before resuming it
+        // The outage: invocations in flight fail to complete and are given back; claims wait for the server.
+        try await Task.sleep(for: .seconds(3))
+        try Postgres.script("resume")
+
+        await eventually(within: 120, { gateway.effects("ping") }, until: { $0 >= n })
+        let left = await eventually(within: 60) {
+            try? Broker.messages(in: mesh.pingQueues.main)
+        } until: {
+            $0 == 0
+        }
+        #expect(left == 0, "every event was acked in the end: \(ping.output)")
+        #expect(gateway.effectKeys("ping") == Set(ids), "every event took effect once")
+        // Only the invocations in flight when the server went away (8 at most) can have run again.
+        #expect((n...(n + 8)).contains(gateway.requests("ping")), "\(gateway.requests("ping")) handler runs")
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+        #expect(ping.isRunning, "the handler survived the outage: \(ping.output)")
+        // The outage reached the handler: calls failed with the reason, and the events went back to the queue.
+        #expect(ping.output.contains("leaving the event for redelivery"), "\(ping.output)")
+        #expect(ping.output.contains("PostgreSQL ledger postgres://choreo:***@127.0.0.1:"), "\(ping.output)")
+        let password = try #require(URLComponents(string: url)?.password)
+        #expect(!ping.output.contains(password))
     }
 }
