@@ -223,14 +223,6 @@ struct SQLiteLedgerTests {
                 .path)
     }
 
-    private func outbox(_ n: Int) throws -> [OutboxMessage] {
-        try (0..<n).map {
-            OutboxMessage(
-                index: $0, envelope: try EventEnvelope(Pong(n: $0), source: "s", id: "out-\($0)"),
-                exchange: "x", routingKey: "test.pong")
-        }
-    }
-
     @Test("the completed-key filter grows with the file, and no completed key is missed, before or after a restart")
     func completedKeyFilter() async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
@@ -289,7 +281,7 @@ struct SQLiteLedgerTests {
             Issue.record("a live lease must hold the key for its owner"); return
         }
         #expect(until > Date())
-        let out = try outbox(2)
+        let out = try sampleOutbox(2)
         #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: out) == .committed)
         guard case .completed(let pending) = try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60))
         else {
@@ -375,7 +367,7 @@ struct SQLiteLedgerTests {
     @Test("batch claim and complete give each key its own outcome, in order, in one write")
     func batches() async throws {
         let l = try ledger()
-        let doneOutbox = try outbox(1)
+        let doneOutbox = try sampleOutbox(1)
         _ = try await l.claim(handler: "h", key: "done", owner: "x", lease: .seconds(60))
         _ = try await l.complete(handler: "h", key: "done", owner: "x", outbox: doneOutbox)
         let claims = try await l.claim(
@@ -392,7 +384,7 @@ struct SQLiteLedgerTests {
         #expect(claims[2] == .completed(unpublished: doneOutbox))
         #expect(claims[3] == .claimed(attempts: 1))
         let results = try await l.complete([
-            CompletionRequest(handler: "h", key: "new", owner: "a", outbox: try outbox(2)),
+            CompletionRequest(handler: "h", key: "new", owner: "a", outbox: try sampleOutbox(2)),
             CompletionRequest(handler: "h", key: "other", owner: "not-the-holder", outbox: []),
             CompletionRequest(handler: "h", key: "done", owner: "c", outbox: []),
         ])
@@ -520,7 +512,7 @@ struct SQLiteLedgerTests {
         #expect(tables == ["completion", "grdb_migrations"])
         #expect(try outboxKeys(path) == ["a", "a", "a", "c"], "the entry left without its key is dropped")
         #expect(try await l.claim(handler: "h", key: "gone", owner: "o", lease: .seconds(9)) == .claimed(attempts: 1))
-        #expect(try await l.complete(handler: "h", key: "gone", owner: "o", outbox: try outbox(1)) == .committed)
+        #expect(try await l.complete(handler: "h", key: "gone", owner: "o", outbox: try sampleOutbox(1)) == .committed)
         try await l.markPublished(handler: "h", key: "gone", indexes: [0])
         // Before 250: 'c' and 'a' wait for their publishes; 'g'/'a' goes.
         #expect(try await l.prune(completedBefore: Date(timeIntervalSince1970: 250)) == 1)
@@ -539,14 +531,14 @@ struct SQLiteLedgerTests {
             let l = try SQLiteLedger(path: path.path)
             for key in ["k1", "k2"] {
                 _ = try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60))
-                _ = try await l.complete(handler: "h", key: key, owner: "a", outbox: try outbox(1))
+                _ = try await l.complete(handler: "h", key: key, owner: "a", outbox: try sampleOutbox(1))
                 try await l.markPublished(handler: "h", key: key, indexes: [0])
             }
         }  // reopened: nothing unpublished, so reads of unpublished entries start past the last row
         let l = try SQLiteLedger(path: path.path)
         #expect(try await l.prune(completedBefore: Date().addingTimeInterval(1)) == 2)
         _ = try await l.claim(handler: "h", key: "k3", owner: "a", lease: .seconds(60))
-        _ = try await l.complete(handler: "h", key: "k3", owner: "a", outbox: try outbox(2))
+        _ = try await l.complete(handler: "h", key: "k3", owner: "a", outbox: try sampleOutbox(2))
         let pending = try await l.unpublished(handler: "h", limit: 10)
         #expect(pending.map(\.key) == ["k3"] && pending.first?.messages.map(\.index) == [0, 1])
     }
@@ -557,7 +549,7 @@ struct SQLiteLedgerTests {
         let l = try SQLiteLedger(path: path.path)
         for key in ["done", "unpublished"] {
             _ = try await l.claim(handler: "h", key: key, owner: "a", lease: .seconds(60))
-            _ = try await l.complete(handler: "h", key: key, owner: "a", outbox: try outbox(1))
+            _ = try await l.complete(handler: "h", key: key, owner: "a", outbox: try sampleOutbox(1))
         }
         try await l.markPublished(handler: "h", key: "done", indexes: [0])
         _ = try await l.claim(handler: "h", key: "running", owner: "a", lease: .seconds(60))
@@ -568,7 +560,7 @@ struct SQLiteLedgerTests {
         let cutoff = Date()
         try await Task.sleep(for: .milliseconds(20))
         _ = try await l.claim(handler: "h", key: "recent", owner: "a", lease: .seconds(60))
-        _ = try await l.complete(handler: "h", key: "recent", owner: "a", outbox: try outbox(1))
+        _ = try await l.complete(handler: "h", key: "recent", owner: "a", outbox: try sampleOutbox(1))
         try await l.markPublished(handler: "h", key: "recent", indexes: [0])
         #expect(try await l.prune(completedBefore: cutoff) == 1)
         #expect(try outboxKeys(path) == ["recent", "unpublished"])
@@ -586,7 +578,7 @@ struct SQLiteLedgerTests {
         let l = try SQLiteLedger(path: path.path)
         let keys = (0..<2_500).map { "k\($0)" }
         _ = try await l.claim(keys.map { ClaimRequest(handler: "h", key: $0, owner: "a") }, lease: .seconds(60))
-        let one = try outbox(1)
+        let one = try sampleOutbox(1)
         let results = try await l.complete(
             keys.map { CompletionRequest(handler: "h", key: $0, owner: "a", outbox: $0 == "k7" ? [] : one) })
         #expect(results.allSatisfy { $0 == .committed })
@@ -610,7 +602,7 @@ struct SQLiteLedgerTests {
             path: path.path, filterMinimumBits: 1 << 16,
             checkpointLimits: WALCheckpointer.Limits(pass: 40, inline: 1_000_000))
         let checkpointer = l.checkpointer
-        let one = try outbox(1)
+        let one = try sampleOutbox(1)
         // One commit per key, each writing at least two pages (the table's and the index's): 8,000 pages or
         // more, 32 MB, if nothing copied them back. In rounds of 100 commits, each followed by the pass it
         // started: a pass that the round's last commit asked for is already marked running (the WAL hook
@@ -654,7 +646,7 @@ struct SQLiteLedgerTests {
         let l = try SQLiteLedger(
             path: path.path, filterMinimumBits: 1 << 16,
             checkpointLimits: WALCheckpointer.Limits(pass: pass, inline: 1_000_000))
-        let one = try outbox(1)
+        let one = try sampleOutbox(1)
         // Back to back, never waiting for a pass: passive checkpoints alone never find the log copied to its
         // end then, and it would hold nearly every page written, at least two per commit (10,000 or more;
         // 5,400 to 7,700 pages of 3,000 commits when passes did not restart it). Restarted at every pass, it

@@ -307,3 +307,12 @@ final class Collected: @unchecked Sendable {
     var items: [AMQPDelivery] { lock.lock(); defer { lock.unlock() }; return storage }
     var count: Int { items.count }
 }
+
+/// `n` outbox entries of pongs with the ids `out-0`, `out-1`, ..., for the ledgers' tests.
+func sampleOutbox(_ n: Int) throws -> [OutboxMessage] {
+    try (0..<n).map {
+        OutboxMessage(
+            index: $0, envelope: try EventEnvelope(Pong(n: $0), source: "s", id: "out-\($0)"),
+            exchange: "x", routingKey: "test.pong")
+    }
+}

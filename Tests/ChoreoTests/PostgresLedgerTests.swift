@@ -49,13 +49,6 @@ enum Postgres {
 
 @Suite("PostgreSQL ledger", .serialized, .timeLimit(.minutes(3)))
 struct PostgresLedgerTests {
-    private func outbox(_ n: Int) throws -> [OutboxMessage] {
-        try (0..<n).map {
-            OutboxMessage(
-                index: $0, envelope: try EventEnvelope(Pong(n: $0), source: "s", id: "out-\($0)"),
-                exchange: "x", routingKey: "test.pong")
-        }
-    }
 
     @Test("claim, a live lease, completion with the outbox, duplicates and confirms, as with the SQLite ledger")
     func protocolSteps() async throws {
@@ -74,7 +67,7 @@ struct PostgresLedgerTests {
         #expect(
             try await l.complete(handler: "h", key: "k", owner: "b", outbox: []) == .leaseLost,
             "only the lease's owner completes the key")
-        let out = try outbox(2)
+        let out = try sampleOutbox(2)
         #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: out) == .committed)
         #expect(
             try await l.claim(handler: "h", key: "k", owner: "b", lease: .seconds(60)) == .completed(unpublished: out))
@@ -131,7 +124,8 @@ struct PostgresLedgerTests {
                 guard case .claimed = try await ledger.claim(handler: "h", key: key, owner: owner, lease: .seconds(60))
                 else { continue }
                 claimed.append(key)
-                if try await ledger.complete(handler: "h", key: key, owner: owner, outbox: try outbox(1)) == .committed
+                if try await ledger.complete(handler: "h", key: key, owner: owner, outbox: try sampleOutbox(1))
+                    == .committed
                 {
                     won.append(key)
                 }
@@ -153,7 +147,7 @@ struct PostgresLedgerTests {
     func groups() async throws {
         let l = try await Postgres.ledger()
         defer { l.close() }
-        let out = try outbox(2)
+        let out = try sampleOutbox(2)
         _ = try await l.claim(handler: "h", key: "done", owner: "x", lease: .seconds(60))
         #expect(try await l.complete(handler: "h", key: "done", owner: "x", outbox: out) == .committed)
         try await l.markPublished(handler: "h", key: "done", indexes: [0])
@@ -235,7 +229,8 @@ struct PostgresLedgerTests {
         for key in odd {
             #expect(
                 try await one.claim(handler: "h", key: key, owner: "o", lease: .seconds(60)) == .claimed(attempts: 1))
-            #expect(try await one.complete(handler: "h", key: key, owner: "o", outbox: try outbox(1)) == .committed)
+            #expect(
+                try await one.complete(handler: "h", key: key, owner: "o", outbox: try sampleOutbox(1)) == .committed)
             #expect(
                 try await two.claim(handler: "h", key: key, owner: "o", lease: .seconds(60)) == .claimed(attempts: 1),
                 "another service's key of the same name is its own")
@@ -275,7 +270,7 @@ struct PostgresLedgerTests {
             l.close()
             other.close()
         }
-        let out = try outbox(1)
+        let out = try sampleOutbox(1)
         for key in ["published", "unpublished"] {
             _ = try await l.claim(handler: "h", key: key, owner: "o", lease: .seconds(60))
             #expect(try await l.complete(handler: "h", key: key, owner: "o", outbox: out) == .committed)
