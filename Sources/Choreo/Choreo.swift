@@ -25,7 +25,7 @@ import ServiceLifecycle
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
-    ///
+    /// Runs the service's handlers with the standard command line (above) until SIGTERM or SIGINT, then exits.
     /// `ledgers` names the ledger types that `--ledger` may give as a URL besides a SQLite file, such as
     /// `[PostgresLedger.self]` (module `ChoreoPostgres`) for a ledger shared by several replicas.
     public static func run(
