@@ -67,7 +67,7 @@ struct HandlerRunner: Sendable {
         _ consumer: AMQPConsumer, concurrency: Int, drainTimeout: Duration, shouldStop: @escaping @Sendable () -> Bool
     ) async throws {
         let inFlight = InFlight(limit: max(1, concurrency))
-        let completer = Completer(runner: self, inFlight: inFlight)
+        let completer = Completer(runner: self, inFlight: inFlight, shouldStop: shouldStop)
         try await withThrowingDiscardingTaskGroup { group in
             var failure: (any Error)?
             do {
@@ -77,7 +77,9 @@ struct HandlerRunner: Sendable {
                     // Deliveries not started go back to the queue when the channel closes.
                     if shouldStop() { break }
                     inFlight.add(batch.count)
-                    await admit(batch, from: consumer, completer: completer, inFlight: inFlight, group: &group)
+                    await admit(
+                        batch, from: consumer, completer: completer, inFlight: inFlight, shouldStop: shouldStop,
+                        group: &group)
                 }
             } catch {
                 failure = error
@@ -95,7 +97,7 @@ struct HandlerRunner: Sendable {
     /// Decodes a batch, claims its keys in one ledger write and starts the invocations.
     private func admit(
         _ batch: [AMQPDelivery], from consumer: AMQPConsumer, completer: Completer, inFlight: InFlight,
-        group: inout ThrowingDiscardingTaskGroup<any Error>
+        shouldStop: @escaping @Sendable () -> Bool, group: inout ThrowingDiscardingTaskGroup<any Error>
     ) async {
         var admitted: [Admitted] = []
         admitted.reserveCapacity(batch.count)
@@ -114,9 +116,10 @@ struct HandlerRunner: Sendable {
         guard !admitted.isEmpty else { return }
         let claims: [LedgerClaim]
         do {
-            claims = try await ledger.claim(
-                admitted.map { ClaimRequest(handler: handler.name, key: $0.key, owner: $0.owner) }, lease: leaseDuration
-            )
+            let requests = admitted.map { ClaimRequest(handler: handler.name, key: $0.key, owner: $0.owner) }
+            claims = try await persistently("claim", events: admitted.count, shouldStop: shouldStop) {
+                try await ledger.claim(requests, lease: leaseDuration)
+            }
         } catch {
             let admitted = admitted
             group.addTask {
@@ -239,10 +242,11 @@ struct HandlerRunner: Sendable {
 
     /// Steps 4 and 5 for a group of finished invocations: one ledger write commits them all, their outboxes
     /// go out in one pipelined publish, one write records the confirms, then each delivery is acked.
-    /// A delivery whose commit or publish failed is given back for redelivery (its redelivery finds the key
-    /// completed and republishes what is unconfirmed; downstream ledgers drop the copies). A record that
-    /// fails is left to the outbox sweep at the next start.
-    fileprivate func settle(_ group: [Completer.Finished]) async {
+    /// A commit that fails is tried again with the deliveries held (see ``persistently(_:events:shouldStop:_:)``);
+    /// a delivery whose commit still failed, or whose publish failed, is given back for redelivery (its
+    /// redelivery finds the key completed and republishes what is unconfirmed; downstream ledgers drop the
+    /// copies). A record that fails is left to the outbox sweep at the next start.
+    fileprivate func settle(_ group: [Completer.Finished], shouldStop: @escaping @Sendable () -> Bool) async {
         // What each delivery of the group publishes; nil while unknown (and for good when its commit failed).
         var outboxes: [[OutboxMessage]?] = group.map {
             if case .duplicate(_, let unpublished) = $0 { return unpublished }
@@ -259,7 +263,10 @@ struct HandlerRunner: Sendable {
         }
         if !ran.isEmpty {
             do {
-                let results = try await ledger.complete(ran.map(\.request))
+                let requests = ran.map(\.request)
+                let results = try await persistently("commit", events: requests.count, shouldStop: shouldStop) {
+                    try await ledger.complete(requests)
+                }
                 for ((i, request), result) in zip(ran, results) {
                     switch result {
                     case .committed:
@@ -370,6 +377,40 @@ struct HandlerRunner: Sendable {
             await deadLetter(delivery, errorType: errorType, message: message, attempts: attempt, logger: logger)
         }
     }
+
+    /// Calls the ledger until it answers, keeping the deliveries the call is for. A delivery given back counts
+    /// toward the queue's delivery limit and comes straight back, so giving back at every failure would
+    /// dead-letter whatever arrives during a database outage of ten seconds. Pauses of 0.25 s doubling to 5 s;
+    /// a warning at the first failure and every 30 s. Gives up (the caller gives the deliveries back) when
+    /// the runner stops, or after ``ledgerPatience`` (a failure that lasts that long is not an outage).
+    private func persistently<T>(
+        _ what: String, events: Int, shouldStop: @Sendable () -> Bool, _ call: () async throws -> T
+    ) async throws -> T {
+        let start = ContinuousClock.now
+        var pause = Duration.milliseconds(250)
+        var warned: ContinuousClock.Instant?
+        while true {
+            do {
+                let value = try await call()
+                if warned != nil { logger.notice("the ledger answers again (\(what))") }
+                return value
+            } catch {
+                let now = ContinuousClock.now
+                if shouldStop() || Task.isCancelled || now - start >= Self.ledgerPatience { throw error }
+                if warned.map({ now - $0 >= .seconds(30) }) ?? true {
+                    logger.warning(
+                        "ledger unavailable; holding \(events) events and trying again",
+                        metadata: ["step": "\(what)", "error": "\(error)"])
+                    warned = now
+                }
+                try? await Task.sleep(for: pause)
+                pause = min(pause * 2, .seconds(5))
+            }
+        }
+    }
+
+    /// How long a ledger call is retried before its deliveries are given back.
+    static let ledgerPatience = Duration.seconds(600)
 
     /// Publishes the delivery to the handler's dead-letter queue with flat failure metadata, then acks it.
     func deadLetter(_ delivery: AMQPDelivery, errorType: String, message: String, attempts: Int, logger: Logger) async {
@@ -515,12 +556,14 @@ final class Completer: Sendable {
 
     private let runner: HandlerRunner
     private let inFlight: InFlight
+    private let shouldStop: @Sendable () -> Bool
     private let state = Mutex<(waiting: [Finished], settlers: Int)>(([], 0))
     static let maxSettlers = 2
 
-    init(runner: HandlerRunner, inFlight: InFlight) {
+    init(runner: HandlerRunner, inFlight: InFlight, shouldStop: @escaping @Sendable () -> Bool) {
         self.runner = runner
         self.inFlight = inFlight
+        self.shouldStop = shouldStop
     }
 
     /// Hands over a finished invocation. False when another task is settling (it takes this one along);
@@ -544,7 +587,7 @@ final class Completer: Sendable {
                 return g
             }
             if group.isEmpty { return }
-            await runner.settle(group)
+            await runner.settle(group, shouldStop: shouldStop)
             inFlight.settled(group.count)
         }
     }
