@@ -332,16 +332,7 @@ struct SQLiteLedgerTests {
     @Test("every attribute of an outbox event survives the ledger, whatever characters its strings hold")
     func outboxAttributesRoundTrip() async throws {
         let l = try ledger()
-        let tricky = "quote \" backslash \\ newline \n cr \r tab \t nul \u{0} bell \u{7} us \u{1F} é 日本 🎉 </script>"
-        var e = try EventEnvelope(Pong(n: 1), source: "choreo://s/\(tricky)", id: "id-\(tricky)")
-        e.time = Date(timeIntervalSince1970: 1_764_082_680.123456)
-        e.subject = tricky
-        e.dataSchema = "https://example.com/schema"
-        e.correlationID = "corr"
-        e.causationID = "cause"
-        e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        e.idempotencyKey = tricky
-        e.extensions = ["zeta": tricky, "alpha": "", "mid": "{\"json\": [1, 2]}", "qu\"ote": "\\"]
+        let e = try trickyEnvelope()
         let message = OutboxMessage(index: 0, envelope: e, exchange: "x", routingKey: "test.pong")
         _ = try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60))
         #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: [message]) == .committed)

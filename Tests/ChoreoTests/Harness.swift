@@ -316,3 +316,19 @@ func sampleOutbox(_ n: Int) throws -> [OutboxMessage] {
             exchange: "x", routingKey: "test.pong")
     }
 }
+
+/// An event whose attributes hold every kind of character a ledger might mangle (quotes, backslashes,
+/// control characters, NUL, non-ASCII), for the ledgers' round-trip tests.
+func trickyEnvelope() throws -> EventEnvelope {
+    let tricky = "quote \" backslash \\ newline \n cr \r tab \t nul \u{0} bell \u{7} us \u{1F} é 日本 🎉 </script>"
+    var e = try EventEnvelope(Pong(n: 1), source: "choreo://s/\(tricky)", id: "id-\(tricky)")
+    e.time = Date(timeIntervalSince1970: 1_764_082_680.123456)
+    e.subject = tricky
+    e.dataSchema = "https://example.com/schema"
+    e.correlationID = "corr"
+    e.causationID = "cause"
+    e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    e.idempotencyKey = tricky
+    e.extensions = ["zeta": tricky, "alpha": "", "mid": "{\"json\": [1, 2]}", "qu\"ote": "\\"]
+    return e
+}

@@ -244,15 +244,7 @@ struct PostgresLedgerTests {
     func attributesRoundTrip() async throws {
         let l = try await Postgres.ledger()
         defer { l.close() }
-        let tricky = "quote \" backslash \\ newline \n nul \u{0} é 日本 🎉 </script>"
-        var e = try EventEnvelope(Pong(n: 1), source: "choreo://s/\(tricky)", id: "id-\(tricky)")
-        e.time = Date(timeIntervalSince1970: 1_764_082_680.123456)
-        e.subject = tricky
-        e.correlationID = "corr"
-        e.causationID = "cause"
-        e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        e.idempotencyKey = tricky
-        e.extensions = ["zeta": tricky, "alpha": ""]
+        var e = try trickyEnvelope()
         e.data = Data([0, 1, 2, 255, 0])
         let message = OutboxMessage(index: 0, envelope: e, exchange: "x", routingKey: "test.pong")
         _ = try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60))
