@@ -1,4 +1,5 @@
 import Choreo
+import Crypto
 import Foundation
 import Logging
 import NIOSSL
@@ -575,9 +576,15 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         return OutboxMessage(index: index, envelope: envelope, exchange: exchange, routingKey: routingKey)
     }
 
-    /// A key as stored: PostgreSQL's text holds no NUL character, which an `idempotencykey` header may carry,
-    /// so a key with a NUL or a backslash is escaped (`\\` for a backslash, `\0` for a NUL); others are as given.
+    /// A key as stored. PostgreSQL's text holds no NUL character, which an `idempotencykey` header may carry,
+    /// so a key with a NUL or a backslash is escaped (a backslash doubled, a NUL as backslash-0); others are as
+    /// given. A key longer than 1,024 bytes is stored as backslash-h and its SHA-256 in hex: the primary key's
+    /// index takes about 2.6 KB at most, and a longer key would fail every claim.
     static func stored(_ key: String) -> String {
+        if key.utf8.count > 1024 {
+            return "\\h" + SHA256.hash(data: Data(key.utf8)).map { String(format: "%02x", $0) }.joined()
+        }
+        if isHashed(key) { return key }  // as ``original(_:)`` gives a hashed key back
         guard key.utf8.contains(where: { $0 == 0 || $0 == UInt8(ascii: "\\") }) else { return key }
         var out = ""
         for c in key.unicodeScalars {
@@ -590,9 +597,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         return out
     }
 
-    /// The key ``stored(_:)`` wrote.
+    /// The key ``stored(_:)`` wrote; a hashed key as stored (it cannot be undone, and ``stored(_:)`` keeps it).
     static func original(_ stored: String) -> String {
-        guard stored.utf8.contains(UInt8(ascii: "\\")) else { return stored }
+        guard stored.utf8.contains(UInt8(ascii: "\\")), !isHashed(stored) else { return stored }
         var out = ""
         var escaped = false
         for c in stored.unicodeScalars {
@@ -606,6 +613,13 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
             }
         }
         return out
+    }
+
+    /// Backslash-h and 64 hex digits: what escaping never makes (it doubles a backslash, or follows it with 0).
+    static func isHashed(_ key: String) -> Bool {
+        let u = Array(key.utf8)
+        return u.count == 66 && u[0] == UInt8(ascii: "\\") && u[1] == UInt8(ascii: "h")
+            && u[2...].allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
     }
 
     /// `text` as a LIKE pattern matching itself followed by anything.
