@@ -174,9 +174,7 @@ struct ChainDriver {
         try await waitForLines(latency, warmup + count + settling + paced, timeout: .seconds(120))
         let lines = try String(contentsOf: latency, encoding: .utf8).split(separator: "\n").suffix(paced)
         let micros = lines.compactMap { Double($0) }.sorted()
-        func pct(_ p: Double) -> Double {
-            micros.isEmpty ? .nan : micros[min(micros.count - 1, Int(Double(micros.count) * p))] / 1000
-        }
+        func pct(_ p: Double) -> Double { percentile(micros, p) / 1000 }
         // For a closer look (a spike every few seconds, say): each event's latency, in the order the sink saw them.
         if let dir = ProcessInfo.processInfo.environment["CHAIN_LATENCY_DIR"] {
             let file = URL(fileURLWithPath: dir).appendingPathComponent(
@@ -215,6 +213,11 @@ struct ChainDriver {
 /// Deliveries in flight per hop, for every kind of hop: each Choreo hop's `--concurrency`, each C hop's
 /// prefetch and largest batch (`CHAIN_IN_FLIGHT`, default 256).
 var chainInFlight: Int { Int(ProcessInfo.processInfo.environment["CHAIN_IN_FLIGHT"] ?? "") ?? 256 }
+
+/// The value below which a fraction `p` of `sorted` (ascending) lies; NaN when it is empty.
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    sorted.isEmpty ? .nan : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+}
 
 func median(_ xs: [Double]) -> Double {
     let s = xs.sorted()

@@ -21,7 +21,7 @@ struct LedgerProbe {
         var complete: [Double] = []
         var record: [Double] = []
         let clock = ContinuousClock()
-        func micros(_ d: Duration) -> Double { Double(d.components.attoseconds) / 1e12 + Double(d.components.seconds) * 1e6 }
+        func micros(_ d: Duration) -> Double { d.seconds * 1e6 }
         for i in 0..<count {
             let key = "\(run)-\(i)"
             let envelope = try EventEnvelope(ProbeEvent(n: i), source: "probe", id: key)
@@ -37,10 +37,11 @@ struct LedgerProbe {
             record.append(micros(clock.now - t))
             if pause > .zero { try await Task.sleep(for: pause) }
         }
-        func p(_ xs: [Double], _ q: Double) -> Double { xs.sorted()[min(xs.count - 1, Int(Double(xs.count) * q))] }
+        func p(_ xs: [Double], _ q: Double) -> Double { percentile(xs.sorted(), q) }
         print("ledger \(LedgerURL.redacted(location)), \(count) events one at a time, \(pause) between them")
         for (name, xs) in [("claim", claim), ("complete", complete), ("record", record)] {
-            print(String(format: "%@: p50 %.0f µs, p90 %.0f µs, p99 %.0f µs", name, p(xs, 0.5), p(xs, 0.9), p(xs, 0.99)))
+            print(
+                String(format: "%@: p50 %.0f µs, p90 %.0f µs, p99 %.0f µs", name, p(xs, 0.5), p(xs, 0.9), p(xs, 0.99)))
         }
     }
 }

@@ -186,7 +186,7 @@ struct RunnerOptions: ParsableCommand {
                 await connection.close()
                 try await runtime.ledger.check()
                 print(
-                    "ok: broker \(amqp) reachable, ledger \(LedgerLocation.display(config.resolvedLedgerPath)) writable"
+                    "ok: broker \(amqp) reachable, ledger \(LedgerURL.redacted(config.resolvedLedgerPath)) writable"
                 )
                 return 0
             }

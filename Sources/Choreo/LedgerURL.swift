@@ -31,9 +31,6 @@ enum LedgerLocation {
         return scheme.lowercased()
     }
 
-    /// The location as it may be printed: a URL's password masked.
-    static func display(_ location: String) -> String { LedgerURL.redacted(location) }
-
     /// Opens the ledger a URL names with the first of `kinds` that takes its scheme; nil for a file path (the
     /// SQLite default). A scheme none of them takes is a usage error.
     static func open(
@@ -54,7 +51,7 @@ extension ConfigurationError {
             ? " (a PostgreSQL ledger: `import ChoreoPostgres` and pass `ledgers: [PostgresLedger.self]` to Choreo.run)"
             : ""
         self.init(
-            "--ledger \(LedgerLocation.display(location)): this executable opens no '\(scheme)://' ledger; "
+            "--ledger \(LedgerURL.redacted(location)): this executable opens no '\(scheme)://' ledger; "
                 + "give a SQLite file path\(hint)")
     }
 }

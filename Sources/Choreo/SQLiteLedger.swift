@@ -895,7 +895,7 @@ final class GroupCommit: Sendable {
 
 extension Duration {
     /// The duration in seconds, as a Double.
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+    package var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }
 
 /// A Bloom filter of (handler, key) pairs: no false negatives, about 0.25 % false positives at its

@@ -83,7 +83,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     public func claim(handler: String, key rawKey: String, owner: String, lease: Duration) async throws -> LedgerClaim {
         let h = scope + handler
         let key = Self.stored(rawKey)
-        let seconds = lease.inSeconds
+        let seconds = lease.seconds
         return try await run("claim a key") { [self] connection in
             // The claim is one statement: a new key is inserted, a key free again (released, or its lease
             // expired) taken over; the row lock makes concurrent claims of one key take turns.
@@ -119,7 +119,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     public func renew(handler: String, key rawKey: String, owner: String, lease: Duration) async throws -> Bool {
         let h = scope + handler
         let key = Self.stored(rawKey)
-        let seconds = lease.inSeconds
+        let seconds = lease.seconds
         return try await run("renew a lease") { [self] connection in
             try await exists(
                 connection.query(
@@ -130,56 +130,15 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
     }
 
-    public func complete(handler: String, key rawKey: String, owner: String, outbox: [OutboxMessage]) async throws
+    /// One key: the group's transaction with one request (see ``complete(_:)``).
+    public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws
         -> LedgerCompletion
     {
-        let h = scope + handler
-        let key = Self.stored(rawKey)
-        let rows = outbox.map { ($0, SQLiteLedger.encodeAttributes($0.envelope)) }
-        return try await run("complete a key") { [self] connection in
-            try await transaction(on: connection) { () -> LedgerCompletion in
-                // Completed only by the lease's owner; the key and its outbox in one transaction.
-                let mine = try await exists(
-                    connection.query(
-                        """
-                        UPDATE choreo_ledger SET completed = true, owner = NULL, lease_expires = NULL,
-                            completed_at = now()
-                        WHERE handler = \(h) AND key = \(key) AND owner = \(owner) AND NOT completed RETURNING 1
-                        """, logger: logger))
-                if mine {
-                    for (m, attributes) in rows {
-                        try await connection.query(
-                            """
-                            INSERT INTO choreo_outbox (handler, key, idx, exchange, routing_key, attributes, data)
-                            VALUES (\(h), \(key), \(m.index), \(m.exchange), \(m.routingKey), \(attributes),
-                                \(ByteBuffer(bytes: m.envelope.data)))
-                            """, logger: logger)
-                    }
-                    return .committed
-                }
-                let completed = try await first(
-                    connection.query(
-                        "SELECT completed FROM choreo_ledger WHERE handler = \(h) AND key = \(key)", logger: logger),
-                    as: Bool.self)
-                if completed == true {
-                    return .alreadyCompleted(unpublished: try await unpublished(handler: h, key: key, on: connection))
-                }
-                return .leaseLost
-            }
-        }
+        try await complete([CompletionRequest(handler: handler, key: key, owner: owner, outbox: outbox)])[0]
     }
 
-    public func markPublished(handler: String, key rawKey: String, indexes: [Int]) async throws {
-        guard !indexes.isEmpty else { return }
-        let h = scope + handler
-        let key = Self.stored(rawKey)
-        try await run("record published outbox entries") { [self] connection in
-            _ = try await connection.query(
-                """
-                UPDATE choreo_outbox SET published = true
-                WHERE handler = \(h) AND key = \(key) AND idx = ANY(\(indexes)) AND NOT published
-                """, logger: logger)
-        }
+    public func markPublished(handler: String, key: String, indexes: [Int]) async throws {
+        try await markPublished([PublishedEntries(handler: handler, key: key, indexes: indexes)])
     }
 
     public func release(handler: String, key rawKey: String, owner: String) async throws {
@@ -306,7 +265,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let handlers = order.map(\.key.handler)
         let keys = order.map(\.key.key)
         let owners = order.map { requests[$0.value].owner }
-        let seconds = lease.inSeconds
+        let seconds = lease.seconds
         let claimed: [StoredKey: (attempts: Int, until: Date)] = try await run("claim keys") { [self] connection in
             let rows = try await connection.query(
                 """
@@ -403,12 +362,10 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
     }
 
-    /// Completes a group of keys in one transaction, one commit (the disk sync the group shares): each key
-    /// exactly as ``complete(handler:key:owner:outbox:)`` does, its rows locked in key order.
+    /// Completes a group of keys in one transaction, one commit (the disk sync the group shares), rows locked in
+    /// key order: each key only by its lease's owner, together with its outbox; a key completed before gives
+    /// its unpublished entries back, one whose lease passed to another owner is left alone.
     public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
-        if requests.count == 1, let r = requests.first {
-            return [try await complete(handler: r.handler, key: r.key, owner: r.owner, outbox: r.outbox)]
-        }
         let prepared = requests.enumerated().map { i, r in
             (
                 index: i, handler: scope + r.handler, key: Self.stored(r.key), owner: r.owner,
@@ -667,7 +624,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
             // The time is up: cancelling the call closes its connection (see `LedgerConnections.with`).
             let timer = Task {
                 try await Task.sleep(for: limit)
-                if finish(.failure(PostgresLedgerError("no answer within \(Int(limit.inSeconds)) s"))) { work.cancel() }
+                if finish(.failure(PostgresLedgerError("no answer within \(Int(limit.seconds)) s"))) { work.cancel() }
             }
             Task {
                 await work.value
@@ -740,10 +697,6 @@ private func first<T: PostgresDecodable & Sendable>(_ rows: PostgresRowSequence,
     var result: T?
     for try await value in rows.decode(T.self) where result == nil { result = value }
     return result
-}
-
-extension Duration {
-    var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }
 
 /// A ledger URL's parts.

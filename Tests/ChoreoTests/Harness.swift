@@ -82,21 +82,7 @@ enum Broker {
     }
 
     private static func ctlOutput(_ args: [String]) throws -> String {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        let p = Process()
-        p.executableURL = root.appendingPathComponent("scripts/broker.sh")
-        p.arguments = ["ctl", nodeName] + args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            throw ConfigurationError("broker.sh ctl \(args) exited \(p.terminationStatus)")
-        }
-        return String(decoding: data, as: UTF8.self)
+        try runScript("broker.sh", ["ctl", nodeName] + args)
     }
 }
 
@@ -331,4 +317,23 @@ func trickyEnvelope() throws -> EventEnvelope {
     e.idempotencyKey = tricky
     e.extensions = ["zeta": tricky, "alpha": "", "mid": "{\"json\": [1, 2]}", "qu\"ote": "\\"]
     return e
+}
+
+/// Runs one of the project's `scripts/` with `args`; its standard output, or an error when it fails.
+func runScript(_ name: String, _ args: [String]) throws -> String {
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
+    let p = Process()
+    p.executableURL = root.appendingPathComponent("scripts/\(name)")
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    guard p.terminationStatus == 0 else {
+        throw ConfigurationError("\(name) \(args.joined(separator: " ")) exited \(p.terminationStatus)")
+    }
+    return String(decoding: data, as: UTF8.self)
 }

@@ -22,21 +22,10 @@ enum Postgres {
         try await PostgresLedger.open(url: try url(), service: service, logger: Logger(label: "test"))
     }
 
-    /// Runs `scripts/postgres.sh ARG <the tests' server>` (pause, resume).
+    /// Runs `scripts/postgres.sh COMMAND <the tests' server>` (pause, resume).
     static func script(_ command: String) throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        let name = try #require(ProcessInfo.processInfo.environment["CHOREO_TEST_POSTGRES_NAME"])
-        let p = Process()
-        p.executableURL = root.appendingPathComponent("scripts/postgres.sh")
-        p.arguments = [command, name]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            throw ConfigurationError("postgres.sh \(command) \(name) exited \(p.terminationStatus)")
-        }
+        _ = try runScript(
+            "postgres.sh", [command, try #require(ProcessInfo.processInfo.environment["CHOREO_TEST_POSTGRES_NAME"])])
     }
 
     /// The server's URL with another password.
