@@ -1,4 +1,5 @@
 import ChoreoAMQP
+import CoreMetrics
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -17,15 +18,25 @@ public final class ChoreoRuntime: Service, Sendable {
     let handlers: [HandlerDescriptor]
     let ledger: any IdempotencyLedger
     let logger: Logger
+    /// Each handler's metrics, by handler name.
+    private let metrics: [String: RunnerMetrics]
+    private let connectionsLost: Counter
     private let shuttingDown = Mutex(false)
     private let consumers = Mutex<[AMQPConsumer]>([])
     /// Resumed every time the runtime has declared its topology and started consuming.
     private let readiness = Mutex<[CheckedContinuation<Void, Never>]>([])
     private let ready = Mutex(false)
 
+    /// - Parameters:
+    ///   - configuration: the settings; validated here.
+    ///   - handlers: the service's handlers, with unique names.
+    ///   - ledger: the idempotency-key ledger; by default the SQLite file of `configuration.resolvedLedgerPath`.
+    ///   - logger: where the runtime logs (at `.info` and below; warnings for outages).
+    ///   - metrics: where the runtime reports its metrics (see the README's "Metrics"); by default swift-metrics'
+    ///     global factory, a no-op unless the executable bootstrapped a backend.
     public init(
         configuration: RunnerConfiguration, handlers: [any EventHandler], ledger: (any IdempotencyLedger)? = nil,
-        logger: Logger = Logger(label: "choreo")
+        logger: Logger = Logger(label: "choreo"), metrics: any MetricsFactory = MetricsSystem.factory
     ) throws {
         try configuration.validate()
         self.configuration = configuration
@@ -44,6 +55,12 @@ public final class ChoreoRuntime: Service, Sendable {
             self.ledger = try SQLiteLedger(path: configuration.resolvedLedgerPath)
         }
         self.logger = logger
+        self.metrics = Dictionary(
+            uniqueKeysWithValues: self.handlers.map {
+                ($0.name, RunnerMetrics(service: configuration.service, handler: $0.name, factory: metrics))
+            })
+        connectionsLost = Counter(
+            label: "choreo_connections_lost_total", dimensions: [("service", configuration.service)], factory: metrics)
     }
 
     /// The manifests this runtime appends to the registry.
@@ -89,6 +106,7 @@ public final class ChoreoRuntime: Service, Sendable {
                     break
                 } catch {
                     if isShuttingDown { break }
+                    connectionsLost.increment()
                     // Full jitter: a wait drawn from zero to the backoff, so that services cut off together
                     // do not all come back at the same moment.
                     let wait = max(0.05, Double.random(in: 0...backoff.seconds))
@@ -213,7 +231,7 @@ public final class ChoreoRuntime: Service, Sendable {
                 service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
                 ledger: ledger, publisher: publisher, owner: owner,
                 leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
-                leases: leases, logger: Self.logger(logger, handler: h.name))
+                leases: leases, logger: Self.logger(logger, handler: h.name), metrics: metrics[h.name]!)
             started.append((runner, consumer, concurrency))
         }
         consumers.withLock { $0 = started.map(\.1) }
@@ -225,8 +243,8 @@ public final class ChoreoRuntime: Service, Sendable {
         logger.info(
             "consuming", metadata: ["service": "\(configuration.service)", "handlers": "\(handlers.map(\.name))"])
 
-        let keeper = Task { [ledger, logger, lease = configuration.leaseDuration] in
-            await leases.run(ledger: ledger, lease: lease, logger: logger)
+        let keeper = Task { [ledger, logger, metrics, lease = configuration.leaseDuration] in
+            await leases.run(ledger: ledger, lease: lease, metrics: metrics, logger: logger)
         }
         defer { keeper.cancel() }
         // A lone delivery is handled on the consumer connection's thread, which read it, and its confirm

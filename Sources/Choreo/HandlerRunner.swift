@@ -1,4 +1,5 @@
 import ChoreoAMQP
+import CoreMetrics
 import Foundation
 import Logging
 import Synchronization
@@ -20,6 +21,7 @@ struct HandlerRunner: Sendable {
     let maxBodyBytes: Int
     let leases: LeaseKeeper
     let logger: Logger
+    let metrics: RunnerMetrics
 
     /// A delivery that decoded and that the handler accepts, with everything its invocation needs.
     /// A class: it travels through several stages and arrays, and copying its fields each time costs more
@@ -66,7 +68,7 @@ struct HandlerRunner: Sendable {
     func consume(
         _ consumer: AMQPConsumer, concurrency: Int, drainTimeout: Duration, shouldStop: @escaping @Sendable () -> Bool
     ) async throws {
-        let inFlight = InFlight(limit: max(1, concurrency))
+        let inFlight = InFlight(limit: max(1, concurrency), meter: metrics.inFlight)
         let completer = Completer(runner: self, inFlight: inFlight, shouldStop: shouldStop)
         try await withThrowingDiscardingTaskGroup { group in
             var failure: (any Error)?
@@ -117,7 +119,7 @@ struct HandlerRunner: Sendable {
         let claims: [LedgerClaim]
         do {
             let requests = admitted.map { ClaimRequest(handler: handler.name, key: $0.key, owner: $0.owner) }
-            claims = try await persistently("claim", events: admitted.count, shouldStop: shouldStop) {
+            claims = try await persistently(.claim, events: admitted.count, shouldStop: shouldStop) {
                 try await ledger.claim(requests, lease: leaseDuration)
             }
         } catch {
@@ -183,6 +185,7 @@ struct HandlerRunner: Sendable {
                 }
             }
         } catch {
+            if !(error is CancellationError) { metrics.ledgerFailed(.claim) }
             await giveBack([a], because: "ledger or broker unavailable: \(error)")
             inFlight.settled(1)
         }
@@ -193,7 +196,11 @@ struct HandlerRunner: Sendable {
         let context = HandlerContext(
             envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: logger,
             handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet)
+        let started = DispatchTime.now().uptimeNanoseconds
         do {
+            defer {
+                metrics.handlerDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- started))
+            }
             try await withLeaseRenewal(key: a.key, owner: a.owner) { try await a.prepared.run(context) }
         } catch {
             await failed(
@@ -253,6 +260,7 @@ struct HandlerRunner: Sendable {
             return nil
         }
         var lostLease = Set<Int>()
+        var committed: [Int] = []
 
         // 4. Commit the invocations that ran: each key completed together with its outbox.
         var ran: [(index: Int, request: CompletionRequest)] = []
@@ -264,13 +272,14 @@ struct HandlerRunner: Sendable {
         if !ran.isEmpty {
             do {
                 let requests = ran.map(\.request)
-                let results = try await persistently("commit", events: requests.count, shouldStop: shouldStop) {
+                let results = try await persistently(.commit, events: requests.count, shouldStop: shouldStop) {
                     try await ledger.complete(requests)
                 }
                 for ((i, request), result) in zip(ran, results) {
                     switch result {
                     case .committed:
                         outboxes[i] = request.outbox
+                        committed.append(i)
                     case .alreadyCompleted(let unpublished):
                         group[i].admitted.logger.info("another invocation completed this key first; its outputs stand")
                         outboxes[i] = unpublished
@@ -282,7 +291,11 @@ struct HandlerRunner: Sendable {
                 }
             } catch {
                 // Nothing was completed: free the keys so that the redelivered copies can claim them at once.
-                for (_, r) in ran { try? await ledger.release(handler: r.handler, key: r.key, owner: r.owner) }
+                for (_, r) in ran {
+                    do { try await ledger.release(handler: r.handler, key: r.key, owner: r.owner) } catch {
+                        metrics.ledgerFailed(.release)
+                    }
+                }
                 await giveBack(ran.map { group[$0.index].admitted }, because: "commit failed: \(error)")
             }
             FaultInjection.reached("after-commit")
@@ -326,6 +339,7 @@ struct HandlerRunner: Sendable {
             do {
                 try await ledger.markPublished(confirmed.map(\.entries))
             } catch {
+                metrics.ledgerFailed(.record)
                 logger.warning(
                     "could not record published outbox entries; the next start publishes them again",
                     metadata: ["error": "\(error)"])
@@ -334,6 +348,10 @@ struct HandlerRunner: Sendable {
         FaultInjection.reached("before-ack")
         for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
         FaultInjection.reached("after-ack")
+        // Acked after its own commit: handled; any other ack (the key completed before, or by another): a duplicate.
+        let handled = committed.count(where: toAck.contains)
+        metrics.count(.handled, handled)
+        metrics.count(.duplicate, toAck.count - handled)
         if let error = publishFailure.values.first {
             await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
         }
@@ -362,15 +380,20 @@ struct HandlerRunner: Sendable {
                 properties: properties)
             do {
                 try await publisher.publish(copy)
-                try await ledger.release(handler: handler.name, key: key, owner: owner)
+                do { try await ledger.release(handler: handler.name, key: key, owner: owner) } catch {
+                    metrics.ledgerFailed(.release)
+                    throw error
+                }
             } catch {
                 await giveBack(delivery, because: "could not schedule the retry: \(error)", logger: logger)
                 return
             }
             logger.info("attempt \(attempt) failed, retrying in \(delay)", metadata: ["error": "\(message)"])
             ack(delivery, logger: logger)
+            metrics.count(.retried)
         } else {
             do { try await ledger.release(handler: handler.name, key: key, owner: owner) } catch {
+                metrics.ledgerFailed(.release)
                 await giveBack(delivery, because: "ledger unavailable: \(error)", logger: logger)
                 return
             }
@@ -384,23 +407,30 @@ struct HandlerRunner: Sendable {
     /// a warning at the first failure and every 30 s. Gives up (the caller gives the deliveries back) when
     /// the runner stops, or after ``ledgerPatience`` (a failure that lasts that long is not an outage).
     private func persistently<T>(
-        _ what: String, events: Int, shouldStop: @Sendable () -> Bool, _ call: () async throws -> T
+        _ step: RunnerMetrics.LedgerStep, events: Int, shouldStop: @Sendable () -> Bool, _ call: () async throws -> T
     ) async throws -> T {
         let start = ContinuousClock.now
         var pause = Duration.milliseconds(250)
         var warned: ContinuousClock.Instant?
+        var holding = false
+        defer { if holding { metrics.held.decrement(by: Double(events)) } }
         while true {
             do {
                 let value = try await call()
-                if warned != nil { logger.notice("the ledger answers again (\(what))") }
+                if warned != nil { logger.notice("the ledger answers again (\(step.rawValue))") }
                 return value
             } catch {
+                metrics.ledgerFailed(step)
                 let now = ContinuousClock.now
                 if shouldStop() || Task.isCancelled || now - start >= Self.ledgerPatience { throw error }
+                if !holding {
+                    holding = true
+                    metrics.held.increment(by: Double(events))
+                }
                 if warned.map({ now - $0 >= .seconds(30) }) ?? true {
                     logger.warning(
                         "ledger unavailable; holding \(events) events and trying again",
-                        metadata: ["step": "\(what)", "error": "\(error)"])
+                        metadata: ["step": "\(step.rawValue)", "error": "\(error)"])
                     warned = now
                 }
                 try? await Task.sleep(for: pause)
@@ -440,6 +470,7 @@ struct HandlerRunner: Sendable {
         }
         logger.info("dead-lettered", metadata: ["error.type": "\(errorType)", "error": "\(message)"])
         ack(delivery, logger: logger)
+        metrics.count(.deadLettered)
     }
 
     /// Headers of the delivery as flat strings, keeping every string header and dropping broker tables (x-death).
@@ -467,6 +498,7 @@ struct HandlerRunner: Sendable {
     /// Leaves the delivery to be redelivered: after a pause, requeued (or, if the connection is gone, by the broker).
     private func giveBack(_ delivery: AMQPDelivery, because reason: String, logger: Logger) async {
         logger.warning("leaving the event for redelivery: \(reason)")
+        metrics.count(.returned)
         try? await Task.sleep(for: .seconds(1))
         try? delivery.nack(requeue: true)
     }
@@ -475,6 +507,7 @@ struct HandlerRunner: Sendable {
     private func giveBack(_ admitted: [Admitted], because reason: String) async {
         guard !admitted.isEmpty else { return }
         for a in admitted { a.logger.warning("leaving the event for redelivery: \(reason)") }
+        metrics.count(.returned, admitted.count)
         try? await Task.sleep(for: .seconds(1))
         for a in admitted { try? a.delivery.nack(requeue: true) }
     }
@@ -502,20 +535,24 @@ final class InFlight: Sendable {
     }
 
     private let state: WaitableState<State>
+    private let meter: Meter
 
-    init(limit: Int) {
+    init(limit: Int, meter: Meter) {
         state = WaitableState(State(limit: limit))
+        self.meter = meter
     }
 
     var count: Int { state.withLock { $0.taken } }
 
     func add(_ n: Int) {
         state.withLock { $0.taken += n }
+        meter.increment(by: Double(n))
     }
 
     /// Deliveries settled.
     func settled(_ n: Int) {
         state.update { $0.taken -= n }
+        meter.decrement(by: Double(n))
     }
 
     /// Waits for room; returns how many deliveries may be taken now.
@@ -611,8 +648,8 @@ final class LeaseKeeper: Sendable {
         _ = held.withLock { $0.removeValue(forKey: owner) }
     }
 
-    /// Renews until cancelled.
-    func run(ledger: any IdempotencyLedger, lease: Duration, logger: Logger) async {
+    /// Renews until cancelled; `metrics` are the handlers' (by name), for the failures.
+    func run(ledger: any IdempotencyLedger, lease: Duration, metrics: [String: RunnerMetrics], logger: Logger) async {
         while !Task.isCancelled {
             try? await Task.sleep(for: lease / 3)
             for (owner, h) in held.withLock({ $0 }) {
@@ -623,6 +660,7 @@ final class LeaseKeeper: Sendable {
                             metadata: ["handler": "\(h.handler)", "key": "\(h.key)"])
                     }
                 } catch {
+                    metrics[h.handler]?.ledgerFailed(.renew)
                     logger.warning("could not renew a lease", metadata: ["error": "\(error)"])
                 }
             }

@@ -1,5 +1,6 @@
 import ChoreoAMQP
 import Foundation
+import MetricsTestKit
 import Synchronization
 import TestEvents
 import Testing
@@ -107,7 +108,9 @@ struct LedgerFailureTests {
         config.url = Broker.url
         config.exchange = mesh.exchange
         config.concurrency = 4
-        let runtime = try ChoreoRuntime(configuration: config, handlers: [RecordingPing(runs: runs)], ledger: ledger)
+        let metrics = TestMetrics()
+        let runtime = try ChoreoRuntime(
+            configuration: config, handlers: [RecordingPing(runs: runs)], ledger: ledger, metrics: metrics)
         let running = Task { try await runtime.run() }
         await runtime.waitUntilReady()
 
@@ -135,6 +138,18 @@ struct LedgerFailureTests {
         let queue = try await channel.declareQueuePassive(mesh.pingQueues.main)
         #expect(queue.messageCount == 0)
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 0)
+        // What an operator sees meanwhile: each failed call counted by step, the held events rising and back to 0.
+        func errors(_ step: String) -> Int64 {
+            metrics.counterTotal(
+                label: "choreo_ledger_errors_total",
+                dimensions: [("service", mesh.pingService), ("handler", "ping"), ("step", step)])
+        }
+        #expect([errors("claim"), errors("commit"), errors("record")] == [2, 2, 1])
+        let held = try metrics.expectMeter(
+            "choreo_ledger_held_events", [("service", mesh.pingService), ("handler", "ping")])
+        #expect(held.values.contains { $0 > 0 } && held.lastValue == 0, "held: \(held.values)")
+        #expect(MetricsTests.outcomes(metrics, service: mesh.pingService)["handled"] == Int64(n))
+        #expect(MetricsTests.outcomes(metrics, service: mesh.pingService)["returned"] == 0)
 
         // One publish record was lost: the entries stay unrecorded until the next start's sweep, which
         // publishes them again (same ids) and records them.

@@ -1,0 +1,78 @@
+import CoreMetrics
+
+/// What the runtime reports through swift-metrics, one set per handler, made once when the runtime starts.
+///
+/// Every label starts with `choreo_` and carries the dimensions `service` and `handler`:
+///
+/// | label | kind | what it counts |
+/// | --- | --- | --- |
+/// | `choreo_events_total` | counter, dimension `outcome` | deliveries settled: `handled` (effect committed, outputs confirmed, acked), `duplicate` (the key was completed before: acked without running the handler), `retried` (sent to a delay tier), `dead_lettered`, `returned` (given back to the queue for redelivery) |
+/// | `choreo_handler_duration_seconds` | timer | one invocation of the handler, successful or not |
+/// | `choreo_in_flight_events` | meter | deliveries taken and not yet settled |
+/// | `choreo_ledger_held_events` | meter | deliveries held while the ledger fails, waiting for it to answer again |
+/// | `choreo_ledger_errors_total` | counter, dimension `step` | failed ledger calls: `claim`, `commit`, `record`, `release`, `renew` |
+///
+/// The runtime itself adds `choreo_connections_lost_total` (dimension `service`): connections to the broker
+/// lost or refused, each followed by a reconnect.
+struct RunnerMetrics: Sendable {
+    /// How a delivery left the runner.
+    enum Outcome: String, CaseIterable, Sendable {
+        case handled
+        case duplicate
+        case retried
+        case deadLettered = "dead_lettered"
+        case returned
+    }
+
+    /// A ledger call, for `choreo_ledger_errors_total`.
+    enum LedgerStep: String, CaseIterable, Sendable {
+        case claim, commit, record, release, renew
+    }
+
+    private let outcomes: [Counter]
+    private let ledgerErrors: [Counter]
+    let handlerDuration: Timer
+    let inFlight: Meter
+    let held: Meter
+
+    init(service: String, handler: String, factory: any MetricsFactory) {
+        let dimensions = [("service", service), ("handler", handler)]
+        outcomes = Outcome.allCases.map {
+            Counter(label: "choreo_events_total", dimensions: dimensions + [("outcome", $0.rawValue)], factory: factory)
+        }
+        ledgerErrors = LedgerStep.allCases.map {
+            Counter(
+                label: "choreo_ledger_errors_total", dimensions: dimensions + [("step", $0.rawValue)], factory: factory)
+        }
+        handlerDuration = Timer(
+            label: "choreo_handler_duration_seconds", dimensions: dimensions, preferredDisplayUnit: .seconds,
+            factory: factory)
+        inFlight = Meter(label: "choreo_in_flight_events", dimensions: dimensions, factory: factory)
+        held = Meter(label: "choreo_ledger_held_events", dimensions: dimensions, factory: factory)
+    }
+
+    func count(_ outcome: Outcome, _ n: Int = 1) {
+        guard n > 0 else { return }
+        let i: Int
+        switch outcome {
+        case .handled: i = 0
+        case .duplicate: i = 1
+        case .retried: i = 2
+        case .deadLettered: i = 3
+        case .returned: i = 4
+        }
+        outcomes[i].increment(by: n)
+    }
+
+    func ledgerFailed(_ step: LedgerStep) {
+        let i: Int
+        switch step {
+        case .claim: i = 0
+        case .commit: i = 1
+        case .record: i = 2
+        case .release: i = 3
+        case .renew: i = 4
+        }
+        ledgerErrors[i].increment()
+    }
+}

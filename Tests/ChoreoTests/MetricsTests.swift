@@ -1,0 +1,98 @@
+import ChoreoAMQP
+import CoreMetrics
+import Foundation
+import MetricsTestKit
+import TestEvents
+import Testing
+
+@testable import Choreo
+
+/// A ping handler that fails as its event asks: `failTimes` attempts with a retryable error, or at once for good
+/// with `poison`.
+struct ScriptedPing: EventHandler {
+    let name = "ping"
+    let runs: RunCounts
+    var emits: [any Event.Type] { [Pong.self] }
+    var retryPolicy: RetryPolicy { PingTestHandler().retryPolicy }
+
+    struct Refused: Error, CustomStringConvertible {
+        var description: String { "refused (scripted)" }
+    }
+
+    func handle(_ ping: Ping, context: HandlerContext) async throws {
+        runs.record(ping.n)
+        if ping.poison == true { throw NonRetryable(Refused()) }
+        if let times = ping.failTimes, context.attempt <= times { throw Refused() }
+        try context.emit(Pong(n: ping.n))
+    }
+}
+
+@Suite("Metrics", .serialized, .timeLimit(.minutes(2)))
+struct MetricsTests {
+    /// The runtime's figures for its ping handler, by outcome.
+    static func outcomes(_ metrics: TestMetrics, service: String) -> [String: Int64] {
+        var out: [String: Int64] = [:]
+        for outcome in RunnerMetrics.Outcome.allCases {
+            out[outcome.rawValue] = metrics.counterTotal(
+                label: "choreo_events_total",
+                dimensions: [("service", service), ("handler", "ping"), ("outcome", outcome.rawValue)])
+        }
+        return out
+    }
+
+    @Test("every delivery is counted once by how it left: handled, duplicate, retried, dead-lettered")
+    func outcomesAreCounted() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let metrics = TestMetrics()
+        let runs = RunCounts()
+        var config = RunnerConfiguration(service: mesh.pingService)
+        config.url = Broker.url
+        config.exchange = mesh.exchange
+        config.ledgerPath = mesh.directory.appendingPathComponent("ping.ledger.sqlite").path
+        let runtime = try ChoreoRuntime(
+            configuration: config, handlers: [ScriptedPing(runs: runs)], metrics: metrics)
+        let running = Task { try await runtime.run() }
+        await runtime.waitUntilReady()
+
+        // Five plain events; one of them published a second time with the same id; one that fails once, then
+        // succeeds; one refused for good; and a body that is not JSON.
+        let plain = try await mesh.publishPings((0..<5).map { Ping(n: $0) }, on: channel)
+        try await mesh.publishPings([Ping(n: 0)], on: channel, ids: [plain[0]])
+        try await mesh.publishPings([Ping(n: 10, failTimes: 1), Ping(n: 11, poison: true)], on: channel)
+        try await channel.publish(
+            AMQPOutgoingMessage(
+                exchange: mesh.exchange, routingKey: Ping.eventType, body: Data("not json".utf8),
+                properties: AMQPProperties(
+                    contentType: "application/json", headers: BadInputTests.ce("bad-1"), deliveryMode: 2)))
+
+        let expected: [String: Int64] = [
+            "handled": 6, "duplicate": 1, "retried": 1, "dead_lettered": 2, "returned": 0,
+        ]
+        let seen = await eventually(
+            { Self.outcomes(metrics, service: mesh.pingService) },
+            until: { (counts: [String: Int64]) -> Bool in
+                counts["handled"] == 6 && counts["dead_lettered"] == 2 && counts["duplicate"] == 1
+            })
+        // Settled means nothing is left in the queues: then no count can still change.
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == 0)
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount == 2)
+        #expect(seen == expected)
+        #expect(Self.outcomes(metrics, service: mesh.pingService) == expected)
+
+        let dimensions = [("service", mesh.pingService), ("handler", "ping")]
+        // Invocations: the five, the failing one twice, the refused one; not the duplicate, not the bad body.
+        let timer = try metrics.expectTimer("choreo_handler_duration_seconds", dimensions)
+        #expect(timer.values.count == 8)
+        #expect(timer.values.allSatisfy { $0 > 0 && $0 < 10_000_000_000 })
+        #expect(runs.snapshot.values.reduce(0, +) == 8)
+        let inFlight = try metrics.expectMeter("choreo_in_flight_events", dimensions)
+        #expect(inFlight.lastValue == 0 && inFlight.values.contains { $0 > 0 })
+        #expect(metrics.counterTotal(label: "choreo_ledger_errors_total") == 0)
+        #expect(metrics.counterTotal(label: "choreo_connections_lost_total") == 0)
+
+        runtime.beginShutdown()
+        try await running.value
+    }
+}
