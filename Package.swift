@@ -172,6 +172,7 @@ let package = Package(
                 "Choreo", "ChoreoAMQP", "ChoreoPostgres", "ChoreoTesting", "ChoreoTestService", "TestEvents",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ]
         ),
     ],

@@ -3,8 +3,9 @@
 # no systemd, scram-sha-256 passwords.
 #
 #   scripts/postgres.sh start  NAME PORT   initialize a cluster in $base/NAME, start it on 127.0.0.1:PORT, create
-#                                          the role `choreo` (password in $base/NAME/password) and database
-#                                          `choreo`, wait until it answers, print its URL (password masked)
+#                                          the role `choreo` (password in $base/NAME/password; it may create
+#                                          databases, as tests do) and database `choreo`, wait until it
+#                                          answers, print its URL (password masked)
 #   scripts/postgres.sh stop   NAME        stop it (fast shutdown) and wait until it is gone
 #   scripts/postgres.sh url    NAME        print its URL with the password, for scripts (never logged)
 #   scripts/postgres.sh pause  NAME        stop the server and keep its data (tests of a database outage)
@@ -78,7 +79,7 @@ start)
     # Over the cluster's own socket directory; the password goes on standard input, not on a command line.
     as_db_user env PGPASSWORD="$password" "$bin/psql" -q -h "$dir" -p "$port" -U postgres -d postgres \
         -v ON_ERROR_STOP=1 >/dev/null <<SQL
-CREATE ROLE choreo LOGIN PASSWORD '$password';
+CREATE ROLE choreo LOGIN CREATEDB PASSWORD '$password';
 CREATE DATABASE choreo OWNER choreo;
 SQL
     echo "postgres:$port" > "$dir/port"

@@ -451,6 +451,17 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     /// Creates the tables, or checks the version of those found; one replica at a time (an advisory lock),
     /// since concurrent `CREATE TABLE IF NOT EXISTS` can collide.
     private func prepare(on connection: PostgresConnection) async throws {
+        // Keys and event attributes are any Unicode text, sent as UTF-8 under the database's own client encoding
+        // (PostgresNIO sets none). A database in another encoding refuses, one event at a time, the keys that are
+        // not valid in it (EUC_JP: "invalid byte sequence"), and the runner would hold those events for minutes
+        // before giving them back; LATIN1 takes any bytes but shows other clients garbled keys. So the database
+        // is refused at start instead. SQL_ASCII stores the bytes as they come, which keeps UTF-8 intact.
+        let encoding = try await first(connection.query("SHOW server_encoding", logger: logger), as: String.self)
+        if let encoding, !Self.acceptedEncodings.contains(encoding) {
+            throw PostgresLedgerError(
+                "the database's encoding is \(encoding); the ledger needs UTF8 (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+            )
+        }
         try await transaction(on: connection) {
             try await connection.query("SELECT pg_advisory_xact_lock(\(Self.advisoryLock))", logger: logger)
             for statement in Self.schema {
@@ -470,6 +481,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
             }
         }
     }
+
+    /// Server encodings that hold every key: UTF8, and SQL_ASCII, which stores the client's bytes unchanged.
+    static let acceptedEncodings: Set<String> = ["UTF8", "SQL_ASCII"]
 
     /// "choreo" in ASCII: the advisory lock that serializes preparing the tables.
     static let advisoryLock: Int = 0x63_686F_7265_6F

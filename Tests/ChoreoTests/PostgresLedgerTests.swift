@@ -1,6 +1,7 @@
 import ChoreoAMQP
 import Foundation
 import Logging
+import PostgresNIO
 import TestEvents
 import Testing
 
@@ -26,6 +27,26 @@ enum Postgres {
     static func script(_ command: String) throws {
         _ = try runScript(
             "postgres.sh", [command, try #require(ProcessInfo.processInfo.environment["CHOREO_TEST_POSTGRES_NAME"])])
+    }
+
+    /// Runs one statement as the tests' role, on `database` (by default the URL's); a failure says the server's
+    /// message.
+    static func execute(_ sql: String, database: String? = nil) async throws {
+        let c = try #require(URLComponents(string: try url()))
+        let configuration = PostgresConnection.Configuration(
+            host: c.host ?? "127.0.0.1", port: c.port ?? 5432, username: c.user ?? "", password: c.password,
+            database: database ?? String(c.path.dropFirst()), tls: .disable)
+        let connection = try await PostgresConnection.connect(
+            configuration: configuration, id: 1, logger: Logger(label: "test"))
+        let outcome: Result<Void, any Error>
+        do {
+            try await connection.query(PostgresQuery(unsafeSQL: sql), logger: Logger(label: "test"))
+            outcome = .success(())
+        } catch {
+            outcome = .failure(PostgresLedgerError(PostgresLedger.reason(error)))
+        }
+        try await connection.close()
+        try outcome.get()
     }
 
     /// The server's URL with another password.
@@ -297,6 +318,33 @@ struct PostgresLedgerTests {
             try await other.claim(handler: "h", key: "published", owner: "q", lease: .seconds(60))
                 == .completed(unpublished: []),
             "another service's keys are not pruned")
+    }
+
+    @Test("a database whose encoding cannot hold every key (EUC_JP) is refused at start, saying what to do")
+    func encodingRefused() async throws {
+        let name = "choreo_eucjp_\(UUID().uuidString.prefix(8).lowercased())"
+        try await Postgres.execute(
+            "CREATE DATABASE \(name) ENCODING 'EUC_JP' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        var url = try #require(URLComponents(string: try Postgres.url()))
+        url.path = "/\(name)"
+        do {
+            _ = try await PostgresLedger.open(
+                url: try #require(url.string), service: "s", logger: Logger(label: "test"))
+            Issue.record("an EUC_JP database must be refused")
+        } catch {
+            #expect(
+                "\(error)".hasSuffix(
+                    "/\(name): cannot prepare its tables: the database's encoding is EUC_JP; the ledger needs UTF8 (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+                ), "\(error)")
+        }
+        // What it would do otherwise: refuse, one event at a time, keys that are not valid EUC-JP.
+        do {
+            try await Postgres.execute("SELECT 'café-注文'::text", database: name)
+            Issue.record("EUC_JP took a key that is not EUC-JP")
+        } catch {
+            #expect("\(error)".contains("invalid byte sequence for encoding \"EUC_JP\""), "\(error)")
+        }
+        try await Postgres.execute("DROP DATABASE \(name)")
     }
 
     @Test("a wrong password, an unreachable server and bad URLs give one clear error each, never the password")
