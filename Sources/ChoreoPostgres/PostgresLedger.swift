@@ -362,65 +362,74 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
     }
 
-    /// Completes a group of keys in one transaction, one commit (the disk sync the group shares), rows locked in
-    /// key order: each key only by its lease's owner, together with its outbox; a key completed before gives
-    /// its unpublished entries back, one whose lease passed to another owner is left alone.
+    /// Completes a group of keys with one statement, one round trip and one commit (the disk sync the group
+    /// shares), rows locked in key order so that replicas never deadlock: each key only by its lease's owner,
+    /// together with its outbox. A key not completed so (rare: its lease expired and passed on, or another
+    /// invocation completed it) is looked up afterwards: completed before, it gives its unpublished entries back;
+    /// otherwise its lease was lost and it is left alone.
     public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
-        let prepared = requests.enumerated().map { i, r in
-            (
-                index: i, handler: scope + r.handler, key: Self.stored(r.key), owner: r.owner,
-                rows: r.outbox.map { ($0, SQLiteLedger.encodeAttributes($0.envelope)) }
-            )
-        }.sorted { ($0.handler, $0.key) < ($1.handler, $1.key) }
-        return try await run("complete keys") { [self] connection in
-            try await transaction(on: connection) { () -> [LedgerCompletion] in
-                var results = [LedgerCompletion](repeating: .leaseLost, count: requests.count)
-                var outbox:
-                    (h: [String], k: [String], i: [Int], x: [String], r: [String], a: [String], d: [ByteBuffer]) =
-                        ([], [], [], [], [], [], [])
-                for p in prepared {
-                    let mine = try await exists(
-                        connection.query(
-                            """
-                            UPDATE choreo_ledger SET completed = true, owner = NULL, lease_expires = NULL,
-                                completed_at = now()
-                            WHERE handler = \(p.handler) AND key = \(p.key) AND owner = \(p.owner) AND NOT completed
-                            RETURNING 1
-                            """, logger: logger))
-                    if mine {
-                        results[p.index] = .committed
-                        for (m, attributes) in p.rows {
-                            outbox.h.append(p.handler)
-                            outbox.k.append(p.key)
-                            outbox.i.append(m.index)
-                            outbox.x.append(m.exchange)
-                            outbox.r.append(m.routingKey)
-                            outbox.a.append(attributes)
-                            outbox.d.append(ByteBuffer(bytes: m.envelope.data))
-                        }
-                        continue
-                    }
-                    let completed = try await first(
-                        connection.query(
-                            "SELECT completed FROM choreo_ledger WHERE handler = \(p.handler) AND key = \(p.key)",
-                            logger: logger),
-                        as: Bool.self)
-                    if completed == true {
-                        results[p.index] = .alreadyCompleted(
-                            unpublished: try await unpublished(handler: p.handler, key: p.key, on: connection))
-                    }
-                }
-                if !outbox.h.isEmpty {
-                    try await connection.query(
-                        """
-                        INSERT INTO choreo_outbox (handler, key, idx, exchange, routing_key, attributes, data)
-                        SELECT * FROM unnest(\(outbox.h)::text[], \(outbox.k)::text[], \(outbox.i)::bigint[],
-                            \(outbox.x)::text[], \(outbox.r)::text[], \(outbox.a)::text[], \(outbox.d)::bytea[])
-                        """, logger: logger)
-                }
-                return results
+        var index: [StoredKey: Int] = [:]
+        var keys: (h: [String], k: [String], o: [String]) = ([], [], [])
+        var outbox: (h: [String], k: [String], i: [Int], x: [String], r: [String], a: [String], d: [ByteBuffer]) =
+            ([], [], [], [], [], [], [])
+        for (i, r) in requests.enumerated() {
+            let key = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
+            index[key] = i
+            keys.h.append(key.handler)
+            keys.k.append(key.key)
+            keys.o.append(r.owner)
+            for m in r.outbox {
+                outbox.h.append(key.handler)
+                outbox.k.append(key.key)
+                outbox.i.append(m.index)
+                outbox.x.append(m.exchange)
+                outbox.r.append(m.routingKey)
+                outbox.a.append(SQLiteLedger.encodeAttributes(m.envelope))
+                outbox.d.append(ByteBuffer(bytes: m.envelope.data))
             }
         }
+        let done: Set<StoredKey> = try await run("complete keys") { [self, keys, outbox] connection in
+            // Data-modifying CTEs run in one statement, atomically; `mine` locks the rows in key order first.
+            let rows = try await connection.query(
+                """
+                WITH mine AS (
+                    SELECT l.handler, l.key FROM choreo_ledger l
+                    JOIN unnest(\(keys.h)::text[], \(keys.k)::text[], \(keys.o)::text[]) AS t(h, k, o)
+                        ON l.handler = t.h AND l.key = t.k AND l.owner = t.o
+                    WHERE NOT l.completed ORDER BY l.handler, l.key FOR UPDATE OF l
+                ), done AS (
+                    UPDATE choreo_ledger l SET completed = true, owner = NULL, lease_expires = NULL,
+                        completed_at = now()
+                    FROM mine WHERE l.handler = mine.handler AND l.key = mine.key
+                    RETURNING l.handler, l.key
+                ), added AS (
+                    INSERT INTO choreo_outbox (handler, key, idx, exchange, routing_key, attributes, data)
+                    SELECT o.h, o.k, o.i, o.x, o.r, o.a, o.d
+                    FROM unnest(\(outbox.h)::text[], \(outbox.k)::text[], \(outbox.i)::bigint[],
+                        \(outbox.x)::text[], \(outbox.r)::text[], \(outbox.a)::text[], \(outbox.d)::bytea[])
+                        AS o(h, k, i, x, r, a, d)
+                    JOIN done ON done.handler = o.h AND done.key = o.k
+                )
+                SELECT handler, key FROM done
+                """, logger: logger)
+            var done = Set<StoredKey>()
+            for try await (h, k) in rows.decode((String, String).self) { done.insert(StoredKey(handler: h, key: k)) }
+            return done
+        }
+        var results = [LedgerCompletion](repeating: .leaseLost, count: requests.count)
+        var others: [StoredKey] = []
+        for (key, i) in index {
+            if done.contains(key) { results[i] = .committed } else { others.append(key) }
+        }
+        if !others.isEmpty {
+            let states = try await states(of: others)
+            for key in others {
+                if case .completed(let unpublished)? = states[key] {
+                    results[index[key]!] = .alreadyCompleted(unpublished: unpublished)
+                }
+            }
+        }
+        return results
     }
 
     /// Records a group's confirmed outbox entries with one statement.
@@ -437,10 +446,13 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
         guard !handlers.isEmpty else { return }
         try await run("record published outbox entries") { [self, handlers, keys, indexes] connection in
+            // Without waiting for the disk (synchronous_commit off, for this statement's transaction only): a
+            // record lost in a crash of the server costs copies, not events, as one lost before it was made.
             _ = try await connection.query(
                 """
+                WITH quick AS (SELECT set_config('synchronous_commit', 'off', true))
                 UPDATE choreo_outbox o SET published = true
-                FROM unnest(\(handlers)::text[], \(keys)::text[], \(indexes)::bigint[]) AS t(h, k, i)
+                FROM quick, unnest(\(handlers)::text[], \(keys)::text[], \(indexes)::bigint[]) AS t(h, k, i)
                 WHERE o.handler = t.h AND o.key = t.k AND o.idx = t.i AND NOT o.published
                 """, logger: logger)
         }
