@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import ServiceLifecycle
 import Synchronization
+import Tracing
 
 /// A service's handlers running against the broker: a swift-service-lifecycle `Service`.
 ///
@@ -21,6 +22,7 @@ public final class ChoreoRuntime: Service, Sendable {
     /// Each handler's metrics, by handler name.
     private let metrics: [String: RunnerMetrics]
     private let connectionsLost: Counter
+    private let tracing: EventTracing?
     private let shuttingDown = Mutex(false)
     private let consumers = Mutex<[AMQPConsumer]>([])
     /// Resumed every time the runtime has declared its topology and started consuming.
@@ -34,9 +36,12 @@ public final class ChoreoRuntime: Service, Sendable {
     ///   - logger: where the runtime logs (at `.info` and below; warnings for outages).
     ///   - metrics: where the runtime reports its metrics (see the README's "Metrics"); by default swift-metrics'
     ///     global factory, a no-op unless the executable bootstrapped a backend.
+    ///   - tracer: where the runtime reports a span per handler invocation (see the README's "Tracing"); by default
+    ///     swift-distributed-tracing's bootstrapped one, which traces nothing unless the executable chose a backend.
     public init(
         configuration: RunnerConfiguration, handlers: [any EventHandler], ledger: (any IdempotencyLedger)? = nil,
-        logger: Logger = Logger(label: "choreo"), metrics: any MetricsFactory = MetricsSystem.factory
+        logger: Logger = Logger(label: "choreo"), metrics: any MetricsFactory = MetricsSystem.factory,
+        tracer: (any Tracer)? = nil
     ) throws {
         try configuration.validate()
         self.configuration = configuration
@@ -59,6 +64,7 @@ public final class ChoreoRuntime: Service, Sendable {
             uniqueKeysWithValues: self.handlers.map {
                 ($0.name, RunnerMetrics(service: configuration.service, handler: $0.name, factory: metrics))
             })
+        tracing = EventTracing(tracer)
         connectionsLost = Counter(
             label: "choreo_connections_lost_total", dimensions: [("service", configuration.service)], factory: metrics)
     }
@@ -231,7 +237,8 @@ public final class ChoreoRuntime: Service, Sendable {
                 service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
                 ledger: ledger, publisher: publisher, owner: owner,
                 leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
-                leases: leases, logger: Self.logger(logger, handler: h.name), metrics: metrics[h.name]!)
+                leases: leases, logger: Self.logger(logger, handler: h.name), metrics: metrics[h.name]!,
+                tracing: tracing)
             started.append((runner, consumer, concurrency))
         }
         consumers.withLock { $0 = started.map(\.1) }

@@ -22,12 +22,15 @@ public final class HandlerContext: Sendable {
     let source: String
     let exchange: String
     let allowedTypes: Set<String>
+    /// The `traceparent` of emitted events: the invocation's span when traced, else the input's.
+    let outgoingTraceparent: String?
     private let buffer = Mutex<[OutboxMessage]>([])
 
-    /// `logger` is the handler's; the event's id and type are added when the handler logs.
+    /// `logger` is the handler's; the event's id and type are added when the handler logs. `traceparent`, when
+    /// given, replaces the input's on emitted events (the invocation's own span).
     package init(
         envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
-        source: String, exchange: String, allowedTypes: Set<String>
+        source: String, exchange: String, allowedTypes: Set<String>, traceparent: String? = nil
     ) {
         self.envelope = envelope
         self.attempt = attempt
@@ -37,6 +40,7 @@ public final class HandlerContext: Sendable {
         self.source = source
         self.exchange = exchange
         self.allowedTypes = allowedTypes
+        self.outgoingTraceparent = traceparent ?? envelope.traceparent
     }
 
     public var eventID: String { envelope.id }
@@ -62,7 +66,7 @@ public final class HandlerContext: Sendable {
                 id: Self.derivedID(input: envelope.id, handler: handlerName, index: index), source: source,
                 type: E.eventType,
                 subject: subject, dataVersion: E.schemaVersion, correlationID: correlationID, causationID: envelope.id,
-                traceparent: envelope.traceparent, idempotencyKey: idempotencyKey, data: data)
+                traceparent: outgoingTraceparent, idempotencyKey: idempotencyKey, data: data)
             e.time = Date()
             buffer.append(OutboxMessage(index: index, envelope: e, exchange: exchange, routingKey: E.eventType))
         }

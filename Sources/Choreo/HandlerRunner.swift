@@ -3,6 +3,7 @@ import CoreMetrics
 import Foundation
 import Logging
 import Synchronization
+import Tracing
 
 /// Runs DESIGN.md's delivery protocol for one handler's consumer (see ``consume(_:concurrency:drainTimeout:shouldStop:)``).
 ///
@@ -22,6 +23,8 @@ struct HandlerRunner: Sendable {
     let leases: LeaseKeeper
     let logger: Logger
     let metrics: RunnerMetrics
+    /// Nil when no tracer is bootstrapped.
+    let tracing: EventTracing?
 
     /// A delivery that decoded and that the handler accepts, with everything its invocation needs.
     /// A class: it travels through several stages and arrays, and copying its fields each time costs more
@@ -193,24 +196,53 @@ struct HandlerRunner: Sendable {
 
     /// Runs the handler with its emits buffered; success goes to the completer, failure to a retry tier or the DLQ.
     private func invoke(_ a: Admitted, completer: Completer, inFlight: InFlight) async {
+        // Traced, the span covers the handler's run; its retry, dead letter or commit and publish come after.
+        let span = tracing.map { startSpan(for: a, with: $0) }
         let context = HandlerContext(
             envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: logger,
-            handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet)
+            handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet,
+            traceparent: span.flatMap { tracing?.traceparent(for: $0.context) })
         let started = DispatchTime.now().uptimeNanoseconds
         do {
             defer {
                 metrics.handlerDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- started))
             }
-            try await withLeaseRenewal(key: a.key, owner: a.owner) { try await a.prepared.run(context) }
+            try await withLeaseRenewal(key: a.key, owner: a.owner) {
+                if let span {
+                    // The handler's own spans (an HTTP call, a query) nest under the invocation's.
+                    try await ServiceContext.withValue(span.context) { try await a.prepared.run(context) }
+                } else {
+                    try await a.prepared.run(context)
+                }
+            }
         } catch {
+            if let span {
+                span.recordError(error)
+                span.setStatus(SpanStatus(code: .error, message: Self.typeName(of: error)))
+                span.end()
+            }
             await failed(
                 a.delivery, envelope: a.envelope, error: error, attempt: a.attempt, key: a.key, owner: a.owner,
                 logger: a.logger)
             inFlight.settled(1)
             return
         }
+        span?.end()
         FaultInjection.reached("after-handler")
         if completer.submit(.ran(a, outbox: context.emitted)) { await completer.settleAll() }
+    }
+
+    /// The invocation's consumer span, a child of the span in the event's `traceparent`.
+    private func startSpan(for a: Admitted, with tracing: EventTracing) -> any Span {
+        let span = tracing.tracer.startSpan(
+            "process \(queues.main)", context: tracing.context(of: a.envelope), ofKind: .consumer)
+        EventTracing.describe(a.envelope, in: span)
+        span.attributes["messaging.operation.type"] = "process"
+        span.attributes["messaging.destination.name"] = queues.main
+        span.attributes["choreo.service"] = service
+        span.attributes["choreo.handler"] = handler.name
+        span.attributes["choreo.attempt"] = a.attempt
+        return span
     }
 
     /// Why a delivery was refused before its handler could run.
