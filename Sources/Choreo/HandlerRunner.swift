@@ -449,7 +449,7 @@ struct HandlerRunner: Sendable {
         while true {
             do {
                 let value = try await call()
-                if warned != nil { logger.notice("the ledger answers again (\(step.rawValue))") }
+                if warned != nil { logger.notice("the ledger answers again (\(step.label))") }
                 return value
             } catch {
                 metrics.ledgerFailed(step)
@@ -462,7 +462,7 @@ struct HandlerRunner: Sendable {
                 if warned.map({ now - $0 >= .seconds(30) }) ?? true {
                     logger.warning(
                         "ledger unavailable; holding \(events) events and trying again",
-                        metadata: ["step": "\(step.rawValue)", "error": "\(error)"])
+                        metadata: ["step": "\(step.label)", "error": "\(error)"])
                     warned = now
                 }
                 try? await Task.sleep(for: pause)

@@ -15,18 +15,20 @@ import CoreMetrics
 /// The runtime itself adds `choreo_connections_lost_total` (dimension `service`): connections to the broker
 /// lost or refused, each followed by a reconnect.
 struct RunnerMetrics: Sendable {
-    /// How a delivery left the runner.
-    enum Outcome: String, CaseIterable, Sendable {
-        case handled
-        case duplicate
-        case retried
-        case deadLettered = "dead_lettered"
-        case returned
+    /// How a delivery left the runner; its raw value indexes the counters.
+    enum Outcome: Int, CaseIterable, Sendable {
+        case handled, duplicate, retried, deadLettered, returned
+
+        /// The value of the `outcome` dimension.
+        var label: String { ["handled", "duplicate", "retried", "dead_lettered", "returned"][rawValue] }
     }
 
-    /// A ledger call, for `choreo_ledger_errors_total`.
-    enum LedgerStep: String, CaseIterable, Sendable {
+    /// A ledger call, for `choreo_ledger_errors_total`; its raw value indexes the counters.
+    enum LedgerStep: Int, CaseIterable, Sendable {
         case claim, commit, record, release, renew
+
+        /// The value of the `step` dimension.
+        var label: String { ["claim", "commit", "record", "release", "renew"][rawValue] }
     }
 
     private let outcomes: [Counter]
@@ -38,11 +40,11 @@ struct RunnerMetrics: Sendable {
     init(service: String, handler: String, factory: any MetricsFactory) {
         let dimensions = [("service", service), ("handler", handler)]
         outcomes = Outcome.allCases.map {
-            Counter(label: "choreo_events_total", dimensions: dimensions + [("outcome", $0.rawValue)], factory: factory)
+            Counter(label: "choreo_events_total", dimensions: dimensions + [("outcome", $0.label)], factory: factory)
         }
         ledgerErrors = LedgerStep.allCases.map {
             Counter(
-                label: "choreo_ledger_errors_total", dimensions: dimensions + [("step", $0.rawValue)], factory: factory)
+                label: "choreo_ledger_errors_total", dimensions: dimensions + [("step", $0.label)], factory: factory)
         }
         handlerDuration = Timer(
             label: "choreo_handler_duration_seconds", dimensions: dimensions, preferredDisplayUnit: .seconds,
@@ -52,27 +54,10 @@ struct RunnerMetrics: Sendable {
     }
 
     func count(_ outcome: Outcome, _ n: Int = 1) {
-        guard n > 0 else { return }
-        let i: Int
-        switch outcome {
-        case .handled: i = 0
-        case .duplicate: i = 1
-        case .retried: i = 2
-        case .deadLettered: i = 3
-        case .returned: i = 4
-        }
-        outcomes[i].increment(by: n)
+        if n > 0 { outcomes[outcome.rawValue].increment(by: n) }
     }
 
     func ledgerFailed(_ step: LedgerStep) {
-        let i: Int
-        switch step {
-        case .claim: i = 0
-        case .commit: i = 1
-        case .record: i = 2
-        case .release: i = 3
-        case .renew: i = 4
-        }
-        ledgerErrors[i].increment()
+        ledgerErrors[step.rawValue].increment()
     }
 }

@@ -160,6 +160,33 @@ struct Mesh {
     }
 }
 
+extension Mesh {
+    /// A queue of the test's own that receives the mesh's pongs: what the ping handler published.
+    func pongQueue(on channel: AMQPChannel) async throws -> String {
+        let name = "test.pongs.\(UUID().uuidString.prefix(8))"
+        try await channel.declareQueue(name, options: .quorum())
+        try await channel.bindQueue(name, exchange: exchange, routingKey: Pong.eventType)
+        return name
+    }
+
+    /// The ping service run inside the test process: the test broker, this mesh's exchange, a ledger file of its own.
+    func pingConfiguration() -> RunnerConfiguration {
+        var config = RunnerConfiguration(service: pingService)
+        config.url = Broker.url
+        config.exchange = exchange
+        config.ledgerPath = directory.appendingPathComponent("ping.ledger.sqlite").path
+        return config
+    }
+}
+
+/// Runs `runtime` in a task of its own and returns that task once the runtime consumes; end it with
+/// `beginShutdown()`, then await the task.
+func started(_ runtime: ChoreoRuntime) async -> Task<Void, any Error> {
+    let running = Task { try await runtime.run() }
+    await runtime.waitUntilReady()
+    return running
+}
+
 /// Same name, input and retry policy as the fixture's ping handler, for declaring its topology from tests.
 struct PingTestHandler: EventHandler {
     let name = "ping"

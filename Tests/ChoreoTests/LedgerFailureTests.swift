@@ -94,9 +94,7 @@ struct LedgerFailureTests {
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         // Pongs go to a queue of the test's own, to count what the handler published.
-        let pongs = "test.pongs.\(UUID().uuidString.prefix(8))"
-        try await channel.declareQueue(pongs, options: .quorum())
-        try await channel.bindQueue(pongs, exchange: mesh.exchange, routingKey: Pong.eventType)
+        let pongs = try await mesh.pongQueue(on: channel)
 
         let ledgerPath = mesh.directory.appendingPathComponent("failing.ledger.sqlite").path
         let ledger = try FailingLedger(path: ledgerPath)
@@ -104,15 +102,12 @@ struct LedgerFailureTests {
         ledger.failCompletes.store(2, ordering: .relaxed)
         ledger.failMarks.store(1, ordering: .relaxed)
         let runs = RunCounts()
-        var config = RunnerConfiguration(service: mesh.pingService)
-        config.url = Broker.url
-        config.exchange = mesh.exchange
+        var config = mesh.pingConfiguration()
         config.concurrency = 4
         let metrics = TestMetrics()
         let runtime = try ChoreoRuntime(
             configuration: config, handlers: [RecordingPing(runs: runs)], ledger: ledger, metrics: metrics)
-        let running = Task { try await runtime.run() }
-        await runtime.waitUntilReady()
+        let running = await started(runtime)
 
         let n = 30
         let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0) }, on: channel)
@@ -158,8 +153,7 @@ struct LedgerFailureTests {
         runtime.beginShutdown()
         try await running.value
         let restarted = try ChoreoRuntime(configuration: config, handlers: [RecordingPing(runs: runs)], ledger: ledger)
-        let again = Task { try await restarted.run() }
-        await restarted.waitUntilReady()
+        let again = await started(restarted)
         #expect(try await ledger.inner.unpublished(handler: "ping", limit: 1000).isEmpty)
         restarted.beginShutdown()
         try await again.value

@@ -33,9 +33,9 @@ struct MetricsTests {
     static func outcomes(_ metrics: TestMetrics, service: String) -> [String: Int64] {
         var out: [String: Int64] = [:]
         for outcome in RunnerMetrics.Outcome.allCases {
-            out[outcome.rawValue] = metrics.counterTotal(
+            out[outcome.label] = metrics.counterTotal(
                 label: "choreo_events_total",
-                dimensions: [("service", service), ("handler", "ping"), ("outcome", outcome.rawValue)])
+                dimensions: [("service", service), ("handler", "ping"), ("outcome", outcome.label)])
         }
         return out
     }
@@ -47,14 +47,10 @@ struct MetricsTests {
         defer { Task { await connection.close() } }
         let metrics = TestMetrics()
         let runs = RunCounts()
-        var config = RunnerConfiguration(service: mesh.pingService)
-        config.url = Broker.url
-        config.exchange = mesh.exchange
-        config.ledgerPath = mesh.directory.appendingPathComponent("ping.ledger.sqlite").path
+        let config = mesh.pingConfiguration()
         let runtime = try ChoreoRuntime(
             configuration: config, handlers: [ScriptedPing(runs: runs)], metrics: metrics)
-        let running = Task { try await runtime.run() }
-        await runtime.waitUntilReady()
+        let running = await started(runtime)
 
         // Five plain events; one of them published a second time with the same id; one that fails once, then
         // succeeds; one refused for good; and a body that is not JSON.

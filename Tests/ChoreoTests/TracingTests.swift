@@ -59,19 +59,13 @@ struct TracingTests {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let pongs = "test.pongs.\(UUID().uuidString.prefix(8))"
-        try await channel.declareQueue(pongs, options: .quorum())
-        try await channel.bindQueue(pongs, exchange: mesh.exchange, routingKey: Pong.eventType)
+        let pongs = try await mesh.pongQueue(on: channel)
 
         let tracer = W3CInMemoryTracer()
-        var config = RunnerConfiguration(service: mesh.pingService)
-        config.url = Broker.url
-        config.exchange = mesh.exchange
-        config.ledgerPath = mesh.directory.appendingPathComponent("ping.ledger.sqlite").path
+        let config = mesh.pingConfiguration()
         let runtime = try ChoreoRuntime(
             configuration: config, handlers: [ScriptedPing(runs: RunCounts())], tracer: tracer)
-        let running = Task { try await runtime.run() }
-        await runtime.waitUntilReady()
+        let running = await started(runtime)
 
         // A producer's publish, traced: the event carries the producer span.
         let publisher = try await EventPublisher.connect(
@@ -117,16 +111,10 @@ struct TracingTests {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let pongs = "test.pongs.\(UUID().uuidString.prefix(8))"
-        try await channel.declareQueue(pongs, options: .quorum())
-        try await channel.bindQueue(pongs, exchange: mesh.exchange, routingKey: Pong.eventType)
-        var config = RunnerConfiguration(service: mesh.pingService)
-        config.url = Broker.url
-        config.exchange = mesh.exchange
-        config.ledgerPath = mesh.directory.appendingPathComponent("ping.ledger.sqlite").path
+        let pongs = try await mesh.pongQueue(on: channel)
+        let config = mesh.pingConfiguration()
         let runtime = try ChoreoRuntime(configuration: config, handlers: [ScriptedPing(runs: RunCounts())])
-        let running = Task { try await runtime.run() }
-        await runtime.waitUntilReady()
+        let running = await started(runtime)
 
         let parent = "00-\(randomHex(16))-\(randomHex(8))-01"
         var envelope = try EventEnvelope(Ping(n: 1), source: "test", id: UUID().uuidString.lowercased())
