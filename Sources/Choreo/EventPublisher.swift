@@ -95,7 +95,7 @@ public final class EventPublisher: Sendable {
             EventTracing.describe(traced[i], in: span)
             span.attributes["messaging.operation.type"] = "send"
             span.attributes["messaging.destination.name"] = exchange
-            traced[i].traceparent = tracing.traceparent(for: span.context) ?? traced[i].traceparent
+            tracing.traceContext(for: span.context)?.apply(to: &traced[i])
             spans.append(span)
         }
         let results = await channel.publish(contentsOf: traced.map { EnvelopeCodec.encode($0, exchange: exchange) })

@@ -22,15 +22,15 @@ public final class HandlerContext: Sendable {
     let source: String
     let exchange: String
     let allowedTypes: Set<String>
-    /// The `traceparent` of emitted events: the invocation's span when traced, else the input's.
-    let outgoingTraceparent: String?
+    /// The trace context of emitted events: the invocation's span when traced, else the input's.
+    let outgoingTrace: TraceContext
     private let buffer = Mutex<[OutboxMessage]>([])
 
-    /// `logger` is the handler's; the event's id and type are added when the handler logs. `traceparent`, when
-    /// given, replaces the input's on emitted events (the invocation's own span).
+    /// `logger` is the handler's; the event's id and type are added when the handler logs. `trace`, when given,
+    /// replaces the input's trace context on emitted events (the invocation's own span).
     package init(
         envelope: EventEnvelope, attempt: Int, idempotencyKey: String, logger: Logger, handlerName: String,
-        source: String, exchange: String, allowedTypes: Set<String>, traceparent: String? = nil
+        source: String, exchange: String, allowedTypes: Set<String>, trace: TraceContext? = nil
     ) {
         self.envelope = envelope
         self.attempt = attempt
@@ -40,7 +40,7 @@ public final class HandlerContext: Sendable {
         self.source = source
         self.exchange = exchange
         self.allowedTypes = allowedTypes
-        self.outgoingTraceparent = traceparent ?? envelope.traceparent
+        self.outgoingTrace = trace ?? TraceContext(of: envelope)
     }
 
     public var eventID: String { envelope.id }
@@ -66,7 +66,8 @@ public final class HandlerContext: Sendable {
                 id: Self.derivedID(input: envelope.id, handler: handlerName, index: index), source: source,
                 type: E.eventType,
                 subject: subject, dataVersion: E.schemaVersion, correlationID: correlationID, causationID: envelope.id,
-                traceparent: outgoingTraceparent, idempotencyKey: idempotencyKey, data: data)
+                idempotencyKey: idempotencyKey, data: data)
+            outgoingTrace.apply(to: &e)
             e.time = Date()
             buffer.append(OutboxMessage(index: index, envelope: e, exchange: exchange, routingKey: E.eventType))
         }

@@ -201,7 +201,7 @@ struct HandlerRunner: Sendable {
         let context = HandlerContext(
             envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: logger,
             handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet,
-            traceparent: span.flatMap { tracing?.traceparent(for: $0.context) })
+            trace: span.flatMap { tracing?.traceContext(for: $0.context) })
         let started = DispatchTime.now().uptimeNanoseconds
         do {
             defer {

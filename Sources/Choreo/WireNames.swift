@@ -23,6 +23,8 @@ public enum WireNames {
         public static let correlationID = "correlationid"
         public static let causationID = "causationid"
         public static let traceparent = "traceparent"
+        /// W3C `tracestate`, kept among an envelope's `extensions` (CloudEvents' distributed-tracing extension).
+        public static let tracestate = "tracestate"
         public static let idempotencyKey = "idempotencykey"
         /// Schema version of `data`, a decimal integer.
         public static let dataVersion = "dataversion"

@@ -30,7 +30,8 @@ struct W3CInMemoryTracer: Tracer {
     where Carrier == Inject.Carrier {
         guard let span = context.inMemorySpanContext else { return }
         injector.inject("00-\(span.traceID)-\(span.spanID)-01", forKey: "traceparent", into: &carrier)
-        injector.inject("vendor=1", forKey: "tracestate", into: &carrier)
+        injector.inject("vendor=\(span.spanID)", forKey: "tracestate", into: &carrier)
+        injector.inject("other", forKey: "in-memory-trace-id", into: &carrier)
     }
 
     func extract<Carrier, Extract: Extractor>(
@@ -99,14 +100,15 @@ struct TracingTests {
         let pong = try #require(try await peek(queue: pongs, expecting: 1, connection: connection).first)
         let traceparent = pong.properties.headers?["cloudEvents_traceparent"]?.stringValue
         #expect(traceparent == "00-\(ok.traceID)-\(ok.spanID)-01")
-        #expect(pong.properties.headers?["cloudEvents_tracestate"] == nil, "only traceparent travels")
+        #expect(pong.properties.headers?["cloudEvents_tracestate"]?.stringValue == "vendor=\(ok.spanID)")
+        #expect(pong.properties.headers?["cloudEvents_in-memory-trace-id"] == nil, "a tracer's other keys are dropped")
 
         runtime.beginShutdown()
         try await running.value
         try await channel.deleteQueue(pongs)
     }
 
-    @Test("with no tracer, an emitted event carries on its input's traceparent unchanged")
+    @Test("with no tracer, an emitted event carries on its input's traceparent and tracestate unchanged")
     func untracedPassesTraceparentOn() async throws {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect()
@@ -119,9 +121,11 @@ struct TracingTests {
         let parent = "00-\(randomHex(16))-\(randomHex(8))-01"
         var envelope = try EventEnvelope(Ping(n: 1), source: "test", id: UUID().uuidString.lowercased())
         envelope.traceparent = parent
+        envelope.extensions["tracestate"] = "vendor=abc,other=1"
         try await channel.publish(EnvelopeCodec.encode(envelope, exchange: mesh.exchange))
         let pong = try #require(try await peek(queue: pongs, expecting: 1, connection: connection).first)
         #expect(pong.properties.headers?["cloudEvents_traceparent"]?.stringValue == parent)
+        #expect(pong.properties.headers?["cloudEvents_tracestate"]?.stringValue == "vendor=abc,other=1")
 
         runtime.beginShutdown()
         try await running.value
