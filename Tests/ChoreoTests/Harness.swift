@@ -81,6 +81,22 @@ enum Broker {
         return nil
     }
 
+    /// Closes, from the broker's side, the connections whose client named them `name`; returns how many.
+    @discardableResult
+    static func closeConnections(named name: String) throws -> Int {
+        // RabbitMQ 3.10 has no `user_provided_name` column; the name is among the client properties, printed
+        // as `{"connection_name","NAME"}`.
+        let out = try ctlOutput(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
+        var closed = 0
+        for line in out.split(separator: "\n") {
+            let fields = line.split(separator: "\t", maxSplits: 1)
+            guard fields.count == 2, fields[1].contains("{\"connection_name\",\"\(name)\"}") else { continue }
+            _ = try ctlOutput(["close_connection", String(fields[0]), "closed by a test"])
+            closed += 1
+        }
+        return closed
+    }
+
     private static func ctlOutput(_ args: [String]) throws -> String {
         try runScript("broker.sh", ["ctl", nodeName] + args)
     }

@@ -91,4 +91,28 @@ struct MetricsTests {
         runtime.beginShutdown()
         try await running.value
     }
+
+    @Test("a connection the broker closes is counted; the runtime reconnects and handles what comes next")
+    func connectionLossIsCounted() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let metrics = TestMetrics()
+        let runtime = try ChoreoRuntime(
+            configuration: mesh.pingConfiguration(), handlers: [ScriptedPing(runs: RunCounts())], metrics: metrics)
+        let running = await started(runtime)
+
+        #expect(try Broker.closeConnections(named: "\(mesh.pingService) consumer") == 1)
+        let lost = await eventually(
+            { metrics.counterTotal(label: "choreo_connections_lost_total") }, until: { $0 >= 1 })
+        #expect(lost == 1)
+        try await mesh.publishPings([Ping(n: 1)], on: channel)
+        let handled = await eventually(
+            { Self.outcomes(metrics, service: mesh.pingService)["handled"] ?? 0 }, until: { $0 >= 1 })
+        #expect(handled == 1, "handled after the reconnect")
+        #expect(metrics.counterTotal(label: "choreo_connections_lost_total") == 1)
+
+        runtime.beginShutdown()
+        try await running.value
+    }
 }
