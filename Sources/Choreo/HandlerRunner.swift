@@ -71,7 +71,7 @@ struct HandlerRunner: Sendable {
     func consume(
         _ consumer: AMQPConsumer, concurrency: Int, drainTimeout: Duration, shouldStop: @escaping @Sendable () -> Bool
     ) async throws {
-        let inFlight = InFlight(limit: max(1, concurrency), meter: metrics.inFlight)
+        let inFlight = InFlight(limit: max(1, concurrency), meter: metrics.enabled ? metrics.inFlight : nil)
         let completer = Completer(runner: self, inFlight: inFlight, shouldStop: shouldStop)
         try await withThrowingDiscardingTaskGroup { group in
             var failure: (any Error)?
@@ -202,10 +202,12 @@ struct HandlerRunner: Sendable {
             envelope: a.envelope, attempt: a.attempt, idempotencyKey: a.key, logger: logger,
             handlerName: handler.name, source: source, exchange: exchange, allowedTypes: handler.emitTypeSet,
             trace: span.flatMap { tracing?.traceContext(for: $0.context) })
-        let started = DispatchTime.now().uptimeNanoseconds
+        let started = metrics.enabled ? DispatchTime.now().uptimeNanoseconds : 0
         do {
             defer {
-                metrics.handlerDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- started))
+                if metrics.enabled {
+                    metrics.handlerDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- started))
+                }
             }
             try await withLeaseRenewal(key: a.key, owner: a.owner) {
                 if let span {
@@ -311,7 +313,7 @@ struct HandlerRunner: Sendable {
                     switch result {
                     case .committed:
                         outboxes[i] = request.outbox
-                        committed.append(i)
+                        if metrics.enabled { committed.append(i) }
                     case .alreadyCompleted(let unpublished):
                         group[i].admitted.logger.info("another invocation completed this key first; its outputs stand")
                         outboxes[i] = unpublished
@@ -381,9 +383,11 @@ struct HandlerRunner: Sendable {
         for i in toAck.sorted() { ack(group[i].admitted.delivery, logger: group[i].admitted.logger) }
         FaultInjection.reached("after-ack")
         // Acked after its own commit: handled; any other ack (the key completed before, or by another): a duplicate.
-        let handled = committed.count(where: toAck.contains)
-        metrics.count(.handled, handled)
-        metrics.count(.duplicate, toAck.count - handled)
+        if metrics.enabled {
+            let handled = committed.count(where: toAck.contains)
+            metrics.count(.handled, handled)
+            metrics.count(.duplicate, toAck.count - handled)
+        }
         if let error = publishFailure.values.first {
             await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
         }
@@ -567,9 +571,10 @@ final class InFlight: Sendable {
     }
 
     private let state: WaitableState<State>
-    private let meter: Meter
+    /// Nil when nothing is reported.
+    private let meter: Meter?
 
-    init(limit: Int, meter: Meter) {
+    init(limit: Int, meter: Meter?) {
         state = WaitableState(State(limit: limit))
         self.meter = meter
     }
@@ -578,13 +583,13 @@ final class InFlight: Sendable {
 
     func add(_ n: Int) {
         state.withLock { $0.taken += n }
-        meter.increment(by: Double(n))
+        meter?.increment(by: Double(n))
     }
 
     /// Deliveries settled.
     func settled(_ n: Int) {
         state.update { $0.taken -= n }
-        meter.decrement(by: Double(n))
+        meter?.decrement(by: Double(n))
     }
 
     /// Waits for room; returns how many deliveries may be taken now.

@@ -31,6 +31,9 @@ struct RunnerMetrics: Sendable {
         var label: String { ["claim", "commit", "record", "release", "renew"][rawValue] }
     }
 
+    /// False with swift-metrics' no-op factory (no backend bootstrapped): the per-event calls are skipped, clock
+    /// reads included.
+    let enabled: Bool
     private let outcomes: [Counter]
     private let ledgerErrors: [Counter]
     let handlerDuration: Timer
@@ -38,6 +41,7 @@ struct RunnerMetrics: Sendable {
     let held: Meter
 
     init(service: String, handler: String, factory: any MetricsFactory) {
+        enabled = !(factory is NOOPMetricsHandler)
         let dimensions = [("service", service), ("handler", handler)]
         outcomes = Outcome.allCases.map {
             Counter(label: "choreo_events_total", dimensions: dimensions + [("outcome", $0.label)], factory: factory)
@@ -54,7 +58,7 @@ struct RunnerMetrics: Sendable {
     }
 
     func count(_ outcome: Outcome, _ n: Int = 1) {
-        if n > 0 { outcomes[outcome.rawValue].increment(by: n) }
+        if enabled && n > 0 { outcomes[outcome.rawValue].increment(by: n) }
     }
 
     func ledgerFailed(_ step: LedgerStep) {
