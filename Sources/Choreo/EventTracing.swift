@@ -67,7 +67,7 @@ package struct TraceContext: Sendable {
     /// The input's, carried on.
     init(of envelope: EventEnvelope) {
         traceparent = envelope.traceparent
-        tracestate = envelope.extensions[WireNames.CloudEvents.tracestate]
+        tracestate = envelope.extensions.isEmpty ? nil : envelope.extensions[WireNames.CloudEvents.tracestate]
     }
 
     init() {}

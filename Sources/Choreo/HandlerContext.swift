@@ -22,8 +22,8 @@ public final class HandlerContext: Sendable {
     let source: String
     let exchange: String
     let allowedTypes: Set<String>
-    /// The trace context of emitted events: the invocation's span when traced, else the input's.
-    let outgoingTrace: TraceContext
+    /// The trace context of emitted events when traced (the invocation's span); nil carries on the input's.
+    let trace: TraceContext?
     private let buffer = Mutex<[OutboxMessage]>([])
 
     /// `logger` is the handler's; the event's id and type are added when the handler logs. `trace`, when given,
@@ -40,7 +40,7 @@ public final class HandlerContext: Sendable {
         self.source = source
         self.exchange = exchange
         self.allowedTypes = allowedTypes
-        self.outgoingTrace = trace ?? TraceContext(of: envelope)
+        self.trace = trace
     }
 
     public var eventID: String { envelope.id }
@@ -67,7 +67,7 @@ public final class HandlerContext: Sendable {
                 type: E.eventType,
                 subject: subject, dataVersion: E.schemaVersion, correlationID: correlationID, causationID: envelope.id,
                 idempotencyKey: idempotencyKey, data: data)
-            outgoingTrace.apply(to: &e)
+            (trace ?? TraceContext(of: envelope)).apply(to: &e)
             e.time = Date()
             buffer.append(OutboxMessage(index: index, envelope: e, exchange: exchange, routingKey: E.eventType))
         }
