@@ -88,17 +88,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
             // The claim is one statement: a new key is inserted, a key free again (released, or its lease
             // expired) taken over; the row lock makes concurrent claims of one key take turns.
             for _ in 0..<10 {
-                let claimed = try await connection.query(
-                    """
-                    INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
-                    VALUES (\(h), \(key), \(owner), now() + make_interval(secs => \(seconds)), 1, now())
-                    ON CONFLICT (handler, key) DO UPDATE
-                    SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
-                        claimed_at = now()
-                    WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
-                    RETURNING l.attempts
-                    """, logger: logger)
-                for try await attempts in claimed.decode(Int.self) { return .claimed(attempts: attempts) }
+                let claimed = try await connection.execute(
+                    LedgerStatements.ClaimKey(handler: h, key: key, owner: owner, seconds: seconds), logger: logger)
+                for try await attempts in claimed { return .claimed(attempts: attempts) }
                 let state = try await connection.query(
                     """
                     SELECT completed, lease_expires, coalesce(lease_expires > now(), false)
@@ -266,20 +258,11 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         let keys = order.map(\.key.key)
         let owners = order.map { requests[$0.value].owner }
         let seconds = lease.seconds
+        let statement = LedgerStatements.ClaimKeys(handlers: handlers, keys: keys, owners: owners, seconds: seconds)
         let claimed: [StoredKey: (attempts: Int, until: Date)] = try await run("claim keys") { [self] connection in
-            let rows = try await connection.query(
-                """
-                INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
-                SELECT h, k, o, now() + make_interval(secs => \(seconds)), 1, now()
-                FROM unnest(\(handlers)::text[], \(keys)::text[], \(owners)::text[]) AS t(h, k, o) ORDER BY h, k
-                ON CONFLICT (handler, key) DO UPDATE
-                SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
-                    claimed_at = now()
-                WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
-                RETURNING l.handler, l.key, l.attempts, l.lease_expires
-                """, logger: logger)
+            let rows = try await connection.execute(statement, logger: logger)
             var claimed: [StoredKey: (Int, Date)] = [:]
-            for try await (h, k, attempts, until) in rows.decode((String, String, Int, Date).self) {
+            for try await (h, k, attempts, until) in rows {
                 claimed[StoredKey(handler: h, key: k)] = (attempts, until)
             }
             return claimed
@@ -369,51 +352,28 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
     /// otherwise its lease was lost and it is left alone.
     public func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion] {
         var index: [StoredKey: Int] = [:]
-        var keys: (h: [String], k: [String], o: [String]) = ([], [], [])
-        var outbox: (h: [String], k: [String], i: [Int], x: [String], r: [String], a: [String], d: [ByteBuffer]) =
-            ([], [], [], [], [], [], [])
+        var statement = LedgerStatements.CompleteKeys()
         for (i, r) in requests.enumerated() {
             let key = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
             index[key] = i
-            keys.h.append(key.handler)
-            keys.k.append(key.key)
-            keys.o.append(r.owner)
+            statement.handlers.append(key.handler)
+            statement.keys.append(key.key)
+            statement.owners.append(r.owner)
             for m in r.outbox {
-                outbox.h.append(key.handler)
-                outbox.k.append(key.key)
-                outbox.i.append(m.index)
-                outbox.x.append(m.exchange)
-                outbox.r.append(m.routingKey)
-                outbox.a.append(SQLiteLedger.encodeAttributes(m.envelope))
-                outbox.d.append(ByteBuffer(bytes: m.envelope.data))
+                statement.entryHandlers.append(key.handler)
+                statement.entryKeys.append(key.key)
+                statement.entryIndexes.append(m.index)
+                statement.exchanges.append(m.exchange)
+                statement.routingKeys.append(m.routingKey)
+                statement.attributes.append(SQLiteLedger.encodeAttributes(m.envelope))
+                statement.data.append(ByteBuffer(bytes: m.envelope.data))
             }
         }
-        let done: Set<StoredKey> = try await run("complete keys") { [self, keys, outbox] connection in
-            // Data-modifying CTEs run in one statement, atomically; `mine` locks the rows in key order first.
-            let rows = try await connection.query(
-                """
-                WITH mine AS (
-                    SELECT l.handler, l.key FROM choreo_ledger l
-                    JOIN unnest(\(keys.h)::text[], \(keys.k)::text[], \(keys.o)::text[]) AS t(h, k, o)
-                        ON l.handler = t.h AND l.key = t.k AND l.owner = t.o
-                    WHERE NOT l.completed ORDER BY l.handler, l.key FOR UPDATE OF l
-                ), done AS (
-                    UPDATE choreo_ledger l SET completed = true, owner = NULL, lease_expires = NULL,
-                        completed_at = now()
-                    FROM mine WHERE l.handler = mine.handler AND l.key = mine.key
-                    RETURNING l.handler, l.key
-                ), added AS (
-                    INSERT INTO choreo_outbox (handler, key, idx, exchange, routing_key, attributes, data)
-                    SELECT o.h, o.k, o.i, o.x, o.r, o.a, o.d
-                    FROM unnest(\(outbox.h)::text[], \(outbox.k)::text[], \(outbox.i)::bigint[],
-                        \(outbox.x)::text[], \(outbox.r)::text[], \(outbox.a)::text[], \(outbox.d)::bytea[])
-                        AS o(h, k, i, x, r, a, d)
-                    JOIN done ON done.handler = o.h AND done.key = o.k
-                )
-                SELECT handler, key FROM done
-                """, logger: logger)
+        let done: Set<StoredKey> = try await run("complete keys") { [self, statement] connection in
             var done = Set<StoredKey>()
-            for try await (h, k) in rows.decode((String, String).self) { done.insert(StoredKey(handler: h, key: k)) }
+            for try await (h, k) in try await connection.execute(statement, logger: logger) {
+                done.insert(StoredKey(handler: h, key: k))
+            }
             return done
         }
         var results = [LedgerCompletion](repeating: .leaseLost, count: requests.count)
@@ -445,16 +405,9 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
             }
         }
         guard !handlers.isEmpty else { return }
-        try await run("record published outbox entries") { [self, handlers, keys, indexes] connection in
-            // Without waiting for the disk (synchronous_commit off, for this statement's transaction only): a
-            // record lost in a crash of the server costs copies, not events, as one lost before it was made.
-            _ = try await connection.query(
-                """
-                WITH quick AS (SELECT set_config('synchronous_commit', 'off', true))
-                UPDATE choreo_outbox o SET published = true
-                FROM quick, unnest(\(handlers)::text[], \(keys)::text[], \(indexes)::bigint[]) AS t(h, k, i)
-                WHERE o.handler = t.h AND o.key = t.k AND o.idx = t.i AND NOT o.published
-                """, logger: logger)
+        let statement = LedgerStatements.RecordPublished(handlers: handlers, keys: keys, indexes: indexes)
+        try await run("record published outbox entries") { [self] connection in
+            _ = try await connection.execute(statement, logger: logger)
         }
     }
 
