@@ -5,15 +5,21 @@ import PostgresNIO
 /// that the server parses each one once, not at every call; each call is planned afresh (`plan_cache_mode`, see
 /// `PostgresLedger.connectionConfiguration`).
 enum LedgerStatements {
+    /// How a claim takes over a key that exists: only one not completed, whose lease this owner holds, was
+    /// released, or has expired; the row lock makes concurrent claims of one key take turns.
+    static let takeOver = """
+        ON CONFLICT (handler, key) DO UPDATE
+        SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
+            claimed_at = now()
+        WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
+        """
+
     /// Claims one key: inserts it, or takes it over when it is free again (released, or its lease expired).
     struct ClaimKey: PostgresPreparedStatement {
         static let sql = """
             INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
             VALUES ($1, $2, $3, now() + make_interval(secs => $4), 1, now())
-            ON CONFLICT (handler, key) DO UPDATE
-            SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
-                claimed_at = now()
-            WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
+            \(takeOver)
             RETURNING l.attempts
             """
         typealias Row = Int
@@ -41,10 +47,7 @@ enum LedgerStatements {
             INSERT INTO choreo_ledger AS l (handler, key, owner, lease_expires, attempts, claimed_at)
             SELECT h, k, o, now() + make_interval(secs => $4), 1, now()
             FROM unnest($1::text[], $2::text[], $3::text[]) AS t(h, k, o) ORDER BY h, k
-            ON CONFLICT (handler, key) DO UPDATE
-            SET owner = excluded.owner, lease_expires = excluded.lease_expires, attempts = l.attempts + 1,
-                claimed_at = now()
-            WHERE NOT l.completed AND (l.owner IS NULL OR l.owner = excluded.owner OR l.lease_expires <= now())
+            \(takeOver)
             RETURNING l.handler, l.key, l.attempts, l.lease_expires
             """
         typealias Row = (String, String, Int, Date)
