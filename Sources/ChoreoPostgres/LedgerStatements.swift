@@ -3,7 +3,7 @@ import PostgresNIO
 
 /// The statements on an event's path, prepared once per connection (PostgresNIO names them after their types), so
 /// that the server parses each one once, not at every call; each call is planned afresh (`plan_cache_mode`, see
-/// `PostgresLedger.connectionConfiguration`).
+/// `Settings.connectionConfiguration`).
 enum LedgerStatements {
     /// How a claim takes over a key that exists: only one not completed, whose lease this owner holds, was
     /// released, or has expired; the row lock makes concurrent claims of one key take turns.

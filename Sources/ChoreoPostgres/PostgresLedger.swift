@@ -122,7 +122,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
     }
 
-    /// One key: the group's transaction with one request (see ``complete(_:)``).
+    /// One key: the group's statement with one request (see ``complete(_:)``).
     public func complete(handler: String, key: String, owner: String, outbox: [OutboxMessage]) async throws
         -> LedgerCompletion
     {
@@ -241,6 +241,11 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         static func < (a: Self, b: Self) -> Bool { (a.handler, a.key) < (b.handler, b.key) }
     }
 
+    /// A handler's key as stored: the handler in this service's scope, the key escaped or hashed.
+    private func storedKey(_ handler: String, _ key: String) -> StoredKey {
+        StoredKey(handler: scope + handler, key: Self.stored(key))
+    }
+
     /// Claims a group of keys with one statement (the runner claims every delivery that arrived together):
     /// rows locked in key order, so that two replicas claiming overlapping groups never deadlock. A key that
     /// appears twice is claimed by its first request and found held by the later ones.
@@ -250,7 +255,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
         var first: [StoredKey: Int] = [:]
         for (i, r) in requests.enumerated() {
-            let k = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
+            let k = storedKey(r.handler, r.key)
             if first[k] == nil { first[k] = i }
         }
         let order = first.sorted { $0.key < $1.key }
@@ -287,7 +292,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         }
         // Later requests for a key already requested in this group.
         for (i, r) in requests.enumerated() where results[i] == nil {
-            let k = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
+            let k = storedKey(r.handler, r.key)
             switch results[first[k]!] {
             case .claimed?: results[i] = .heldElsewhere(until: claimed[k]?.until ?? Date().addingTimeInterval(seconds))
             case let other?: results[i] = other
@@ -354,7 +359,7 @@ public final class PostgresLedger: URLOpenableLedger, Sendable {
         var index: [StoredKey: Int] = [:]
         var statement = LedgerStatements.CompleteKeys()
         for (i, r) in requests.enumerated() {
-            let key = StoredKey(handler: scope + r.handler, key: Self.stored(r.key))
+            let key = storedKey(r.handler, r.key)
             index[key] = i
             statement.handlers.append(key.handler)
             statement.keys.append(key.key)
@@ -749,7 +754,7 @@ struct Settings: Sendable {
         configuration.options.connectTimeout = .seconds(5)
         // The ledger's statements are prepared (`LedgerStatements`), but planned at each call: a generic plan made
         // while the tables were nearly empty stays until the statistics catch up, and in the chain benchmark it
-        // doubled the latency of a fresh database's first 20 s (median 43-51 ms against 24 ms). PostgreSQL 12+.
+        // doubled the latency of a fresh database's first 20 s (median 43-51 ms against 24-28 ms). PostgreSQL 12+.
         configuration.options.additionalStartupParameters = [("plan_cache_mode", "force_custom_plan")]
         return configuration
     }
