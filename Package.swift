@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "ChoreoAMQP", targets: ["ChoreoAMQP"]),
         .library(name: "Choreo", targets: ["Choreo"]),
         .library(name: "ChoreoPostgres", targets: ["ChoreoPostgres"]),
+        .library(name: "ChoreoPrometheus", targets: ["ChoreoPrometheus"]),
         .library(name: "ChoreoTesting", targets: ["ChoreoTesting"]),
         .library(name: "ChoreoOps", targets: ["ChoreoOps"]),
         .executable(name: "choreo", targets: ["ChoreoCLI"]),
@@ -27,6 +28,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         .systemLibrary(
@@ -68,6 +71,19 @@ let package = Package(
             ]
         ),
         .target(
+            name: "ChoreoPrometheus",
+            dependencies: [
+                "Choreo",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .target(
             name: "ChoreoOps",
             dependencies: ["Choreo", "ChoreoAMQP"]
         ),
@@ -105,27 +121,42 @@ let package = Package(
         ),
         .executableTarget(
             name: "OrderService",
-            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "OrderFulfillmentShared",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             path: "Samples/OrderFulfillment/OrderService"
         ),
         .executableTarget(
             name: "Inventory",
-            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "OrderFulfillmentShared",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             path: "Samples/OrderFulfillment/Inventory"
         ),
         .executableTarget(
             name: "Payment",
-            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "OrderFulfillmentShared",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             path: "Samples/OrderFulfillment/Payment"
         ),
         .executableTarget(
             name: "Shipping",
-            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "OrderFulfillmentShared",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             path: "Samples/OrderFulfillment/Shipping"
         ),
         .executableTarget(
             name: "Notifications",
-            dependencies: ["Choreo", "OrderFulfillmentShared", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "OrderFulfillmentShared",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             path: "Samples/OrderFulfillment/Notifications"
         ),
         .executableTarget(
@@ -140,7 +171,10 @@ let package = Package(
         ),
         .executableTarget(
             name: "ChoreoTestService",
-            dependencies: ["Choreo", "ChoreoPostgres", "TestEvents", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "TestEvents",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             path: "Tests/Fixtures/ChoreoTestService"
         ),
         .executableTarget(
@@ -171,8 +205,8 @@ let package = Package(
         .testTarget(
             name: "ChoreoTests",
             dependencies: [
-                "Choreo", "ChoreoAMQP", "ChoreoPostgres", "ChoreoTesting", "ChoreoTestService", "TestEvents",
-                .product(name: "GRDB", package: "GRDB.swift"),
+                "Choreo", "ChoreoAMQP", "ChoreoPostgres", "ChoreoPrometheus", "ChoreoTesting", "ChoreoTestService",
+                "TestEvents", .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 name=choreo-demo
 port=${CHOREO_DEMO_PORT:-5674}
+metrics_port=${CHOREO_DEMO_METRICS_PORT:-9464} # inventory serves its metrics there, as Prometheus would scrape them
 bin=.build/debug
 state=.choreo/demo
 services=(order-service inventory payment shipping notifications)
@@ -65,7 +66,9 @@ customer_messages() { # notifications hears the outcomes on queues of its own an
 dead_letters() { [ "$("$bin/choreo" dlq list --json | wc -l)" -ge "$1" ]; }
 
 echo "== starting ${services[*]}, each its own process"
-for s in "${services[@]}"; do start "$s"; done
+for s in "${services[@]}"; do
+    if [ "$s" = inventory ]; then start "$s" CHOREO_METRICS="127.0.0.1:$metrics_port"; else start "$s"; fi
+done
 for s in "${services[@]}"; do wait_for 60 consumers_ready "$s"; done
 "$bin/choreo" graph
 
@@ -116,4 +119,14 @@ charges = g.execute("SELECT count(*) FROM charges WHERE outcome = 'approved'").f
 print(f"gateway: {charges} approved charges, one per paid order")
 PY
 "$bin/choreo" dlq list
+
+echo
+echo "== inventory's events by outcome, from its metrics (http://127.0.0.1:$metrics_port/metrics)"
+python3 - "$metrics_port" <<'PY'
+import sys, urllib.request
+body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+for line in body.splitlines():
+    if line.startswith("choreo_events_total{") and not line.endswith(" 0"):
+        print("  " + line)
+PY
 echo "demo finished"

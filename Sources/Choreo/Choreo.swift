@@ -1,5 +1,6 @@
 import ArgumentParser
 import ChoreoAMQP
+import CoreMetrics
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -20,17 +21,19 @@ import ServiceLifecycle
 ///
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
 /// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`, `--lease`,
-/// `--log-level`, `--manifest` (print the handler manifest as JSON and exit), `--check` (test broker and
-/// ledger reachability and exit) and `--help`.
+/// `--log-level`, `--metrics` (`CHOREO_METRICS`, when the executable passes a ``MetricsEndpoint``), `--manifest`
+/// (print the handler manifest as JSON and exit), `--check` (test broker and ledger reachability and exit) and
+/// `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
     /// Runs the service's handlers with the standard command line (above) until SIGTERM or SIGINT, then exits.
     /// `ledgers` names the ledger types that `--ledger` may give as a URL besides a SQLite file, such as
-    /// `[PostgresLedger.self]` (module `ChoreoPostgres`) for a ledger shared by several replicas.
+    /// `[PostgresLedger.self]` (module `ChoreoPostgres`) for a ledger shared by several replicas. `metrics` names
+    /// the endpoint that `--metrics` serves, such as `PrometheusEndpoint.self` (module `ChoreoPrometheus`).
     public static func run(
         service: String, handlers: [any EventHandler], ledgers: [any URLOpenableLedger.Type] = [],
-        arguments: [String] = Array(CommandLine.arguments.dropFirst())
+        metrics: (any MetricsEndpoint.Type)? = nil, arguments: [String] = Array(CommandLine.arguments.dropFirst())
     ) async {
         let options: RunnerOptions
         do {
@@ -39,7 +42,7 @@ public enum Choreo {
             RunnerOptions.exit(refusedCommandLine: error)
         }
         keepFreedMemory()
-        let code = await options.run(service: service, handlers: handlers, ledgerKinds: ledgers)
+        let code = await options.run(service: service, handlers: handlers, ledgerKinds: ledgers, metricsKind: metrics)
         exit(code)
     }
 
@@ -112,6 +115,11 @@ struct RunnerOptions: ParsableCommand {
     var lease: Int?
     @Option(help: "trace, debug, info, notice, warning, error or critical (env CHOREO_LOG_LEVEL; default info).")
     var logLevel: String?
+    @Option(
+        help:
+            "Serve metrics for scraping at [HOST]:PORT, path /metrics; :PORT listens on every interface (env CHOREO_METRICS; default off)."
+    )
+    var metrics: String?
     @Flag(help: "Print the handler manifest as JSON and exit.")
     var manifest = false
     @Flag(help: "Check that the broker and the ledger are reachable, then exit.")
@@ -147,7 +155,18 @@ struct RunnerOptions: ParsableCommand {
         return code
     }
 
-    func run(service: String, handlers: [any EventHandler], ledgerKinds: [any URLOpenableLedger.Type]) async -> Int32 {
+    /// Where `--metrics` (`CHOREO_METRICS`) asks the metrics to be served; nil when it is not given.
+    func metricsAddress() throws -> MetricsAddress? {
+        guard let text = metrics ?? ProcessInfo.processInfo.environment["CHOREO_METRICS"], !text.isEmpty else {
+            return nil
+        }
+        return try MetricsAddress(parsing: text)
+    }
+
+    func run(
+        service: String, handlers: [any EventHandler], ledgerKinds: [any URLOpenableLedger.Type],
+        metricsKind: (any MetricsEndpoint.Type)?
+    ) async -> Int32 {
         let env = ProcessInfo.processInfo.environment
         let levelText = logLevel ?? env["CHOREO_LOG_LEVEL"] ?? "info"
         guard let level = Logger.Level(rawValue: levelText) else {
@@ -156,12 +175,21 @@ struct RunnerOptions: ParsableCommand {
         var logger = Logger(label: "choreo.\(service)") { StreamLogHandler.standardError(label: $0) }
         logger.logLevel = level
         let config: RunnerConfiguration
+        let metricsAddress: MetricsAddress?
         do {
             config = try configuration(service: service)
+            metricsAddress = try self.metricsAddress()
+            if metricsAddress != nil && metricsKind == nil {
+                throw ConfigurationError(
+                    "--metrics: this executable serves no metrics (`import ChoreoPrometheus` and pass "
+                        + "`metrics: PrometheusEndpoint.self` to Choreo.run)")
+            }
         } catch {
             return Self.fail("\(error)", Self.usageError)
         }
         let runtime: ChoreoRuntime
+        // The metrics endpoint first: the group shuts its services down in reverse order, so it is scraped to the end.
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
         do {
             if manifest {
                 let encoder = JSONEncoder()
@@ -171,6 +199,17 @@ struct RunnerOptions: ParsableCommand {
                     configuration: config, handlers: handlers.map { HandlerDescriptor($0) })
                 print(String(decoding: try encoder.encode(manifests), as: UTF8.self))
                 return 0
+            }
+            if !check, let metricsAddress, let metricsKind {
+                do {
+                    let endpoint = try await metricsKind.bind(
+                        host: metricsAddress.host, port: metricsAddress.port, logger: logger)
+                    MetricsSystem.bootstrap(endpoint.factory)
+                    logger.info("metrics at http://\(endpoint.address)/metrics")
+                    services.append(.init(service: endpoint))
+                } catch {
+                    return Self.fail("--metrics \(metricsAddress): \(error)", Self.failed)
+                }
             }
             let ledger: (any IdempotencyLedger)?
             do {
@@ -195,7 +234,8 @@ struct RunnerOptions: ParsableCommand {
         }
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: runtime)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+                services: services + [.init(service: runtime)], gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
         do {
             try await group.run()
             return 0

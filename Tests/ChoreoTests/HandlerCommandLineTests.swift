@@ -39,11 +39,11 @@ final class HandlerCommandLineTests {
     func help() async throws {
         let r = try await handler(["--help"], environment: ["CHOREO_URL": try withPassword("s3cret-pw")])
         #expect(r.code == 0)
-        #expect(r.out.contains("USAGE: ChoreoTestService [--url <url>]"), "\(r.out)")
+        #expect(r.out.contains("USAGE: ChoreoTestService <options>"), "\(r.out)")
         #expect(r.out.contains("OVERVIEW: A Choreo handler service"))
         for option in [
             "--url", "--ledger", "--concurrency", "--prefetch", "--ack-delay", "--exchange", "--delivery-limit",
-            "--max-body-bytes", "--lease", "--log-level", "--manifest", "--check", "--help",
+            "--max-body-bytes", "--lease", "--log-level", "--metrics", "--manifest", "--check", "--help",
         ] {
             #expect(r.out.contains(option), "\(option) is in the help")
         }
@@ -154,13 +154,16 @@ final class HandlerCommandLineTests {
             scheme.err
                 == "error: --ledger mysql://u:***@127.0.0.1/db: this executable opens no 'mysql://' ledger; give a SQLite file path\n"
         )
-        // An executable built without ChoreoPostgres says what it takes to have it.
-        let sample = try await Broker.runProduct(
-            "inventory", ["--check", "--ledger", url], environment: [:], timeout: 60)
-        #expect(sample.code == 2)
-        #expect(sample.err.contains("this executable opens no 'postgres://' ledger"), "\(sample.err)")
-        #expect(sample.err.contains("`import ChoreoPostgres` and pass `ledgers: [PostgresLedger.self]`"))
-        for r in [ok, fromEnvironment, wrong, badURL, scheme, sample] {
+        // An executable built without ChoreoPostgres refuses the URL before it starts, and says what it takes.
+        let options = try RunnerOptions.parse(["--check", "--ledger", url])
+        let code = await options.run(
+            service: "no-postgres", handlers: [PingTestHandler()], ledgerKinds: [], metricsKind: nil)
+        #expect(code == RunnerOptions.usageError)
+        let refusal = "\(ConfigurationError(unsupportedScheme: "postgres", location: url))"
+        #expect(refusal.contains("this executable opens no 'postgres://' ledger"), "\(refusal)")
+        #expect(refusal.contains("`import ChoreoPostgres` and pass `ledgers: [PostgresLedger.self]`"))
+        #expect(!refusal.contains(password))
+        for r in [ok, fromEnvironment, wrong, badURL, scheme] {
             #expect(!(r.out + r.err).contains(password))
             #expect(!(r.out + r.err).contains("s3cret-pw"))
             #expect(r.err.split(separator: "\n").count <= 1, "one line: \(r.err)")
@@ -171,7 +174,7 @@ final class HandlerCommandLineTests {
     func usageErrors() async throws {
         let unknown = try await handler(["--bogus"])
         #expect(unknown.code == 2)
-        #expect(unknown.err.hasPrefix("Error: Unknown option '--bogus'\nUsage: ChoreoTestService [--url <url>]"))
+        #expect(unknown.err.hasPrefix("Error: Unknown option '--bogus'\nUsage: ChoreoTestService <options>"))
         let notANumber = try await handler(["--concurrency", "many"])
         #expect(notANumber.code == 2)
         #expect(notANumber.err.hasPrefix("Error: The value 'many' is invalid for '--concurrency <concurrency>'"))

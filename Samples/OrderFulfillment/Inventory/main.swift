@@ -1,4 +1,6 @@
 import Choreo
+import ChoreoPostgres
+import ChoreoPrometheus
 import Foundation
 import GRDB
 import OrderFulfillmentShared
@@ -74,5 +76,5 @@ struct ReleaseStock: EventHandler {
 }
 
 await Choreo.run(
-    service: "inventory", handlers: [ReserveStock(), ReleaseStock()],
-    arguments: ServiceState.defaultArguments("inventory"))
+    service: "inventory", handlers: [ReserveStock(), ReleaseStock()], ledgers: [PostgresLedger.self],
+    metrics: PrometheusEndpoint.self, arguments: ServiceState.defaultArguments("inventory"))

@@ -1,4 +1,6 @@
 import Choreo
+import ChoreoPostgres
+import ChoreoPrometheus
 import Foundation
 import GRDB
 import OrderFulfillmentShared
@@ -44,4 +46,5 @@ struct NotifyPaymentFailed: EventHandler {
 
 await Choreo.run(
     service: "notifications", handlers: [NotifyShipped(), NotifyOutOfStock(), NotifyPaymentFailed()],
+    ledgers: [PostgresLedger.self], metrics: PrometheusEndpoint.self,
     arguments: ServiceState.defaultArguments("notifications"))

@@ -1,4 +1,6 @@
 import Choreo
+import ChoreoPostgres
+import ChoreoPrometheus
 import Foundation
 import GRDB
 import OrderFulfillmentShared
@@ -135,6 +137,6 @@ case "show":
 default:
     let runArgs = args.first == "run" ? Array(args.dropFirst()) : args
     await Choreo.run(
-        service: "order-service", handlers: trackers,
+        service: "order-service", handlers: trackers, ledgers: [PostgresLedger.self], metrics: PrometheusEndpoint.self,
         arguments: ServiceState.defaultArguments("order-service", arguments: runArgs))
 }

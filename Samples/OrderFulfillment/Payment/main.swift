@@ -1,4 +1,6 @@
 import Choreo
+import ChoreoPostgres
+import ChoreoPrometheus
 import Foundation
 import GRDB
 import OrderFulfillmentShared
@@ -68,4 +70,6 @@ struct ChargePayment: EventHandler {
     }
 }
 
-await Choreo.run(service: "payment", handlers: [ChargePayment()], arguments: ServiceState.defaultArguments("payment"))
+await Choreo.run(
+    service: "payment", handlers: [ChargePayment()], ledgers: [PostgresLedger.self], metrics: PrometheusEndpoint.self,
+    arguments: ServiceState.defaultArguments("payment"))

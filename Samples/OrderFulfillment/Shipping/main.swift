@@ -1,4 +1,6 @@
 import Choreo
+import ChoreoPostgres
+import ChoreoPrometheus
 import Foundation
 import GRDB
 import OrderFulfillmentShared
@@ -37,4 +39,5 @@ struct ScheduleShipment: EventHandler {
 }
 
 await Choreo.run(
-    service: "shipping", handlers: [ScheduleShipment()], arguments: ServiceState.defaultArguments("shipping"))
+    service: "shipping", handlers: [ScheduleShipment()], ledgers: [PostgresLedger.self],
+    metrics: PrometheusEndpoint.self, arguments: ServiceState.defaultArguments("shipping"))

@@ -1,5 +1,6 @@
 import Choreo
 import ChoreoPostgres
+import ChoreoPrometheus
 import Foundation
 import GRDB
 import TestEvents
@@ -77,11 +78,14 @@ struct SinkHandler: EventHandler {
 switch env["FIXTURE_ROLE"] ?? "ping" {
 case "sink":
     await Choreo.run(
-        service: env["FIXTURE_SERVICE"] ?? "fixture-sink", handlers: [SinkHandler()], ledgers: [PostgresLedger.self])
+        service: env["FIXTURE_SERVICE"] ?? "fixture-sink", handlers: [SinkHandler()], ledgers: [PostgresLedger.self],
+        metrics: PrometheusEndpoint.self)
 case "audit":
     await Choreo.run(
-        service: env["FIXTURE_SERVICE"] ?? "fixture-audit", handlers: [AuditHandler()], ledgers: [PostgresLedger.self])
+        service: env["FIXTURE_SERVICE"] ?? "fixture-audit", handlers: [AuditHandler()], ledgers: [PostgresLedger.self],
+        metrics: PrometheusEndpoint.self)
 default:
     await Choreo.run(
-        service: env["FIXTURE_SERVICE"] ?? "fixture", handlers: [PingHandler()], ledgers: [PostgresLedger.self])
+        service: env["FIXTURE_SERVICE"] ?? "fixture", handlers: [PingHandler()], ledgers: [PostgresLedger.self],
+        metrics: PrometheusEndpoint.self)
 }
