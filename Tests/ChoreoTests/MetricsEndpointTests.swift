@@ -52,7 +52,13 @@ final class HTTPProbe {
 
     /// Sends one request and reads its response (the body by its Content-Length; none for HEAD).
     func request(_ method: String, _ path: String, close closing: Bool = false) throws -> Response {
-        let text = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\n\(closing ? "Connection: close\r\n" : "")\r\n"
+        try exchange(
+            "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\n\(closing ? "Connection: close\r\n" : "")\r\n",
+            method: method)
+    }
+
+    /// Sends `text` as it is and reads the response.
+    func exchange(_ text: String, method: String = "GET") throws -> Response {
         let sent = text.utf8.withContiguousStorageIfAvailable { send(fd, $0.baseAddress, $0.count, 0) } ?? -1
         guard sent == text.utf8.count else { throw Failure(description: "send: errno \(errno)") }
         let headerEnd = Array("\r\n\r\n".utf8)
@@ -163,6 +169,12 @@ struct MetricsEndpointTests {
         let last = try client.request("GET", "/metrics", close: true)
         #expect(last.status == 200 && last.headers["connection"] == "close")
         #expect(client.closedByServer())
+
+        // Bytes that are not HTTP get a 400 and the connection closed; the endpoint serves the next one.
+        let garbage = try HTTPProbe(port: port)
+        #expect(try garbage.exchange("\u{1}\u{2} NOT HTTP\r\n\r\n").status == 400)
+        #expect(garbage.closedByServer())
+        #expect(try HTTPProbe(port: port).request("GET", "/metrics").status == 200)
 
         // A scraper's connection left open does not hold the shutdown up; then nothing listens.
         let idle = try HTTPProbe(port: port)
