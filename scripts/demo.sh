@@ -58,6 +58,18 @@ sys.exit(0 if mine and all((r.get("consumers") or 0) > 0 for r in mine) else 1)
 PY
 }
 
+running() { # waits (at most 60 s) until every handler of the service consumes; stops at once if it exited
+    local deadline=$((SECONDS + 60))
+    until consumers_ready "$1"; do
+        if ! kill -0 "${pids[$1]}" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+            echo "$1 is not consuming; the end of its log ($state/$1.log):" >&2
+            tail -n 5 "$state/$1.log" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
 order_status() { "$bin/order-service" show --order "$1" | head -n 1 | grep -q "$2"; }
 customer_messages() { # notifications hears the outcomes on queues of its own and may lag the order view
     python3 -c 'import sqlite3, sys; sys.exit(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM messages").fetchone()[0] < int(sys.argv[2]))' \
@@ -69,7 +81,7 @@ echo "== starting ${services[*]}, each its own process"
 for s in "${services[@]}"; do
     if [ "$s" = inventory ]; then start "$s" CHOREO_METRICS="127.0.0.1:$metrics_port"; else start "$s"; fi
 done
-for s in "${services[@]}"; do wait_for 60 consumers_ready "$s"; done
+for s in "${services[@]}"; do running "$s"; done
 "$bin/choreo" graph
 
 echo
@@ -100,7 +112,7 @@ echo
 echo "== fixing shipping (SHIPPING_ACCEPT_ALL_ADDRESSES=1) and replaying"
 kill -TERM "${pids[shipping]}"; wait "${pids[shipping]}" 2>/dev/null || true
 start shipping SHIPPING_ACCEPT_ALL_ADDRESSES=1
-wait_for 60 consumers_ready shipping
+running shipping
 "$bin/choreo" dlq replay --all --handler shipping.schedule-shipment
 wait_for 60 order_status "$stuck" FULFILLED
 wait_for 60 customer_messages 4

@@ -1,5 +1,6 @@
 import Choreo
 import CoreMetrics
+import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -46,7 +47,25 @@ public struct PrometheusEndpoint: MetricsEndpoint {
     public static func bind(
         host: String, port: Int, registry: PrometheusCollectorRegistry, logger: Logger
     ) async throws -> PrometheusEndpoint {
-        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        let server: NIOAsyncChannel<Connection, Never>
+        do {
+            server = try await listen(host: host, port: port)
+        } catch let error as IOError {
+            // NIO's words name its own function ("bind(descriptor:ptr:bytes:): ..."); the system's are enough.
+            throw PrometheusEndpointError("cannot listen: \(String(cString: strerror(error.errnoCode)))")
+        } catch is SocketAddressError {
+            throw PrometheusEndpointError("cannot listen: no address found for '\(host)'")
+        }
+        let bound = server.channel.localAddress?.port ?? port
+        let shownHost = host.contains(":") ? "[\(host)]" : host
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.durationHistogramBuckets["choreo_handler_duration_seconds"] = handlerDurationBuckets
+        return PrometheusEndpoint(
+            registry: registry, factory: factory, address: "\(shownHost):\(bound)", server: server, logger: logger)
+    }
+
+    private static func listen(host: String, port: Int) async throws -> NIOAsyncChannel<Connection, Never> {
+        try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 64)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .bind(host: host, port: port) { channel in
@@ -58,12 +77,6 @@ public struct PrometheusEndpoint: MetricsEndpoint {
                     return try Connection(wrappingChannelSynchronously: channel)
                 }
             }
-        let bound = server.channel.localAddress?.port ?? port
-        let shownHost = host.contains(":") ? "[\(host)]" : host
-        var factory = PrometheusMetricsFactory(registry: registry)
-        factory.durationHistogramBuckets["choreo_handler_duration_seconds"] = handlerDurationBuckets
-        return PrometheusEndpoint(
-            registry: registry, factory: factory, address: "\(shownHost):\(bound)", server: server, logger: logger)
     }
 
     public func run() async throws {
@@ -132,6 +145,12 @@ public struct PrometheusEndpoint: MetricsEndpoint {
         if request.method != .HEAD { try await outbound.write(.body(.byteBuffer(body))) }
         try await outbound.write(.end(nil))
     }
+}
+
+/// Why the endpoint cannot serve, in a person's words.
+public struct PrometheusEndpointError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
 }
 
 /// Closes a connection once `IdleStateHandler` finds it idle.

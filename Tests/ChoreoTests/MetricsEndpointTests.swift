@@ -267,7 +267,14 @@ struct MetricsEndpointTests {
         await group.triggerGracefulShutdown()
         try await running.value
         #expect(busy.code == 1)
-        #expect(busy.err.contains("error: --metrics \(taken.address): "), "\(busy.err)")
+        #expect(busy.err == "error: --metrics \(taken.address): cannot listen: Address already in use\n", "\(busy.err)")
+        // An address that is not this machine's (TEST-NET-1).
+        let foreign = try await Broker.runProduct(
+            "ChoreoTestService", ["--metrics", "192.0.2.1:9464"], environment: env)
+        #expect(foreign.code == 1)
+        #expect(
+            foreign.err == "error: --metrics 192.0.2.1:9464: cannot listen: Cannot assign requested address\n",
+            "\(foreign.err)")
 
         // An executable that passes no endpoint type says how to add one, without starting.
         let options = try RunnerOptions.parse(["--metrics", ":0", "--url", "amqp://guest:pw@127.0.0.1:1/"])
