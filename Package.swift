@@ -174,6 +174,8 @@ let package = Package(
             dependencies: [
                 "Choreo", "ChoreoPostgres", "ChoreoPrometheus", "TestEvents",
                 .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ],
             path: "Tests/Fixtures/ChoreoTestService"
         ),

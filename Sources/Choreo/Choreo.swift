@@ -190,6 +190,7 @@ struct RunnerOptions: ParsableCommand {
         let runtime: ChoreoRuntime
         // The metrics endpoint first: the group shuts its services down in reverse order, so it is scraped to the end.
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        var runtimeMetrics: (any MetricsFactory)?
         do {
             if manifest {
                 let encoder = JSONEncoder()
@@ -204,7 +205,16 @@ struct RunnerOptions: ParsableCommand {
                 do {
                     let endpoint = try await metricsKind.bind(
                         host: metricsAddress.host, port: metricsAddress.port, logger: logger)
-                    MetricsSystem.bootstrap(endpoint.factory)
+                    if MetricsSystem.factory is NOOPMetricsHandler {
+                        MetricsSystem.bootstrap(endpoint.factory)
+                    } else {
+                        // The executable bootstrapped a backend of its own (a second bootstrap would stop the
+                        // process): the runtime reports to both, the handlers' own metrics to that backend only.
+                        runtimeMetrics = MultiplexMetricsHandler(factories: [MetricsSystem.factory, endpoint.factory])
+                        logger.notice(
+                            "swift-metrics was bootstrapped before Choreo.run: --metrics serves the runtime's metrics only"
+                        )
+                    }
                     logger.info("metrics at http://\(endpoint.address)/metrics")
                     services.append(.init(service: endpoint))
                 } catch {
@@ -218,7 +228,9 @@ struct RunnerOptions: ParsableCommand {
             } catch let error as ConfigurationError {
                 return Self.fail("\(error)", Self.usageError)
             }
-            runtime = try ChoreoRuntime(configuration: config, handlers: handlers, ledger: ledger, logger: logger)
+            runtime = try ChoreoRuntime(
+                configuration: config, handlers: handlers, ledger: ledger, logger: logger,
+                metrics: runtimeMetrics ?? MetricsSystem.factory)
             if check {
                 let amqp = try AMQPConfiguration(url: config.url)
                 let connection = try await AMQPConnection.connect(to: amqp)

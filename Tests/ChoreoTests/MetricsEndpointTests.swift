@@ -201,20 +201,25 @@ struct MetricsEndpointTests {
         try await running.value
     }
 
-    @Test("a handler executable serves its runtime's figures at --metrics and still answers while it drains")
-    func executable() async throws {
+    @Test(
+        "a handler executable serves its runtime's figures at --metrics, beside a backend of its own or not",
+        arguments: [false, true])
+    func executable(ownBackend: Bool) async throws {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        let service = try mesh.start(
-            "ping", arguments: ["--metrics", "127.0.0.1:0"], environment: ["CHOREO_LOG_LEVEL": "info"])
+        var environment = ["CHOREO_LOG_LEVEL": "info"]
+        if ownBackend { environment["FIXTURE_OWN_METRICS"] = "1" }
+        let service = try mesh.start("ping", arguments: ["--metrics", "127.0.0.1:0"], environment: environment)
         defer { service.kill9() }
 
-        let line = await eventually({ service.output }, until: { $0.contains("metrics at http://127.0.0.1:") })
+        let output = await eventually({ service.output }, until: { $0.contains("metrics at http://127.0.0.1:") })
         let address = try #require(
-            line.split(separator: "\n").first { $0.contains("metrics at http://") }?
+            output.split(separator: "\n").first { $0.contains("metrics at http://") }?
                 .split(separator: "http://").last?.split(separator: "/").first)
         let port = try #require(Int(address.split(separator: ":").last ?? ""))
+        // A second bootstrap would have stopped the process; instead the runtime reports to both backends.
+        #expect(output.contains("swift-metrics was bootstrapped before Choreo.run") == ownBackend, "\(output)")
 
         let ids = try await mesh.publishPings((0..<3).map { Ping(n: $0) }, on: channel)
         try await mesh.publishPings([Ping(n: 0)], on: channel, ids: [ids[0]])
@@ -232,6 +237,8 @@ struct MetricsEndpointTests {
         #expect(count("dead_lettered", in: body) == 0 && count("retried", in: body) == 0)
         #expect(body.contains("choreo_handler_duration_seconds_count{\(labels)} 3\n"))
         #expect(body.contains("choreo_in_flight_events{\(labels)} 0"))
+        // The executable's own metric goes to its own backend only.
+        #expect(!body.contains("fixture_started_total"))
         #expect(gatewayEffects(mesh) == 3)
 
         service.terminate()

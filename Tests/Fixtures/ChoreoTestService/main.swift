@@ -1,14 +1,17 @@
 import Choreo
 import ChoreoPostgres
 import ChoreoPrometheus
+import CoreMetrics
 import Foundation
 import GRDB
+import Prometheus
 import TestEvents
 
 // A handler service for the integration tests, run as a real subprocess.
 //   FIXTURE_ROLE=ping  consumes test.ping, "charges" the fake gateway with the idempotency key, emits test.pong
 //   FIXTURE_ROLE=sink  consumes test.pong and records each one it handles
 // FIXTURE_GATEWAY is the SQLite file both record into; FIXTURE_RETRY_MS the retry delay.
+// FIXTURE_OWN_METRICS=1 bootstraps swift-metrics before Choreo.run, as an executable with its own backend would.
 
 struct GatewayError: Error, CustomStringConvertible {
     var description: String
@@ -73,6 +76,11 @@ struct SinkHandler: EventHandler {
     func handle(_ pong: Pong, context: HandlerContext) async throws {
         try gateway.apply(handler: name, key: context.idempotencyKey, attempt: context.attempt)
     }
+}
+
+if env["FIXTURE_OWN_METRICS"] == "1" {
+    MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: PrometheusCollectorRegistry()))
+    CoreMetrics.Counter(label: "fixture_started_total").increment()
 }
 
 switch env["FIXTURE_ROLE"] ?? "ping" {
