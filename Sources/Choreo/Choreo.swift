@@ -22,7 +22,7 @@ import ServiceLifecycle
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
 /// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`, `--lease`,
 /// `--log-level`, `--metrics` (`CHOREO_METRICS`, when the executable passes a ``MetricsEndpoint``), `--manifest`
-/// (print the handler manifest as JSON and exit), `--check` (test broker and ledger reachability and exit) and
+/// (print the handler manifest as JSON and exit), `--check` (test broker and ledger reachability, and that the metrics port is free, and exit) and
 /// `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
@@ -201,25 +201,28 @@ struct RunnerOptions: ParsableCommand {
                 print(String(decoding: try encoder.encode(manifests), as: UTF8.self))
                 return 0
             }
-            if !check, let metricsAddress, let metricsKind {
+            // Bound before anything else starts (with --check too), so that a port already taken stops it at once.
+            var endpoint: (any MetricsEndpoint)?
+            if let metricsAddress, let metricsKind {
                 do {
-                    let endpoint = try await metricsKind.bind(
+                    endpoint = try await metricsKind.bind(
                         host: metricsAddress.host, port: metricsAddress.port, logger: logger)
-                    if MetricsSystem.factory is NOOPMetricsHandler {
-                        MetricsSystem.bootstrap(endpoint.factory)
-                    } else {
-                        // The executable bootstrapped a backend of its own (a second bootstrap would stop the
-                        // process): the runtime reports to both, the handlers' own metrics to that backend only.
-                        runtimeMetrics = MultiplexMetricsHandler(factories: [MetricsSystem.factory, endpoint.factory])
-                        logger.notice(
-                            "swift-metrics was bootstrapped before Choreo.run: --metrics serves the runtime's metrics only"
-                        )
-                    }
-                    logger.info("metrics at http://\(endpoint.address)/metrics")
-                    services.append(.init(service: endpoint))
                 } catch {
                     return Self.fail("--metrics \(metricsAddress): \(error)", Self.failed)
                 }
+            }
+            if let endpoint, !check {
+                if MetricsSystem.factory is NOOPMetricsHandler {
+                    MetricsSystem.bootstrap(endpoint.factory)
+                } else {
+                    // The executable bootstrapped a backend of its own (a second bootstrap would stop the
+                    // process): the runtime reports to both, the handlers' own metrics to that backend only.
+                    runtimeMetrics = MultiplexMetricsHandler(factories: [MetricsSystem.factory, endpoint.factory])
+                    logger.notice(
+                        "swift-metrics was bootstrapped before Choreo.run: --metrics serves the runtime's metrics only")
+                }
+                logger.info("metrics at http://\(endpoint.address)/metrics")
+                services.append(.init(service: endpoint))
             }
             let ledger: (any IdempotencyLedger)?
             do {
@@ -236,9 +239,10 @@ struct RunnerOptions: ParsableCommand {
                 let connection = try await AMQPConnection.connect(to: amqp)
                 await connection.close()
                 try await runtime.ledger.check()
+                let served = endpoint.map { ", metrics port \($0.address) free" } ?? ""
                 print(
                     "ok: broker \(amqp) reachable, ledger \(LedgerURL.redacted(config.resolvedLedgerPath)) writable"
-                )
+                        + served)
                 return 0
             }
         } catch {

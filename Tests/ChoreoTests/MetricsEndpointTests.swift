@@ -249,7 +249,9 @@ struct MetricsEndpointTests {
 
     private func gatewayEffects(_ mesh: Mesh) -> Int { (try? mesh.gateway().effects("ping")) ?? -1 }
 
-    @Test("--metrics that is malformed, not served by the executable, or on a taken port stops it with the reason")
+    @Test(
+        "--metrics that is malformed, not served by the executable, or on a taken port stops it with the reason; --check binds it"
+    )
     func commandLine() async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
             "metrics-\(UUID().uuidString.prefix(8))")
@@ -271,10 +273,18 @@ struct MetricsEndpointTests {
         let group = ServiceGroup(services: [taken], logger: Self.logger)
         let running = Task { try await group.run() }
         let busy = try await Broker.runProduct("ChoreoTestService", ["--metrics", taken.address], environment: env)
+        // --check binds it too: a deployment's pre-flight finds the port taken.
+        let checked = try await Broker.runProduct(
+            "ChoreoTestService", ["--check", "--metrics", taken.address], environment: env)
+        let free = try await Broker.runProduct(
+            "ChoreoTestService", ["--check", "--metrics", "127.0.0.1:0"], environment: env)
         await group.triggerGracefulShutdown()
         try await running.value
         #expect(busy.code == 1)
         #expect(busy.err == "error: --metrics \(taken.address): cannot listen: Address already in use\n", "\(busy.err)")
+        #expect(checked.code == 1 && checked.err == busy.err, "\(checked.err)")
+        #expect(free.code == 0, "\(free.err)")
+        #expect(free.out.hasPrefix("ok: broker ") && free.out.contains(", metrics port 127.0.0.1:"), "\(free.out)")
         // An address that is not this machine's (TEST-NET-1).
         let foreign = try await Broker.runProduct(
             "ChoreoTestService", ["--metrics", "192.0.2.1:9464"], environment: env)
