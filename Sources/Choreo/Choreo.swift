@@ -22,8 +22,8 @@ import ServiceLifecycle
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
 /// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`, `--lease`,
 /// `--log-level`, `--metrics` (`CHOREO_METRICS`, when the executable passes a ``MetricsEndpoint``), `--manifest`
-/// (print the handler manifest as JSON and exit), `--check` (test broker and ledger reachability, and that the metrics port is free, and exit) and
-/// `--help`.
+/// (print the handler manifest as JSON and exit), `--check` (test that the broker and the ledger are reachable and
+/// the metrics port free, and exit) and `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
