@@ -122,7 +122,7 @@ struct RunnerOptions: ParsableCommand {
     var metrics: String?
     @Flag(help: "Print the handler manifest as JSON and exit.")
     var manifest = false
-    @Flag(help: "Check that the broker and the ledger are reachable, then exit.")
+    @Flag(help: "Check that the broker and the ledger are reachable (and the --metrics port free), then exit.")
     var check = false
 
     func configuration(service: String) throws -> RunnerConfiguration {

@@ -8,8 +8,9 @@ import ServiceLifecycle
 ///
 /// `Choreo.run` binds it before the handlers start, so that a port already taken stops the executable at once,
 /// then bootstraps swift-metrics with its ``factory`` (the executable's choice, made by passing the type: the
-/// handlers' own metrics are served too), and runs it beside the handlers. At shutdown it stops after them,
-/// so the last figures can still be scraped while in-flight events finish.
+/// handlers' own metrics are served too; an executable that bootstrapped a backend itself keeps it, and the
+/// runtime reports to both), and runs it beside the handlers. At shutdown it stops after them, so the last
+/// figures can still be scraped while in-flight events finish.
 public protocol MetricsEndpoint: Service {
     /// Starts listening on `host:port` (port 0: one the system picks) and returns the endpoint, ready to `run()`.
     static func bind(host: String, port: Int, logger: Logger) async throws -> Self
