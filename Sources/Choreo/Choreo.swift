@@ -203,15 +203,19 @@ struct RunnerOptions: ParsableCommand {
             }
             // Bound before anything else starts (with --check too), so that a port already taken stops it at once.
             var endpoint: (any MetricsEndpoint)?
+            // Where it listens, with the port it got when 0 was asked.
+            var served: MetricsAddress?
             if let metricsAddress, let metricsKind {
                 do {
-                    endpoint = try await metricsKind.bind(
+                    let bound = try await metricsKind.bind(
                         host: metricsAddress.host, port: metricsAddress.port, logger: logger)
+                    endpoint = bound
+                    served = MetricsAddress(host: metricsAddress.host, port: bound.port)
                 } catch {
                     return Self.fail("--metrics \(metricsAddress): \(error)", Self.failed)
                 }
             }
-            if let endpoint, !check {
+            if let endpoint, let served, !check {
                 if MetricsSystem.factory is NOOPMetricsHandler {
                     MetricsSystem.bootstrap(endpoint.factory)
                 } else {
@@ -221,7 +225,7 @@ struct RunnerOptions: ParsableCommand {
                     logger.notice(
                         "swift-metrics was bootstrapped before Choreo.run: --metrics serves the runtime's metrics only")
                 }
-                logger.info("metrics at http://\(endpoint.address)/metrics")
+                logger.info("metrics at http://\(served)/metrics")
                 services.append(.init(service: endpoint))
             }
             let ledger: (any IdempotencyLedger)?
@@ -239,10 +243,9 @@ struct RunnerOptions: ParsableCommand {
                 let connection = try await AMQPConnection.connect(to: amqp)
                 await connection.close()
                 try await runtime.ledger.check()
-                let served = endpoint.map { ", metrics port \($0.address) free" } ?? ""
                 print(
                     "ok: broker \(amqp) reachable, ledger \(LedgerURL.redacted(config.resolvedLedgerPath)) writable"
-                        + served)
+                        + (served.map { ", metrics port \($0) free" } ?? ""))
                 return 0
             }
         } catch {

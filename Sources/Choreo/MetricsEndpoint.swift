@@ -16,8 +16,8 @@ public protocol MetricsEndpoint: Service {
     static func bind(host: String, port: Int, logger: Logger) async throws -> Self
     /// The factory whose metrics it serves.
     var factory: any MetricsFactory { get }
-    /// The address it listens on, `host:port`, with the port it got when 0 was asked.
-    var address: String { get }
+    /// The port it listens on: the one it got when 0 was asked.
+    var port: Int { get }
 }
 
 /// What `--metrics` gives: `HOST:PORT`, `[IPv6]:PORT`, or `:PORT` and `PORT` for every interface.

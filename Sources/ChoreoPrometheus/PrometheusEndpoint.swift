@@ -23,7 +23,7 @@ public struct PrometheusEndpoint: MetricsEndpoint {
     /// The registry it serves.
     public let registry: PrometheusCollectorRegistry
     public let factory: any MetricsFactory
-    public let address: String
+    public let port: Int
     private let server: NIOAsyncChannel<Connection, Never>
     private let logger: Logger
 
@@ -56,12 +56,11 @@ public struct PrometheusEndpoint: MetricsEndpoint {
         } catch is SocketAddressError {
             throw PrometheusEndpointError("cannot listen: no address found for '\(host)'")
         }
-        let bound = server.channel.localAddress?.port ?? port
-        let shownHost = host.contains(":") ? "[\(host)]" : host
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.durationHistogramBuckets["choreo_handler_duration_seconds"] = handlerDurationBuckets
         return PrometheusEndpoint(
-            registry: registry, factory: factory, address: "\(shownHost):\(bound)", server: server, logger: logger)
+            registry: registry, factory: factory, port: server.channel.localAddress?.port ?? port, server: server,
+            logger: logger)
     }
 
     private static func listen(host: String, port: Int) async throws -> NIOAsyncChannel<Connection, Never> {

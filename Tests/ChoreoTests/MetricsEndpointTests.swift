@@ -132,8 +132,8 @@ struct MetricsEndpointTests {
         let registry = PrometheusCollectorRegistry()
         let endpoint = try await PrometheusEndpoint.bind(
             host: "127.0.0.1", port: 0, registry: registry, logger: Self.logger)
-        let port = try #require(Int(endpoint.address.split(separator: ":").last ?? ""))
-        #expect(endpoint.address == "127.0.0.1:\(port)" && port > 0)
+        let port = endpoint.port
+        #expect(port > 0)
         let group = ServiceGroup(services: [endpoint], logger: Self.logger)
         let finished = Flag()
         let running = Task {
@@ -191,7 +191,7 @@ struct MetricsEndpointTests {
     @Test("a port already taken is refused at bind, naming the address")
     func portTaken() async throws {
         let first = try await PrometheusEndpoint.bind(host: "127.0.0.1", port: 0, logger: Self.logger)
-        let port = try #require(Int(first.address.split(separator: ":").last ?? ""))
+        let port = first.port
         await #expect(throws: (any Error).self) {
             _ = try await PrometheusEndpoint.bind(host: "127.0.0.1", port: port, logger: Self.logger)
         }
@@ -272,16 +272,17 @@ struct MetricsEndpointTests {
         let taken = try await PrometheusEndpoint.bind(host: "127.0.0.1", port: 0, logger: Self.logger)
         let group = ServiceGroup(services: [taken], logger: Self.logger)
         let running = Task { try await group.run() }
-        let busy = try await Broker.runProduct("ChoreoTestService", ["--metrics", taken.address], environment: env)
+        let takenAddress = "127.0.0.1:\(taken.port)"
+        let busy = try await Broker.runProduct("ChoreoTestService", ["--metrics", takenAddress], environment: env)
         // --check binds it too: a deployment's pre-flight finds the port taken.
         let checked = try await Broker.runProduct(
-            "ChoreoTestService", ["--check", "--metrics", taken.address], environment: env)
+            "ChoreoTestService", ["--check", "--metrics", takenAddress], environment: env)
         let free = try await Broker.runProduct(
             "ChoreoTestService", ["--check", "--metrics", "127.0.0.1:0"], environment: env)
         await group.triggerGracefulShutdown()
         try await running.value
         #expect(busy.code == 1)
-        #expect(busy.err == "error: --metrics \(taken.address): cannot listen: Address already in use\n", "\(busy.err)")
+        #expect(busy.err == "error: --metrics \(takenAddress): cannot listen: Address already in use\n", "\(busy.err)")
         #expect(checked.code == 1 && checked.err == busy.err, "\(checked.err)")
         #expect(free.code == 0, "\(free.err)")
         #expect(free.out.hasPrefix("ok: broker ") && free.out.contains(", metrics port 127.0.0.1:"), "\(free.out)")
