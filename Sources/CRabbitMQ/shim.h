@@ -74,4 +74,16 @@ static const int CHOREO_FRAME_METHOD = AMQP_FRAME_METHOD;
 static const int CHOREO_FRAME_HEADER = AMQP_FRAME_HEADER;
 static const int CHOREO_FRAME_BODY = AMQP_FRAME_BODY;
 
+// OpenSSL's reason for a failed TLS handshake ("certificate verify failed", "wrong version number"): rabbitmq-c
+// reports only that the handshake failed. librabbitmq-dev depends on libssl-dev, so the header is there.
+#include <openssl/err.h>
+
+static inline void choreo_tls_clear_errors(void) { ERR_clear_error(); }
+
+// The reason of the newest error in this thread's OpenSSL queue, or NULL.
+static inline const char *choreo_tls_last_reason(void) {
+    unsigned long code = ERR_peek_last_error();
+    return code == 0 ? NULL : ERR_reason_error_string(code);
+}
+
 #endif

@@ -49,3 +49,87 @@ enum ConnectDiagnosis {
         return lastReason
     }
 }
+
+extension ConnectDiagnosis {
+    /// What a server answers to the AMQP 0-9-1 protocol header, asked on a connection of its own after a
+    /// connection failed before the broker's greeting (`connection.start`): tells a TLS port, another protocol
+    /// or another AMQP apart from a broker that refused the login.
+    enum Greeting: Equatable {
+        /// `connection.start`: a plain AMQP 0-9-1 listener.
+        case amqp091
+        /// The protocol header of another AMQP version, e.g. "1.0.0".
+        case otherAMQP(String)
+        /// A TLS record (the alert a TLS listener sends for bytes that are not a handshake).
+        case tls
+        /// The first line of a reply in text, e.g. "HTTP/1.1 400 Bad Request".
+        case text(String)
+        /// Bytes that are none of the above.
+        case unknown
+        /// Closed without a byte.
+        case closed
+        /// Nothing within the time.
+        case silent
+        /// No connection now.
+        case unreachable
+    }
+
+    static func greeting(host: String, port: Int, timeout: Duration) -> Greeting {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_family = AF_UNSPEC
+        var list: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &list) == 0, let ai = list else { return .unreachable }
+        defer { freeaddrinfo(list) }
+        let fd = socket(
+            ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_NONBLOCK.rawValue), ai.pointee.ai_protocol)
+        guard fd >= 0 else { return .unreachable }
+        defer { close(fd) }
+        let deadline = ContinuousClock.now + timeout
+        func wait(for events: Int32, atMost limit: Duration? = nil) -> Bool {
+            var left = deadline - .now
+            if let limit { left = min(left, limit) }
+            guard left > .zero else { return false }
+            var pfd = pollfd(fd: fd, events: Int16(events), revents: 0)
+            let ms = Int32(
+                clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+            return poll(&pfd, 1, max(ms, 1)) > 0
+        }
+        if connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) != 0 {
+            guard errno == EINPROGRESS, wait(for: Int32(POLLOUT)) else { return .unreachable }
+            var soError: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len)
+            if soError != 0 { return .unreachable }
+        }
+        let header: [UInt8] = [0x41, 0x4D, 0x51, 0x50, 0, 0, 9, 1]  // "AMQP" 0-9-1
+        guard header.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == header.count
+        else { return .closed }
+        var reply = [UInt8](repeating: 0, count: 256)
+        var count = 0
+        // The first bytes may take the whole time; the rest of a reply comes at once or not at all.
+        while count < 8, wait(for: Int32(POLLIN), atMost: count == 0 ? nil : .milliseconds(200)) {
+            let n = reply.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + count, $0.count - count, 0) }
+            if n <= 0 { break }
+            count += n
+        }
+        return classify(Array(reply[..<count]), silent: count == 0 && ContinuousClock.now >= deadline)
+    }
+
+    /// Names the protocol of a reply to the AMQP 0-9-1 header.
+    static func classify(_ reply: [UInt8], silent: Bool) -> Greeting {
+        if reply.isEmpty { return silent ? .silent : .closed }
+        // A method frame on channel 0: type 1, channel 0 0.
+        if reply.count >= 3, reply[0] == 1, reply[1] == 0, reply[2] == 0 { return .amqp091 }
+        if reply.count >= 8, reply.starts(with: Array("AMQP".utf8)) {
+            let (major, minor, revision) = (reply[5], reply[6], reply[7])
+            return .otherAMQP(major == 0 ? "\(major)-\(minor)-\(revision)" : "\(major).\(minor).\(revision)")
+        }
+        // A TLS record: content type 20-23 (an alert is 21), then the major version 3.
+        if reply.count >= 2, (20...23).contains(reply[0]), reply[1] == 3 { return .tls }
+        let line = reply.prefix { $0 != 0x0D && $0 != 0x0A }
+        if !line.isEmpty, line.allSatisfy({ (0x20...0x7E).contains($0) }) {
+            return .text(String(decoding: line.prefix(80), as: UTF8.self))
+        }
+        return .unknown
+    }
+}

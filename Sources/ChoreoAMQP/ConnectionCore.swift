@@ -229,16 +229,64 @@ final class ConnectionCore {
             throw AMQPError(.connectionFailed, message: "cannot create a socket", operation: operation)
         }
         var timeout = Self.timeInterval(config.connectTimeout)
+        if config.tls != nil { choreo_tls_clear_errors() }
         let status = amqp_socket_open_noblock(socket, config.host, Int32(config.port), &timeout)
         if status != AMQP_STATUS_OK.rawValue {
-            let reason =
-                ConnectDiagnosis.reason(host: config.host, port: config.port, timeout: config.connectTimeout)
-                ?? String(cString: amqp_error_string2(status))
             let isTLS = status <= AMQP_STATUS_SSL_ERROR.rawValue && status >= AMQP_STATUS_SSL_CONNECTION_FAILED.rawValue
-            throw AMQPError(
-                .connectionFailed,
-                message: isTLS ? "TLS handshake failed: \(String(cString: amqp_error_string2(status)))" : reason,
-                operation: "connect \(config.address)")
+            let message =
+                isTLS
+                ? "TLS handshake failed: \(tlsFailure(status: status))"
+                : ConnectDiagnosis.reason(host: config.host, port: config.port, timeout: config.connectTimeout)
+                    ?? String(cString: amqp_error_string2(status))
+            throw AMQPError(.connectionFailed, message: message, operation: operation)
+        }
+    }
+
+    /// OpenSSL's reason for the handshake's failure, and whether the port is a plain AMQP listener.
+    private func tlsFailure(status: Int32) -> String {
+        let config = configuration
+        switch status {
+        case AMQP_STATUS_SSL_PEER_VERIFY_FAILED.rawValue:
+            return "the broker's certificate is not signed by a CA this client trusts (name the broker's CA with "
+                + "?cacertfile=PATH)"
+        case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED.rawValue:
+            return "the broker's certificate does not name host '\(config.host)' (connect by a name it holds)"
+        default: break
+        }
+        let reason = choreo_tls_last_reason().map { String(cString: $0) } ?? String(cString: amqp_error_string2(status))
+        let greeting = ConnectDiagnosis.greeting(
+            host: config.host, port: config.port, timeout: min(config.connectTimeout, Self.diagnosisTimeout))
+        guard greeting == .amqp091 else { return reason }
+        return "\(reason); port \(config.port) is a plain AMQP port, not TLS: use amqp://, or the broker's TLS port"
+    }
+
+    /// How long a diagnosis after a failed connection waits for the server's answer.
+    static let diagnosisTimeout = Duration.seconds(2)
+
+    /// Why the server at the configured address sent no `connection.start`, if it is not an AMQP 0-9-1 broker:
+    /// a TLS port reached with amqp://, another protocol, another AMQP version. Nil for a broker that closed the
+    /// connection at login (or cannot be reached again to ask).
+    private func notABroker(timedOut: Bool) -> String? {
+        let config = configuration
+        let server = "the server at \(config.address)"
+        let port =
+            [5671, 5672].contains(config.port)
+            ? "another service holds RabbitMQ's port \(config.port)"
+            : "is \(config.port) the broker's AMQP port? RabbitMQ's is 5672, or 5671 for amqps://"
+        let greeting =
+            timedOut
+            ? .silent
+            : ConnectDiagnosis.greeting(
+                host: config.host, port: config.port, timeout: min(config.connectTimeout, Self.diagnosisTimeout))
+        switch greeting {
+        case .tls: return "\(server) speaks TLS: connect with amqps://"
+        case .otherAMQP(let version):
+            return "\(server) speaks AMQP \(version), not 0-9-1: Choreo needs RabbitMQ or another AMQP 0-9-1 broker"
+        case .text(let line): return "\(server) does not speak AMQP 0-9-1: it answered '\(line)' (\(port))"
+        case .unknown, .closed:
+            return "\(server) does not speak AMQP 0-9-1: it closed the connection without a broker's greeting (\(port))"
+        case .silent: return "no AMQP 0-9-1 greeting from \(server) within \(config.connectTimeout) (\(port))"
+        case .amqp091, .unreachable: return nil
         }
     }
 
@@ -276,6 +324,14 @@ final class ConnectionCore {
             {
                 error.message =
                     "\(error.message) (does vhost '\(config.virtualHost)' exist, and may '\(config.username)' use it?)"
+            } else if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION,
+                amqp_get_server_properties(state).pointee.num_entries == 0,
+                let reason = notABroker(timedOut: error.code == .timeout)
+            {
+                // No connection.start came: the login never began, so the user name is not the question.
+                error.code = .connectionFailed
+                error.operation = "connect \(config.address)"
+                error.message = reason
             } else if error.code == .connectionLost {
                 error.code = .authenticationFailed
                 error.message = "the broker closed the connection during login (wrong credentials or vhost?)"

@@ -31,7 +31,10 @@ struct TLSTests {
         let config = try AMQPConfiguration(url: "amqps://guest:guest@127.0.0.1:\(Self.port)/?cacertfile=\(Self.ca)")
         let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
         #expect(error?.code == .connectionFailed)
-        #expect(error?.message.hasPrefix("TLS handshake failed") == true, "\(String(describing: error))")
+        #expect(
+            error?.message
+                == "TLS handshake failed: the broker's certificate does not name host '127.0.0.1' (connect by a name it holds)"
+        )
     }
 
     @Test("a server whose CA is not trusted is refused")
@@ -44,7 +47,35 @@ struct TLSTests {
             url: "amqps://guest:guest@localhost:\(Self.port)/" + (bundle.map { "?cacertfile=\($0)" } ?? ""))
         let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
         #expect(error?.code == .connectionFailed)
-        #expect(error?.message.hasPrefix("TLS handshake failed") == true, "\(String(describing: error))")
+        #expect(
+            error?.message
+                == "TLS handshake failed: the broker's certificate is not signed by a CA this client trusts (name the "
+                + "broker's CA with ?cacertfile=PATH)")
+    }
+
+    @Test("amqp:// to the TLS port says to use amqps://, not that the password is wrong")
+    func plainToTLSPort() async throws {
+        let config = try AMQPConfiguration(url: "amqp://guest:guest@127.0.0.1:\(Self.port)/")
+        let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
+        #expect(error?.code == .connectionFailed)
+        #expect(
+            error?.description
+                == "connect 127.0.0.1:\(Self.port) failed: the server at 127.0.0.1:\(Self.port) speaks TLS: connect with amqps://"
+        )
+    }
+
+    @Test("amqps:// to the plain port says the port is not TLS")
+    func tlsToPlainPort() async throws {
+        let plain = try TestBroker.configuration
+        let config = try AMQPConfiguration(url: "amqps://guest:guest@localhost:\(plain.port)/?cacertfile=\(Self.ca)")
+        let error = await #expect(throws: AMQPError.self) { try await AMQPConnection.connect(to: config) }
+        #expect(error?.code == .connectionFailed)
+        let message = error?.message ?? ""
+        #expect(message.hasPrefix("TLS handshake failed: "), "\(message)")
+        #expect(
+            message.hasSuffix(
+                "; port \(plain.port) is a plain AMQP port, not TLS: use amqp://, or the broker's TLS port"),
+            "\(message)")
     }
 
     @Test("verify_none connects without checking the certificate")
