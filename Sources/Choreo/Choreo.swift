@@ -128,8 +128,9 @@ struct RunnerOptions: ParsableCommand {
     func configuration(service: String) throws -> RunnerConfiguration {
         let env = ProcessInfo.processInfo.environment
         var c = RunnerConfiguration(service: service)
-        if let u = url ?? env["CHOREO_URL"] { c.url = u }
-        c.ledgerPath = ledger ?? env["CHOREO_LEDGER"]
+        // An empty variable counts as unset (as CHOREO_METRICS): a deployment template often passes one empty.
+        if let u = url ?? env["CHOREO_URL"].flatMap({ $0.isEmpty ? nil : $0 }) { c.url = u }
+        c.ledgerPath = ledger ?? env["CHOREO_LEDGER"].flatMap { $0.isEmpty ? nil : $0 }
         if let concurrency { c.concurrency = concurrency }
         c.prefetch = prefetch
         if let ackDelay { c.ackDelay = .milliseconds(ackDelay) }

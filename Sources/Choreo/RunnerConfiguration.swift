@@ -57,6 +57,12 @@ public struct RunnerConfiguration: Sendable {
         guard maxBodyBytes >= 1 else { throw ConfigurationError("--max-body-bytes must be positive") }
         guard deliveryLimit >= 1 else { throw ConfigurationError("--delivery-limit must be at least 1") }
         guard leaseDuration >= .seconds(1) else { throw ConfigurationError("the lease must be at least 1 s") }
+        guard !url.isEmpty else {
+            throw ConfigurationError("--url is empty: give amqp://user:password@host:port/vhost")
+        }
         do { try AMQPConfiguration(url: url).validate() } catch { throw ConfigurationError("--url: \(error)") }
+        if ledgerPath?.isEmpty == true {
+            throw ConfigurationError("--ledger is empty: give a SQLite file path or a ledger URL")
+        }
     }
 }

@@ -27,11 +27,16 @@ struct ConnectionOptions: ParsableArguments {
     var url: String?
 
     var resolvedURL: String {
-        url ?? ProcessInfo.processInfo.environment["CHOREO_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/"
+        // An empty CHOREO_URL counts as unset, as in the handler executables.
+        url ?? ProcessInfo.processInfo.environment["CHOREO_URL"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? "amqp://guest:guest@127.0.0.1:5672/"
     }
 
     func connect() async throws -> AMQPConnection {
         let config: AMQPConfiguration
+        guard !resolvedURL.isEmpty else {
+            throw ValidationError("--url is empty: give amqp://user:password@host:port/vhost")
+        }
         do { config = try AMQPConfiguration(url: resolvedURL) } catch {
             throw ValidationError("--url: \((error as? AMQPError)?.message ?? "\(error)")")
         }

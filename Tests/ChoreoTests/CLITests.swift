@@ -259,6 +259,17 @@ struct CLITests {
             badLogin.err
                 == "error: cannot log in to amqp://guest@\(base.address)/: the broker refused user 'guest' (check the user name and password)\n"
         )
+        let tlsPort = ProcessInfo.processInfo.environment["CHOREO_TEST_TLS_PORT"] ?? "6673"
+        let plainToTLS = try await Broker.choreo(
+            ["status"], environment: ["CHOREO_URL": "amqp://guest:guest@127.0.0.1:\(tlsPort)/"])
+        #expect(plainToTLS.code == 1)
+        #expect(
+            plainToTLS.err
+                == "error: cannot reach the broker at amqp://guest@127.0.0.1:\(tlsPort)/: the server at 127.0.0.1:\(tlsPort) speaks TLS: connect with amqps://\n"
+        )
+        let emptyURL = try await Broker.choreo(["status", "--url", ""])
+        #expect(emptyURL.code == 2)
+        #expect(emptyURL.err == "error: --url is empty: give amqp://user:password@host:port/vhost\n")
         let unknownHandler = try await Broker.choreo(["dlq", "list", "--handler", "no-such-handler"])
         #expect(unknownHandler.code == 1)
         #expect(unknownHandler.err.hasPrefix("error: no handler named 'no-such-handler' in the registry (known: "))

@@ -188,6 +188,12 @@ final class HandlerCommandLineTests {
         #expect(url.code == 2)
         #expect(
             url.err == "error: --url: parse URL amqp://guest:***@127.0.0.1:notaport/ failed: port must be 1 to 65535\n")
+        let emptyURL = try await handler(["--url", ""])
+        #expect(emptyURL.code == 2)
+        #expect(emptyURL.err == "error: --url is empty: give amqp://user:password@host:port/vhost\n")
+        let emptyLedger = try await handler(["--ledger", ""])
+        #expect(emptyLedger.code == 2)
+        #expect(emptyLedger.err == "error: --ledger is empty: give a SQLite file path or a ledger URL\n")
         // None of them got as far as the ledger.
         #expect(!FileManager.default.fileExists(atPath: dir.appendingPathComponent("ledger.sqlite").path))
     }
