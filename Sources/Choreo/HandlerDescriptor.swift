@@ -111,13 +111,14 @@ package struct HandlerDescriptor: Sendable {
         try retryPolicy.validate(handler: name)
     }
 
-    static func describe(_ error: DecodingError, type: String) -> String {
+    /// What is wrong with JSON that did not decode as `type`, for a person; `whole` names what was read.
+    package static func describe(_ error: DecodingError, type: String, whole: String = "body") -> String {
         func path(_ c: [CodingKey]) -> String {
             c.isEmpty ? "the top level" : c.map(\.stringValue).joined(separator: ".")
         }
         switch error {
         case .dataCorrupted(let c):
-            if c.codingPath.isEmpty { return "body is not valid JSON (or not UTF-8): \(c.debugDescription)" }
+            if c.codingPath.isEmpty { return "\(whole) is not valid JSON (or not UTF-8): \(c.debugDescription)" }
             return "invalid value at \(path(c.codingPath)) in '\(type)': \(c.debugDescription)"
         case .keyNotFound(let key, let c):
             return "JSON does not match '\(type)': missing key '\(path(c.codingPath + [key]))'"

@@ -198,22 +198,57 @@ public struct DeadLetterStore: Sendable {
             text.append(try encoder.encode(ExportedLetter(letter)))
             text.append(0x0A)
         }
-        try text.write(to: output, options: .atomic)
+        do { try text.write(to: output, options: .atomic) } catch {
+            throw OperationError("cannot write \(output.path): \(Self.reason(error))")
+        }
         return letters.count
+    }
+
+    /// The operating system's words for a file error from Foundation ("No such file or directory").
+    private static func reason(_ error: any Error) -> String {
+        let ns = error as NSError
+        if let posix = ns.userInfo[NSUnderlyingErrorKey] as? NSError, posix.domain == NSPOSIXErrorDomain {
+            return String(cString: strerror(Int32(posix.code)))
+        }
+        switch (error as? CocoaError)?.code {
+        case .fileWriteNoPermission?: return String(cString: strerror(EACCES))
+        case .fileWriteOutOfSpace?: return String(cString: strerror(ENOSPC))
+        case .fileWriteVolumeReadOnly?: return String(cString: strerror(EROFS))
+        default: return ns.localizedDescription
+        }
     }
 
     /// Restores exported dead letters into their dead-letter queues, body bytes and headers intact.
     public func importLetters(from input: URL) async throws -> Int {
-        let data = try Data(contentsOf: input)
+        try await importLetters(Self.readExport(from: input))
+    }
+
+    /// The letters of a file `export` wrote, as messages to their dead-letter queues; a line that is not one
+    /// fails the whole file, naming the line.
+    public static func readExport(from input: URL) throws -> [AMQPOutgoingMessage] {
+        let data: Data
+        do { data = try Data(contentsOf: input) } catch {
+            throw OperationError("cannot read \(input.path): \(reason(error))")
+        }
         let decoder = JSONDecoder()
         var messages: [AMQPOutgoingMessage] = []
-        for (n, line) in data.split(separator: 0x0A).enumerated() where !line.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) {
+        let lines = data.split(separator: 0x0A, omittingEmptySubsequences: false)
+        for (n, line) in lines.enumerated() where !line.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) {
             do {
                 messages.append(try decoder.decode(ExportedLetter.self, from: Data(line)).message())
             } catch {
-                throw OperationError("\(input.path):\(n + 1): not an exported dead letter (\(error))")
+                let reason =
+                    (error as? DecodingError).map {
+                        HandlerDescriptor.describe($0, type: "choreo dlq export", whole: "the line")
+                    } ?? "\(error)"
+                throw OperationError("\(input.path):\(n + 1): not an exported dead letter: \(reason)")
             }
         }
+        return messages
+    }
+
+    /// Publishes letters read by ``readExport(from:)`` to their dead-letter queues, each confirmed.
+    public func importLetters(_ messages: [AMQPOutgoingMessage]) async throws -> Int {
         let channel = try await connection.openChannel()
         defer { Task { await channel.close() } }
         for queue in Set(messages.map(\.routingKey)) {

@@ -215,6 +215,16 @@ struct DLQ: AsyncParsableCommand {
         var out: String
         @OptionGroup var filters: FilterOptions
 
+        func validate() throws {
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: out, isDirectory: &isDirectory), isDirectory.boolValue {
+                throw ValidationError("--out \(out) is a directory: name the file to write")
+            }
+            let directory = URL(fileURLWithPath: out).deletingLastPathComponent().path
+            guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue
+            else { throw ValidationError("--out \(out): no directory \(directory)") }
+        }
+
         func run() async throws {
             let filter = try filters.filter()
             let store = try await DLQ.store(connection)
@@ -235,8 +245,10 @@ struct DLQ: AsyncParsableCommand {
         }
 
         func run() async throws {
+            // The whole file is read first: a bad line stops the import before anything is sent.
+            let letters = try DeadLetterStore.readExport(from: URL(fileURLWithPath: file))
             let store = try await DLQ.store(connection)
-            let n = try await store.importLetters(from: URL(fileURLWithPath: file))
+            let n = try await store.importLetters(letters)
             print("imported \(n)")
         }
     }

@@ -282,6 +282,25 @@ struct CLITests {
         let usage = try await Broker.choreo(["dlq", "replay"])
         #expect(usage.code == 2)
         #expect(usage.err.hasPrefix("Error: give either --id ID (repeatable) or --all"))
+        // Files: checked before the broker is asked (nothing listens on port 1).
+        let nowhere = ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"]
+        let noDirectory = try await Broker.choreo(["dlq", "export", "--out", "/nonexistent-dir/x.jsonl"])
+        #expect(noDirectory.code == 2)
+        #expect(noDirectory.err.hasPrefix("Error: --out /nonexistent-dir/x.jsonl: no directory /nonexistent-dir\n"))
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("choreo-cli-\(UUID())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let intoDirectory = try await Broker.choreo(["dlq", "export", "--out", directory.path], environment: nowhere)
+        #expect(intoDirectory.code == 2)
+        #expect(intoDirectory.err.hasPrefix("Error: --out \(directory.path) is a directory: name the file to write\n"))
+        let notExported = directory.appendingPathComponent("letters.jsonl")
+        try Data("\n\n{\"queue\": 1}\n".utf8).write(to: notExported)
+        let badImport = try await Broker.choreo(["dlq", "import", notExported.path], environment: nowhere)
+        #expect(badImport.code == 1)
+        #expect(
+            badImport.err
+                == "error: \(notExported.path):3: not an exported dead letter: JSON does not match 'choreo dlq export': expected String at queue\n"
+        )
         let help = try await Broker.choreo(["--help"], environment: ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"])
         #expect(help.code == 0 && help.out.contains("USAGE: choreo <subcommand>") && !help.out.contains("s3cret"))
         for r in [unreachable, badLogin] { #expect(!r.err.contains("s3cret") && !r.out.contains("s3cret")) }
