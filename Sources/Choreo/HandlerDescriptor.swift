@@ -111,6 +111,21 @@ package struct HandlerDescriptor: Sendable {
         try retryPolicy.validate(handler: name)
     }
 
+    /// A Swift type as the JSON a person would write for it: "an object", not "Dictionary<String, Any>".
+    static func jsonKind(_ t: Any.Type) -> String {
+        switch t {
+        case is String.Type, is Substring.Type, is Character.Type, is URL.Type, is UUID.Type: return "a string"
+        case is Bool.Type: return "true or false"
+        case is any BinaryInteger.Type: return "an integer"
+        case is any BinaryFloatingPoint.Type, is Decimal.Type: return "a number"
+        default:
+            let name = String(describing: t)
+            if name.hasPrefix("Dictionary<") || name.hasPrefix("KeyedDecodingContainer") { return "an object" }
+            if name.hasPrefix("Array<") || name.hasPrefix("UnkeyedDecodingContainer") { return "an array" }
+            return name
+        }
+    }
+
     /// What is wrong with JSON that did not decode as `type`, for a person; `whole` names what was read.
     package static func describe(_ error: DecodingError, type: String, whole: String = "body") -> String {
         func path(_ c: [CodingKey]) -> String {
@@ -123,9 +138,20 @@ package struct HandlerDescriptor: Sendable {
         case .keyNotFound(let key, let c):
             return "JSON does not match '\(type)': missing key '\(path(c.codingPath + [key]))'"
         case .typeMismatch(let t, let c):
-            return "JSON does not match '\(type)': expected \(t) at \(path(c.codingPath))"
+            // Both JSON decoders say "Expected to decode X but found Y instead", Foundation's without an article.
+            let found = c.debugDescription.range(of: " but found ").flatMap { start in
+                c.debugDescription[start.upperBound...].range(of: " instead").map { end in
+                    let words = String(c.debugDescription[start.upperBound..<end.lowerBound])
+                    let named = [
+                        "number": "a number", "string": "a string", "bool": "a boolean", "boolean": "a boolean",
+                        "array": "an array", "dictionary": "an object", "object": "an object",
+                    ]
+                    return ", found " + (named[words] ?? words)
+                }
+            }
+            return "JSON does not match '\(type)': expected \(jsonKind(t)) at \(path(c.codingPath))\(found ?? "")"
         case .valueNotFound(let t, let c):
-            return "JSON does not match '\(type)': null where \(t) is required at \(path(c.codingPath))"
+            return "JSON does not match '\(type)': null where \(jsonKind(t)) is required at \(path(c.codingPath))"
         @unknown default:
             return "JSON does not match '\(type)': \(error)"
         }

@@ -299,7 +299,7 @@ struct CLITests {
         #expect(badImport.code == 1)
         #expect(
             badImport.err
-                == "error: \(notExported.path):3: not an exported dead letter: JSON does not match 'choreo dlq export': expected String at queue\n"
+                == "error: \(notExported.path):3: not an exported dead letter: JSON does not match 'choreo dlq export': expected a string at queue, found a number\n"
         )
         let help = try await Broker.choreo(["--help"], environment: ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"])
         #expect(help.code == 0 && help.out.contains("USAGE: choreo <subcommand>") && !help.out.contains("s3cret"))

@@ -98,6 +98,48 @@ struct PayloadJSONTests {
         #expect(try PayloadJSON.decode([Int?].self, from: Data("[1,null,3]".utf8)) == [1, nil, 3])
     }
 
+    @Test("a dead letter's reason names JSON's kinds, where they were expected and what was found")
+    func wrongShapeReasons() throws {
+        struct Order: Codable {
+            var id: String
+            var quantity: Int
+            var price: Double
+            var gift: Bool
+            var lines: [String]
+        }
+        func reason(_ json: String) -> String {
+            do {
+                _ = try PayloadJSON.decode(Order.self, from: Data(json.utf8))
+                return "decoded"
+            } catch let error as DecodingError {
+                return HandlerDescriptor.describe(error, type: "order.placed")
+            } catch {
+                return "\(error)"
+            }
+        }
+        let valid = #""id":"o-1","quantity":2,"price":9.5,"gift":false,"lines":["a"]"#
+        #expect(reason("{\(valid)}") == "decoded")
+        #expect(
+            reason("[1,2]") == "JSON does not match 'order.placed': expected an object at the top level, found an array"
+        )
+        #expect(
+            reason("{\(valid.replacingOccurrences(of: "2,", with: "\"two\","))}")
+                == "JSON does not match 'order.placed': expected an integer at quantity, found a string")
+        #expect(
+            reason("{\(valid.replacingOccurrences(of: "9.5", with: "true"))}")
+                == "JSON does not match 'order.placed': expected a number at price, found a boolean")
+        #expect(
+            reason("{\(valid.replacingOccurrences(of: "false", with: "0"))}")
+                == "JSON does not match 'order.placed': expected true or false at gift, found a number")
+        #expect(
+            reason("{\(valid.replacingOccurrences(of: "[\"a\"]", with: "{}"))}")
+                == "JSON does not match 'order.placed': expected an array at lines, found an object")
+        #expect(
+            reason("{\(valid.replacingOccurrences(of: "\"o-1\"", with: "null"))}")
+                == "JSON does not match 'order.placed': null where a string is required at id")
+        #expect(reason("{\"id\":\"o-1\"}") == "JSON does not match 'order.placed': missing key 'quantity'")
+    }
+
     @Test("malformed JSON is a dataCorrupted error at the top level; Foundation refuses it too")
     func malformed() {
         let inputs = [
