@@ -138,7 +138,9 @@ struct DLQ: AsyncParsableCommand {
             let interactive = isTerminal(2)
             // Off a terminal, a line each time another thousand is passed (and at the end).
             let lastThousand = Mutex(0)
+            let verb = dryRun ? "checked" : "replayed"
             let summary = try await store.replay(filter, dryRun: dryRun, rate: rate) { done, total in
+                guard total > 0 else { return }
                 let crossed = lastThousand.withLock { last -> Bool in
                     guard done / 1000 > last else { return false }
                     last = done / 1000
@@ -146,7 +148,7 @@ struct DLQ: AsyncParsableCommand {
                 }
                 if interactive || done == total || crossed {
                     FileHandle.standardError.write(
-                        Data("\(interactive ? "\r" : "")replayed \(done)/\(total)\(interactive ? "" : "\n")".utf8))
+                        Data("\(interactive ? "\r" : "")\(verb) \(done)/\(total)\(interactive ? "" : "\n")".utf8))
                 }
             }
             if interactive { printError("") }
