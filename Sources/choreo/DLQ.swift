@@ -136,17 +136,20 @@ struct DLQ: AsyncParsableCommand {
             let filter = try filters.filter(ids: ids)
             let store = try await DLQ.store(connection)
             let interactive = isTerminal(2)
-            // Off a terminal, a line each time another thousand is passed (and at the end).
-            let lastThousand = Mutex(0)
+            // Off a terminal, a line each time another thousand is passed (and at the end); never one twice.
+            let shown = Mutex((thousands: 0, line: ""))
             let verb = dryRun ? "checked" : "replayed"
             let summary = try await store.replay(filter, dryRun: dryRun, rate: rate) { done, total in
                 guard total > 0 else { return }
-                let crossed = lastThousand.withLock { last -> Bool in
-                    guard done / 1000 > last else { return false }
-                    last = done / 1000
+                let show = shown.withLock { shown -> Bool in
+                    let crossed = done / 1000 > shown.thousands
+                    shown.thousands = max(shown.thousands, done / 1000)
+                    let line = "\(done)/\(total)"
+                    guard interactive || done == total || crossed, line != shown.line else { return false }
+                    shown.line = line
                     return true
                 }
-                if interactive || done == total || crossed {
+                if show {
                     FileHandle.standardError.write(
                         Data("\(interactive ? "\r" : "")\(verb) \(done)/\(total)\(interactive ? "" : "\n")".utf8))
                 }
