@@ -94,10 +94,18 @@ package struct HandlerDescriptor: Sendable {
         }
         do throws(EventRejection) {
             let prepared = try prepare(envelope)
-            return .success(
-                Admission(
-                    envelope: envelope, prepared: prepared,
-                    key: prepared.key ?? envelope.idempotencyKey ?? envelope.id))
+            let key = prepared.key ?? envelope.idempotencyKey ?? envelope.id
+            // Under an empty key every such event would be a duplicate of the first and be dropped unhandled.
+            guard !key.isEmpty else {
+                throw EventRejection(
+                    errorType: "EmptyIdempotencyKey",
+                    message: prepared.key != nil
+                        ? "\(name)'s key function gave an empty key: it must name the effect, or return nil to use "
+                            + "the event's"
+                        : "attribute 'idempotencykey' is empty: give a key that names the effect, or leave the "
+                            + "attribute out to deduplicate by event id")
+            }
+            return .success(Admission(envelope: envelope, prepared: prepared, key: key))
         } catch {
             return .failure(Refusal(errorType: error.errorType, message: error.message, envelope: envelope))
         }

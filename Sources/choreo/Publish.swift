@@ -1,5 +1,6 @@
 import ArgumentParser
 import Choreo
+import ChoreoAMQP
 import ChoreoOps
 import Foundation
 
@@ -30,6 +31,12 @@ struct Publish: AsyncParsableCommand {
             throw ValidationError("the event type must be a non-empty word such as order.placed")
         }
         if dataVersion < 1 { throw ValidationError("--data-version must be at least 1") }
+        let given: [(String, String?)] = [
+            ("--key", key), ("--correlation-id", correlationId), ("--id", id), ("--source", source),
+        ]
+        for (option, value) in given where value?.isEmpty == true {
+            throw ValidationError("\(option) must not be empty")
+        }
     }
 
     func run() async throws {
@@ -53,7 +60,15 @@ struct Publish: AsyncParsableCommand {
         let amqp = try await connection.connect()
         let channel = try await amqp.openChannel()
         try await channel.enableConfirms()
-        try await channel.declareExchange(exchange, type: .topic, durable: true)
+        // Passive: a mistyped --exchange must not create an exchange nobody is bound to.
+        do { try await channel.declareExchangePassive(exchange) } catch {
+            if error.replyCode == AMQPError.ReplyCode.notFound {
+                throw OperationError(
+                    "exchange '\(exchange)' does not exist on this broker: no handler service has declared it (is --exchange right?)"
+                )
+            }
+            throw error
+        }
         var message = EnvelopeCodec.encode(envelope, exchange: exchange)
         message.mandatory = true
         do {

@@ -68,8 +68,32 @@ private struct Upcasting: EventHandler {
     }
 }
 
+/// Keys by customer, but a customer may be missing: its key is then empty.
+private struct KeyedByCustomer: EventHandler {
+    let name = "keyed"
+    func idempotencyKey(for event: OrderPlaced, envelope: EventEnvelope) -> String? {
+        String(event.orderID.prefix { $0 != "-" })
+    }
+    func handle(_ event: OrderPlaced, context: HandlerContext) async throws {}
+}
+
 @Suite("In-memory test harness")
 struct TestHarnessTests {
+    @Test("an empty idempotency key is a dead letter, not a duplicate of every other event under it")
+    func emptyKey() async throws {
+        let harness = TestHarness(handlers: [KeyedByCustomer()])
+        try await harness.publish(OrderPlaced(orderID: "-1", quantity: 1))
+        try await harness.publish(OrderPlaced(orderID: "-2", quantity: 1))
+        try await harness.publish(OrderPlaced(orderID: "ada-3", quantity: 1))
+        await harness.runUntilIdle()
+        #expect(await harness.invocations(of: "keyed") == 1)
+        let letters = await harness.deadLetters
+        #expect(letters.map(\.errorType) == ["EmptyIdempotencyKey", "EmptyIdempotencyKey"])
+        #expect(
+            letters.first?.errorMessage
+                == "keyed's key function gave an empty key: it must name the effect, or return nil to use the event's")
+    }
+
     @Test("emitted events are routed on to the handlers that consume them")
     func routing() async throws {
         let harness = TestHarness(handlers: [Reserve(failures: 0), Notify()])

@@ -73,6 +73,16 @@ struct BadInputTests {
             name: "bad-time", body: Data(#"{"n": 1}"#.utf8),
             headers: ce("b12").merging(["cloudEvents_time": "yesterday"]) { $1 },
             errorType: "EnvelopeDecodingError", reason: "attribute 'time' is not an RFC 3339 timestamp: 'yesterday'"),
+        Case(
+            name: "wrong-field-type", body: Data(#"{"n": "one"}"#.utf8), headers: ce("b13"), errorType: "DecodingError",
+            reason: "JSON does not match 'test.ping': expected an integer at n, found a string"),
+        // Under an empty key every such event would be dropped as a duplicate of the first.
+        Case(
+            name: "empty-idempotency-key", body: Data(#"{"n": 1}"#.utf8),
+            headers: ce("b14").merging(["cloudEvents_idempotencykey": ""]) { $1 }, errorType: "EmptyIdempotencyKey",
+            reason:
+                "attribute 'idempotencykey' is empty: give a key that names the effect, or leave the attribute out to "
+                + "deduplicate by event id"),
     ]
 
     @Test("each kind of bad input is dead-lettered with its reason and the handler goes on")

@@ -288,6 +288,19 @@ struct CLITests {
         let usage = try await Broker.choreo(["dlq", "replay"])
         #expect(usage.code == 2)
         #expect(usage.err.hasPrefix("Error: give either --id ID (repeatable) or --all"))
+        let emptyID = try await Broker.choreo(["publish", "test.ping", "--data", "{}", "--id", ""])
+        #expect(emptyID.code == 2)
+        #expect(emptyID.err.hasPrefix("Error: --id must not be empty\n"))
+        let typo = "choreo.evnets-\(mesh.id)"
+        let wrongExchange = try await Broker.choreo(["publish", "test.ping", "--data", "{}", "--exchange", typo])
+        #expect(wrongExchange.code == 1)
+        #expect(
+            wrongExchange.err
+                == "error: exchange '\(typo)' does not exist on this broker: no handler service has declared it (is --exchange right?)\n"
+        )
+        let probe = try await connection.openChannel()
+        let created = await #expect(throws: AMQPError.self) { try await probe.declareExchangePassive(typo) }
+        #expect(created?.replyCode == AMQPError.ReplyCode.notFound, "publish must not create the mistyped exchange")
         // Files: checked before the broker is asked (nothing listens on port 1).
         let nowhere = ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"]
         let noDirectory = try await Broker.choreo(["dlq", "export", "--out", "/nonexistent-dir/x.jsonl"])
