@@ -70,6 +70,8 @@ public struct EventEnvelope: Sendable, Hashable {
         correlationID: String? = nil, causationID: String? = nil,
         idempotencyKey: String? = nil, subject: String? = nil
     ) throws {
+        guard !id.isEmpty else { throw ConfigurationError("an event's id must not be empty") }
+        if idempotencyKey?.isEmpty == true { throw ConfigurationError.emptyIdempotencyKey }
         self.init(
             id: id, source: source, type: E.eventType, subject: subject, dataVersion: E.schemaVersion,
             correlationID: correlationID ?? id, causationID: causationID, idempotencyKey: idempotencyKey,
@@ -92,5 +94,13 @@ public enum JSONCoding {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .iso8601
         return d
+    }
+}
+
+extension ConfigurationError {
+    /// Under an empty key every event would pass for a duplicate of the first: refused where it is set.
+    static var emptyIdempotencyKey: ConfigurationError {
+        ConfigurationError(
+            "an idempotency key must not be empty: give one that names the effect, or nil to deduplicate by event id")
     }
 }

@@ -52,13 +52,15 @@ public final class HandlerContext: Sendable {
     /// - Parameters:
     ///   - idempotencyKey: a key downstream handlers deduplicate by instead of the event id.
     ///   - subject: the CloudEvents `subject` (e.g. the order id).
-    /// - Throws: ``ConfigurationError`` when the handler did not declare this type in `emits`.
+    /// - Throws: ``ConfigurationError`` when the handler did not declare this type in `emits`, or gives an empty
+    ///   idempotency key.
     public func emit<E: Event>(_ event: E, idempotencyKey: String? = nil, subject: String? = nil) throws {
         guard allowedTypes.contains(E.eventType) else {
             throw NonRetryable(
                 ConfigurationError(
                     "handler \(handlerName) emitted '\(E.eventType)', which it does not declare in `emits`"))
         }
+        if idempotencyKey?.isEmpty == true { throw NonRetryable(ConfigurationError.emptyIdempotencyKey) }
         let data = try PayloadJSON.encode(event)
         buffer.withLock { buffer in
             let index = buffer.count

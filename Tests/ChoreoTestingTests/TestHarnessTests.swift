@@ -77,6 +77,14 @@ private struct KeyedByCustomer: EventHandler {
     func handle(_ event: OrderPlaced, context: HandlerContext) async throws {}
 }
 
+private struct EmptyKeyEmitter: EventHandler {
+    let name = "empty-key-emitter"
+    var emits: [any Event.Type] { [StockReserved.self] }
+    func handle(_ event: OrderPlaced, context: HandlerContext) async throws {
+        try context.emit(StockReserved(orderID: event.orderID), idempotencyKey: "")
+    }
+}
+
 @Suite("In-memory test harness")
 struct TestHarnessTests {
     @Test("an empty idempotency key is a dead letter, not a duplicate of every other event under it")
@@ -92,6 +100,16 @@ struct TestHarnessTests {
         #expect(
             letters.first?.errorMessage
                 == "keyed's key function gave an empty key: it must name the effect, or return nil to use the event's")
+        // Where a key is set, an empty one is refused at once.
+        let refused = await #expect(throws: ConfigurationError.self) {
+            try await harness.publish(OrderPlaced(orderID: "ada-4", quantity: 1), idempotencyKey: "")
+        }
+        #expect(refused?.message.hasPrefix("an idempotency key must not be empty") == true)
+        let emitting = TestHarness(handlers: [EmptyKeyEmitter()])
+        try await emitting.publish(OrderPlaced(orderID: "ada-5", quantity: 1))
+        await emitting.runUntilIdle()
+        #expect(await emitting.emitted(StockReserved.self).isEmpty)
+        #expect(await emitting.deadLetters.map(\.errorType) == ["ConfigurationError"])
     }
 
     @Test("emitted events are routed on to the handlers that consume them")
