@@ -103,12 +103,16 @@ public final class ChoreoRuntime: Service, Sendable {
         }
         defer { pruning.cancel() }
         var backoff = configuration.reconnectBackoff.initial
+        var conflict: TopologyConflict?
         await withGracefulShutdownHandler {
             while !isShuttingDown {
                 do {
                     try await runConnected()
                     backoff = configuration.reconnectBackoff.initial
                 } catch is CancellationError {
+                    break
+                } catch let error as TopologyConflict {
+                    conflict = error
                     break
                 } catch {
                     if isShuttingDown { break }
@@ -137,6 +141,7 @@ public final class ChoreoRuntime: Service, Sendable {
         } onGracefulShutdown: {
             self.beginShutdown()
         }
+        if let conflict { throw conflict }
     }
 
     /// How RabbitMQ 3.10 answers the manifest append to a stream that another client declared a moment ago
@@ -155,6 +160,27 @@ public final class ChoreoRuntime: Service, Sendable {
     struct CannotConnect: Error, CustomStringConvertible {
         var cause: any Error
         var description: String { "\(cause)" }
+    }
+
+    /// A queue or exchange exists on the broker with other settings than this service declares (406
+    /// PRECONDITION_FAILED): no reconnect can change that, so the service stops and says what to do.
+    struct TopologyConflict: Error, CustomStringConvertible {
+        var cause: AMQPError
+        var deliveryLimit: Int
+        var description: String {
+            let text = cause.message
+            var hint = "start the service with the settings the broker has, or delete what is named (with its messages)"
+            if text.contains("'x-delivery-limit'"),
+                let current = text.range(of: "current is '").map({ text[$0.upperBound...].prefix { $0 != "'" } })
+            {
+                hint =
+                    "the queue's delivery limit is \(current) and --delivery-limit asks for \(deliveryLimit): give "
+                    + "--delivery-limit \(current), or delete the queue to change it (with its messages)"
+            } else if text.contains("inequivalent arg 'type' for exchange") {
+                hint = "--exchange names an exchange of another type: Choreo's mesh exchange is a topic exchange"
+            }
+            return "\(cause); \(hint)"
+        }
     }
 
     /// The manifest append failed because the registry stream was still starting.
@@ -209,10 +235,15 @@ public final class ChoreoRuntime: Service, Sendable {
         let publisher = try await publisherConnection.openChannel()
         try await publisher.enableConfirms()
         let topology = Topology(exchange: configuration.exchange, deliveryLimit: configuration.deliveryLimit)
-        for h in handlers {
-            try await topology.declare(h, queues: .init(service: configuration.service, handler: h.name), on: publisher)
+        do {
+            for h in handlers {
+                try await topology.declare(
+                    h, queues: .init(service: configuration.service, handler: h.name), on: publisher)
+            }
+            try await Topology.declareRegistry(on: publisher)
+        } catch let error as AMQPError where error.replyCode == AMQPError.ReplyCode.preconditionFailed {
+            throw TopologyConflict(cause: error, deliveryLimit: configuration.deliveryLimit)
         }
-        try await Topology.declareRegistry(on: publisher)
         do {
             try await appendManifests(publisher)
         } catch let error as AMQPError where Self.isRegistryStarting(error) {

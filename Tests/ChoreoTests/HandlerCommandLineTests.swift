@@ -170,6 +170,44 @@ final class HandlerCommandLineTests {
         }
     }
 
+    @Test("a queue declared with other settings stops the service with what to do, instead of reconnecting forever")
+    func topologyConflict() async throws {
+        let connection = try await AMQPConnection.connect(to: try AMQPConfiguration(url: Broker.url))
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        let queues = WireNames.HandlerQueues(service: service, handler: "ping")
+        defer { Task { _ = try? await channel.deleteQueue(queues.main) } }
+        func lastLine(_ args: [String]) async throws -> (code: Int32, line: String?) {
+            let started = ContinuousClock.now
+            let run = try await handler(args)
+            #expect(ContinuousClock.now - started < .seconds(30), "it stops, it does not retry")
+            return (run.code, run.err.split(separator: "\n").last.map(String.init))
+        }
+        let declared = "error: queue.declare '\(queues.main)' failed: 406 PRECONDITION_FAILED - inequivalent arg"
+
+        // Someone else's queue under the handler's name.
+        try await channel.declareQueue(queues.main, options: .quorum(deliveryLimit: 3))
+        let alien = try await lastLine([])
+        #expect(alien.code == 1)
+        #expect(
+            alien.line
+                == "\(declared) 'x-dead-letter-exchange' for queue '\(queues.main)' in vhost '/': received the value '' "
+                + "of type 'longstr' but current is none; start the service with the settings the broker has, or "
+                + "delete what is named (with its messages)")
+
+        // The handler's own queue, declared with --delivery-limit 3 before.
+        _ = try await channel.deleteQueue(queues.main)
+        try await channel.declareQueue(
+            queues.main, options: Topology.mainQueue(deadLetterQueue: queues.deadLetter, deliveryLimit: 3))
+        let limit = try await lastLine([])
+        #expect(limit.code == 1)
+        #expect(
+            limit.line
+                == "\(declared) 'x-delivery-limit' for queue '\(queues.main)' in vhost '/': received '10' but current is "
+                + "'3'; the queue's delivery limit is 3 and --delivery-limit asks for 10: give --delivery-limit 3, or "
+                + "delete the queue to change it (with its messages)")
+    }
+
     @Test("a wrong option or environment value exits 2 with the reason, before anything starts")
     func usageErrors() async throws {
         let unknown = try await handler(["--bogus"])
