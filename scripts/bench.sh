@@ -20,9 +20,14 @@ scripts/broker.sh start "$name" "$port"
 trap 'scripts/broker.sh stop "$name"' EXIT
 export CHOREO_URL="amqp://guest:guest@127.0.0.1:$port/"
 
+# A build leaves hundreds of megabytes of dirty pages that the kernel writes back over the next half minute, on
+# the disk whose syncs the broker and the ledgers wait for: flushed before the first round, not during it.
+settle() { sync; }
+
 case "$which" in
 amqp)
     swift build -c release --product AMQPBenchmark
+    settle
     .build/release/AMQPBenchmark "$@"
     ;;
 chain)
@@ -41,6 +46,7 @@ chain)
     # One product per call: given several --product flags, swift build builds only the last.
     swift build -c release --product chain-benchmark
     swift build -c release --product chain-baseline-c
+    settle
     .build/release/chain-benchmark "$@"
     ;;
 *)
