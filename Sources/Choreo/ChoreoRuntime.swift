@@ -24,6 +24,8 @@ public final class ChoreoRuntime: Service, Sendable {
     private let connectionsLost: Counter
     private let tracing: EventTracing?
     private let shuttingDown = Mutex(false)
+    /// The wait before the next reconnect, if one is under way; cancelled by ``beginShutdown()``.
+    private let backoffWait = Mutex<Task<Void, Never>?>(nil)
     private let consumers = Mutex<[AMQPConsumer]>([])
     /// Resumed every time the runtime has declared its topology and started consuming.
     private let readiness = Mutex<[CheckedContinuation<Void, Never>]>([])
@@ -134,7 +136,7 @@ public final class ChoreoRuntime: Service, Sendable {
                     } else {
                         logger.warning("broker connection lost; reconnecting", metadata: metadata)
                     }
-                    try? await Task.sleep(for: .seconds(wait))
+                    await waitBeforeReconnecting(.seconds(wait))
                     backoff = min(backoff * 2, configuration.reconnectBackoff.maximum)
                 }
             }
@@ -201,11 +203,23 @@ public final class ChoreoRuntime: Service, Sendable {
     /// Stops consuming and lets in-flight work finish; `run()` then returns.
     public func beginShutdown() {
         shuttingDown.withLock { $0 = true }
+        backoffWait.withLock { $0?.cancel() }
         let current = consumers.withLock { $0 }
         Task { for c in current { try? await c.cancel() } }
     }
 
     private var isShuttingDown: Bool { shuttingDown.withLock { $0 } }
+
+    /// The wait between reconnects, which a shutdown ends at once: with the backoff at its 30 s maximum, a
+    /// SIGTERM would otherwise wait for it, past an orchestrator's grace period.
+    private func waitBeforeReconnecting(_ duration: Duration) async {
+        let wait = Task { _ = try? await Task.sleep(for: duration) }
+        backoffWait.withLock { $0 = wait }
+        // Stored before the flag is read: a shutdown that began meanwhile either finds the task or is seen here.
+        if isShuttingDown { wait.cancel() }
+        await wait.value
+        backoffWait.withLock { $0 = nil }
+    }
 
     private func runConnected() async throws {
         // Every invocation of an earlier connection has ended by now (the task groups below wait for them),
