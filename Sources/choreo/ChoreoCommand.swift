@@ -121,6 +121,7 @@ func printError(_ text: String) {
 
 /// A plain text table, columns padded to their widest cell.
 func table(_ header: [String], _ rows: [[String]]) -> String {
+    let rows = rows.map { $0.map { visible($0, keepingLines: false) } }
     let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
     func line(_ cells: [String]) -> String {
         cells.enumerated().map { i, c in
@@ -132,6 +133,31 @@ func table(_ header: [String], _ rows: [[String]]) -> String {
 }
 
 func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
+
+/// `text` with control characters written as escapes (`\u{1B}`, `\r`): a dead letter's headers and body come
+/// from whoever published the event, and an escape sequence printed raw would drive the operator's terminal.
+/// Line breaks and tabs stay when `keepingLines`; a table cell keeps none, so a row stays one line.
+func visible(_ text: String, keepingLines: Bool) -> String {
+    var out = ""
+    out.reserveCapacity(text.utf8.count)
+    for scalar in text.unicodeScalars {
+        let v = scalar.value
+        if keepingLines && (v == 0x0A || v == 0x09) {
+            out.unicodeScalars.append(scalar)
+            continue
+        }
+        switch v {
+        case 0x0A: out += "\\n"
+        case 0x09: out += "\\t"
+        case 0x0D: out += "\\r"
+        // C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
+        case 0x00...0x1F, 0x7F...0x9F, 0x202A...0x202E, 0x2066...0x2069:
+            out += "\\u{" + String(v, radix: 16, uppercase: true) + "}"
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out
+}
 
 func jsonLine<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()

@@ -93,8 +93,9 @@ struct DLQ: AsyncParsableCommand {
             for (k, v) in (l.properties.headers ?? [:]).sorted(by: { $0.key < $1.key }) {
                 lines.append("  \(k): \(v.stringValue ?? String(describing: v))")
             }
+            lines = lines.map { visible($0, keepingLines: false) }
             lines.append("body (\(l.body.count) bytes):")
-            lines.append(Show.pretty(l.body))
+            lines.append(visible(Show.pretty(l.body), keepingLines: true))
             print(lines.joined(separator: "\n"))
         }
 

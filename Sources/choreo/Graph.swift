@@ -20,7 +20,7 @@ struct Graph: AsyncParsableCommand {
             throw OperationError("no handlers in the registry: no handler service has started on this broker yet")
         }
         switch format {
-        case .text: print(graph.text())
+        case .text: print(visible(graph.text(), keepingLines: true))
         case .mermaid: print(graph.mermaid())
         case .dot: print(graph.dot())
         }

@@ -148,6 +148,37 @@ struct CLITests {
         #expect(letters.first?.properties.headers?[WireNames.Headers.deadLetterErrorType] == .string("GatewayError"))
     }
 
+    @Test("what a publisher wrote cannot drive the operator's terminal: control characters are shown escaped")
+    func controlCharactersEscaped() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let ping = try mesh.start("ping")
+        defer { ping.terminate() }
+        // Not JSON, so dead-lettered at once; its body and a header carry a screen clear and a bidi override.
+        var headers: AMQPTable = [
+            "cloudEvents_id": "esc-1", "cloudEvents_type": "test.ping", "cloudEvents_source": "test",
+            "cloudEvents_specversion": "1.0", "note": "red\u{1B}[31m\r\nnext",
+        ]
+        headers["cloudEvents_subject"] = "evil\u{202E}txt.exe"
+        try await channel.publish(
+            AMQPOutgoingMessage(
+                exchange: mesh.exchange, routingKey: "test.ping", body: Data("\u{1B}[2Jline one\nline two\u{7}".utf8),
+                properties: AMQPProperties(contentType: "text/plain", headers: headers, deliveryMode: 2)))
+        let n = await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.deadLetter).messageCount }, until: { $0 == 1 })
+        try #require(n == 1, "the event did not reach the dead-letter queue")
+
+        let show = try await Broker.choreo(["dlq", "show", "esc-1"])
+        #expect(show.code == 0, "\(show.err)")
+        for raw in ["\u{1B}", "\u{7}", "\u{202E}", "\r"] { #expect(!show.out.contains(raw), "\(raw.debugDescription)") }
+        #expect(show.out.contains("  note: red\\u{1B}[31m\\r\\nnext\n"))
+        #expect(show.out.contains("  cloudEvents_subject: evil\\u{202E}txt.exe\n"))
+        #expect(show.out.hasSuffix("body (22 bytes):\n\\u{1B}[2Jline one\nline two\\u{7}\n"), "\(show.out)")
+        let list = try await Broker.choreo(["dlq", "list", "--handler", "\(mesh.pingService).ping"])
+        #expect(list.code == 0 && !list.out.contains("\u{1B}"), "\(list.out)")
+    }
+
     @Test("purge refuses without --yes off a terminal")
     func purgeRefuses() async throws {
         let purge = try await Broker.choreo(["dlq", "purge", "--all"])
