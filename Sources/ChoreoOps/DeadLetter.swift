@@ -83,6 +83,8 @@ public struct DeadLetter: Sendable {
 public struct DeadLetterFilter: Sendable {
     public var handler: String?
     public var ids: Set<String> = []
+    /// Only the handlers of this service.
+    public var service: String?
     public var type: String?
     public var errorText: String?
     public var since: Date?
@@ -90,9 +92,10 @@ public struct DeadLetterFilter: Sendable {
 
     public init(
         handler: String? = nil, ids: Set<String> = [], type: String? = nil, errorText: String? = nil,
-        since: Date? = nil, limit: Int? = nil
+        since: Date? = nil, limit: Int? = nil, service: String? = nil
     ) {
         self.handler = handler
+        self.service = service
         self.ids = ids
         self.type = type
         self.errorText = errorText
@@ -101,6 +104,7 @@ public struct DeadLetterFilter: Sendable {
     }
 
     func matches(_ m: HandlerManifest) -> Bool {
+        if let service, m.service != service { return false }
         guard let handler else { return true }
         return handler == m.handler || handler == "\(m.service).\(m.handler)" || handler == "\(m.service)/\(m.handler)"
     }

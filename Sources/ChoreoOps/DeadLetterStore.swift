@@ -36,6 +36,12 @@ public struct DeadLetterStore: Sendable {
     public func handlers(for filter: DeadLetterFilter) throws -> [HandlerManifest] {
         let selected = manifests.filter { filter.matches($0) }
         if selected.isEmpty {
+            if let service = filter.service, !manifests.contains(where: { $0.service == service }) {
+                let known = Set(manifests.map(\.service)).sorted()
+                throw OperationError(
+                    "no service named '\(service)' in the registry (known: \(known.isEmpty ? "none" : known.joined(separator: ", ")))"
+                )
+            }
             if let h = filter.handler {
                 let known = manifests.map { "\($0.service).\($0.handler)" }
                 throw OperationError(

@@ -64,6 +64,8 @@ struct ConnectionOptions: ParsableArguments {
 struct FilterOptions: ParsableArguments {
     @Option(help: "Only this handler (name, or service.handler).")
     var handler: String?
+    @Option(help: "Only the handlers of this service.")
+    var service: String?
     @Option(help: "Only events of this type.")
     var type: String?
     @Option(help: "Only letters whose error type or message contains this text.")
@@ -83,7 +85,8 @@ struct FilterOptions: ParsableArguments {
         }
         if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
         return DeadLetterFilter(
-            handler: handler, ids: Set(ids), type: type, errorText: error, since: since, limit: limit)
+            handler: handler, ids: Set(ids), type: type, errorText: error, since: since, limit: limit,
+            service: service)
     }
 
     static func parseSince(_ text: String, now: Date = Date()) -> Date? {
