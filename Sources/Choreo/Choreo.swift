@@ -22,8 +22,9 @@ import ServiceLifecycle
 /// The executable gets a standard command line: `--url` (`CHOREO_URL`), `--ledger` (`CHOREO_LEDGER`),
 /// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`, `--lease`,
 /// `--log-level`, `--metrics` (`CHOREO_METRICS`, when the executable passes a ``MetricsEndpoint``), `--manifest`
-/// (print the handler manifest as JSON and exit), `--check` (test that the broker and the ledger are reachable and
-/// the metrics port free, and exit) and `--help`.
+/// (print the handler manifest as JSON and exit), `--check` (test that the broker and the ledger are reachable, that
+/// the queues an earlier start declared agree with these settings and the metrics port is free, and exit) and
+/// `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
@@ -122,7 +123,10 @@ struct RunnerOptions: ParsableCommand {
     var metrics: String?
     @Flag(help: "Print the handler manifest as JSON and exit.")
     var manifest = false
-    @Flag(help: "Check that the broker and the ledger are reachable (and the --metrics port free), then exit.")
+    @Flag(
+        help:
+            "Check that the broker and the ledger are reachable, that queues declared before agree with these settings (and the --metrics port is free), then exit."
+    )
     var check = false
 
     func configuration(service: String) throws -> RunnerConfiguration {
@@ -242,6 +246,10 @@ struct RunnerOptions: ParsableCommand {
             if check {
                 let amqp = try AMQPConfiguration(url: config.url)
                 let connection = try await AMQPConnection.connect(to: amqp)
+                do { try await runtime.checkTopology(on: connection) } catch {
+                    await connection.close()
+                    throw error
+                }
                 await connection.close()
                 try await runtime.ledger.check()
                 print(

@@ -185,6 +185,28 @@ public final class ChoreoRuntime: Service, Sendable {
         }
     }
 
+    /// For `--check`: declares again, with this service's settings, each handler's topology that an earlier
+    /// start left on the broker, so that a queue or exchange the broker has with other settings is found before
+    /// the service runs. A handler whose queue is not there yet is skipped: nothing is created for it.
+    package func checkTopology(on connection: AMQPConnection) async throws {
+        let channel = try await connection.openChannel()
+        defer { Task { await channel.close() } }
+        let topology = Topology(exchange: configuration.exchange, deliveryLimit: configuration.deliveryLimit)
+        do {
+            for h in handlers {
+                let queues = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
+                do { _ = try await channel.declareQueuePassive(queues.main) } catch {
+                    // The broker closed the channel; it is opened again on its next use.
+                    if error.replyCode == AMQPError.ReplyCode.notFound { continue }
+                    throw error
+                }
+                try await topology.declare(h, queues: queues, on: channel)
+            }
+        } catch let error as AMQPError where error.replyCode == AMQPError.ReplyCode.preconditionFailed {
+            throw TopologyConflict(cause: error, deliveryLimit: configuration.deliveryLimit)
+        }
+    }
+
     /// The manifest append failed because the registry stream was still starting.
     struct RegistryStarting: Error, CustomStringConvertible {
         var cause: AMQPError

@@ -185,6 +185,11 @@ final class HandlerCommandLineTests {
         }
         let declared = "error: queue.declare '\(queues.main)' failed: 406 PRECONDITION_FAILED - inequivalent arg"
 
+        // Before any start, --check finds nothing to compare and creates nothing.
+        #expect(try await handler(["--check"]).code == 0)
+        let absent = await #expect(throws: AMQPError.self) { try await channel.declareQueuePassive(queues.main) }
+        #expect(absent?.replyCode == AMQPError.ReplyCode.notFound, "--check must not declare a handler's queue")
+
         // Someone else's queue under the handler's name.
         try await channel.declareQueue(queues.main, options: .quorum(deliveryLimit: 3))
         let alien = try await lastLine([])
@@ -199,13 +204,19 @@ final class HandlerCommandLineTests {
         _ = try await channel.deleteQueue(queues.main)
         try await channel.declareQueue(
             queues.main, options: Topology.mainQueue(deadLetterQueue: queues.deadLetter, deliveryLimit: 3))
+        let expected =
+            "\(declared) 'x-delivery-limit' for queue '\(queues.main)' in vhost '/': received '10' but current is "
+            + "'3'; the queue's delivery limit is 3 and --delivery-limit asks for 10: give --delivery-limit 3, or "
+            + "delete the queue to change it (with its messages)"
         let limit = try await lastLine([])
         #expect(limit.code == 1)
-        #expect(
-            limit.line
-                == "\(declared) 'x-delivery-limit' for queue '\(queues.main)' in vhost '/': received '10' but current is "
-                + "'3'; the queue's delivery limit is 3 and --delivery-limit asks for 10: give --delivery-limit 3, or "
-                + "delete the queue to change it (with its messages)")
+        #expect(limit.line == expected)
+        // --check finds it too, before a deployment starts the service; with the queue's own limit it passes.
+        let check = try await lastLine(["--check"])
+        #expect(check.code == 1)
+        #expect(check.line == expected)
+        let agreed = try await handler(["--check", "--delivery-limit", "3"])
+        #expect(agreed.code == 0, "\(agreed.err)")
     }
 
     @Test("a wrong option or environment value exits 2 with the reason, before anything starts")
