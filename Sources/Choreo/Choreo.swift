@@ -23,8 +23,8 @@ import ServiceLifecycle
 /// `--concurrency`, `--prefetch`, `--ack-delay`, `--exchange`, `--delivery-limit`, `--max-body-bytes`, `--lease`,
 /// `--log-level`, `--metrics` (`CHOREO_METRICS`, when the executable passes a ``MetricsEndpoint``), `--manifest`
 /// (print the handler manifest as JSON and exit), `--check` (test that the broker and the ledger are reachable, that
-/// the queues an earlier start declared agree with these settings and the metrics port is free, and exit) and
-/// `--help`.
+/// the exchange and queues already on the broker agree with these settings and the metrics port is free, and exit)
+/// and `--help`.
 /// It runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. It exits 1 when it cannot run
 /// (the broker or the ledger unreachable, a fatal error) and 2 for a wrong option or environment value.
 public enum Choreo {
@@ -125,7 +125,7 @@ struct RunnerOptions: ParsableCommand {
     var manifest = false
     @Flag(
         help:
-            "Check that the broker and the ledger are reachable, that queues declared before agree with these settings (and the --metrics port is free), then exit."
+            "Check that the broker and the ledger are reachable, that the exchange and queues already on the broker agree with these settings (and the --metrics port is free), then exit."
     )
     var check = false
 

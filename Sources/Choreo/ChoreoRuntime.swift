@@ -185,22 +185,35 @@ public final class ChoreoRuntime: Service, Sendable {
         }
     }
 
-    /// For `--check`: declares again, with this service's settings, each handler's topology that an earlier
-    /// start left on the broker, so that a queue or exchange the broker has with other settings is found before
-    /// the service runs. A handler whose queue is not there yet is skipped: nothing is created for it.
+    /// For `--check`: declares again, with this service's settings, the mesh's exchange and each handler's queue
+    /// where the broker already has them (the two that carry settings a restart may change: the exchange's type,
+    /// the queue's delivery limit), so that a conflict is found before the service runs. Creates nothing.
     package func checkTopology(on connection: AMQPConnection) async throws {
         let channel = try await connection.openChannel()
         defer { Task { await channel.close() } }
-        let topology = Topology(exchange: configuration.exchange, deliveryLimit: configuration.deliveryLimit)
+        /// Whether the broker has it; a 404 closes the channel, which opens again on its next use.
+        func exists(_ probe: () async throws(AMQPError) -> Void) async throws -> Bool {
+            do { try await probe() } catch {
+                if error.replyCode == AMQPError.ReplyCode.notFound { return false }
+                throw error
+            }
+            return true
+        }
         do {
+            if try await exists({ () throws(AMQPError) in
+                try await channel.declareExchangePassive(configuration.exchange)
+            }) {
+                try await channel.declareExchange(configuration.exchange, type: .topic, durable: true)
+            }
             for h in handlers {
                 let queues = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
-                do { _ = try await channel.declareQueuePassive(queues.main) } catch {
-                    // The broker closed the channel; it is opened again on its next use.
-                    if error.replyCode == AMQPError.ReplyCode.notFound { continue }
-                    throw error
-                }
-                try await topology.declare(h, queues: queues, on: channel)
+                guard
+                    try await exists({ () throws(AMQPError) in _ = try await channel.declareQueuePassive(queues.main) })
+                else { continue }
+                try await channel.declareQueue(
+                    queues.main,
+                    options: Topology.mainQueue(
+                        deadLetterQueue: queues.deadLetter, deliveryLimit: configuration.deliveryLimit))
             }
         } catch let error as AMQPError where error.replyCode == AMQPError.ReplyCode.preconditionFailed {
             throw TopologyConflict(cause: error, deliveryLimit: configuration.deliveryLimit)

@@ -217,6 +217,18 @@ final class HandlerCommandLineTests {
         #expect(check.line == expected)
         let agreed = try await handler(["--check", "--delivery-limit", "3"])
         #expect(agreed.code == 0, "\(agreed.err)")
+
+        // An --exchange of another type.
+        let direct = "direct-\(service)"
+        try await channel.declareExchange(direct, type: .direct, durable: false)
+        defer { Task { try? await channel.deleteExchange(direct) } }
+        let exchange = try await lastLine(["--check", "--exchange", direct, "--delivery-limit", "3"])
+        #expect(exchange.code == 1)
+        #expect(
+            exchange.line
+                == "error: exchange.declare '\(direct)' failed: 406 PRECONDITION_FAILED - inequivalent arg 'type' for "
+                + "exchange '\(direct)' in vhost '/': received 'topic' but current is 'direct'; --exchange names an "
+                + "exchange of another type: Choreo's mesh exchange is a topic exchange")
     }
 
     @Test("a wrong option or environment value exits 2 with the reason, before anything starts")
