@@ -10,13 +10,30 @@ import Foundation
 /// same timeout recovers the operating system's reason. Runs only on the failure path.
 enum ConnectDiagnosis {
     static func reason(host: String, port: Int, timeout: Duration) -> String? {
+        switch connect(host: host, port: port, timeout: timeout) {
+        case .connected(let fd):
+            close(fd)
+            return nil
+        case .failed(let reason): return reason
+        }
+    }
+
+    enum Connection {
+        case connected(Int32)
+        /// The reason, when the system gave one.
+        case failed(String?)
+    }
+
+    /// A TCP connection, non-blocking, to the first of the host's addresses that takes one within `timeout`;
+    /// else the operating system's reason for the last failure. The caller closes the socket.
+    static func connect(host: String, port: Int, timeout: Duration) -> Connection {
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         hints.ai_family = AF_UNSPEC
         var list: UnsafeMutablePointer<addrinfo>?
         let rc = getaddrinfo(host, String(port), &hints, &list)
         if rc != 0 {
-            return "cannot resolve host '\(host)': \(String(cString: gai_strerror(rc)))"
+            return .failed("cannot resolve host '\(host)': \(String(cString: gai_strerror(rc)))")
         }
         defer { freeaddrinfo(list) }
         var lastReason: String?
@@ -26,27 +43,32 @@ enum ConnectDiagnosis {
             let fd = socket(
                 ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_NONBLOCK.rawValue), ai.pointee.ai_protocol)
             if fd < 0 { continue }
-            defer { close(fd) }
-            if connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 { return nil }
+            if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 { return .connected(fd) }
             if errno != EINPROGRESS {
                 lastReason = String(cString: strerror(errno)).lowercased()
+                close(fd)
                 continue
             }
             var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            let ms = Int32(
-                clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
-            let ready = poll(&pfd, 1, ms)
-            if ready == 0 {
+            if poll(&pfd, 1, milliseconds(timeout)) == 0 {
                 lastReason = "timed out after \(timeout)"
+                close(fd)
                 continue
             }
             var soError: Int32 = 0
             var len = socklen_t(MemoryLayout<Int32>.size)
             getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len)
-            if soError == 0 { return nil }
+            if soError == 0 { return .connected(fd) }
             lastReason = String(cString: strerror(soError)).lowercased()
+            close(fd)
         }
-        return lastReason
+        return .failed(lastReason)
+    }
+
+    /// `d` in whole milliseconds for `poll`, at least 1 for a positive duration.
+    static func milliseconds(_ d: Duration) -> Int32 {
+        let ms = Int32(clamping: d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000)
+        return d > .zero ? max(ms, 1) : 0
     }
 }
 
@@ -74,15 +96,7 @@ extension ConnectDiagnosis {
     }
 
     static func greeting(host: String, port: Int, timeout: Duration) -> Greeting {
-        var hints = addrinfo()
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        hints.ai_family = AF_UNSPEC
-        var list: UnsafeMutablePointer<addrinfo>?
-        guard getaddrinfo(host, String(port), &hints, &list) == 0, let ai = list else { return .unreachable }
-        defer { freeaddrinfo(list) }
-        let fd = socket(
-            ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_NONBLOCK.rawValue), ai.pointee.ai_protocol)
-        guard fd >= 0 else { return .unreachable }
+        guard case .connected(let fd) = connect(host: host, port: port, timeout: timeout) else { return .unreachable }
         defer { close(fd) }
         let deadline = ContinuousClock.now + timeout
         func wait(for events: Int32, atMost limit: Duration? = nil) -> Bool {
@@ -90,16 +104,7 @@ extension ConnectDiagnosis {
             if let limit { left = min(left, limit) }
             guard left > .zero else { return false }
             var pfd = pollfd(fd: fd, events: Int16(events), revents: 0)
-            let ms = Int32(
-                clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
-            return poll(&pfd, 1, max(ms, 1)) > 0
-        }
-        if connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) != 0 {
-            guard errno == EINPROGRESS, wait(for: Int32(POLLOUT)) else { return .unreachable }
-            var soError: Int32 = 0
-            var len = socklen_t(MemoryLayout<Int32>.size)
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &len)
-            if soError != 0 { return .unreachable }
+            return poll(&pfd, 1, milliseconds(left)) > 0
         }
         let header: [UInt8] = [0x41, 0x4D, 0x51, 0x50, 0, 0, 9, 1]  // "AMQP" 0-9-1
         guard header.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == header.count
