@@ -130,11 +130,9 @@ struct RunnerOptions: ParsableCommand {
     var check = false
 
     func configuration(service: String) throws -> RunnerConfiguration {
-        let env = ProcessInfo.processInfo.environment
         var c = RunnerConfiguration(service: service)
-        // An empty variable counts as unset (as CHOREO_METRICS): a deployment template often passes one empty.
-        if let u = url ?? env["CHOREO_URL"].flatMap({ $0.isEmpty ? nil : $0 }) { c.url = u }
-        c.ledgerPath = ledger ?? env["CHOREO_LEDGER"].flatMap { $0.isEmpty ? nil : $0 }
+        if let u = url ?? environmentValue("CHOREO_URL") { c.url = u }
+        c.ledgerPath = ledger ?? environmentValue("CHOREO_LEDGER")
         if let concurrency { c.concurrency = concurrency }
         c.prefetch = prefetch
         if let ackDelay { c.ackDelay = .milliseconds(ackDelay) }
@@ -162,9 +160,7 @@ struct RunnerOptions: ParsableCommand {
 
     /// Where `--metrics` (`CHOREO_METRICS`) asks the metrics to be served; nil when it is not given.
     func metricsAddress() throws -> MetricsAddress? {
-        guard let text = metrics ?? ProcessInfo.processInfo.environment["CHOREO_METRICS"], !text.isEmpty else {
-            return nil
-        }
+        guard let text = metrics ?? environmentValue("CHOREO_METRICS"), !text.isEmpty else { return nil }
         return try MetricsAddress(parsing: text)
     }
 
@@ -172,8 +168,7 @@ struct RunnerOptions: ParsableCommand {
         service: String, handlers: [any EventHandler], ledgerKinds: [any URLOpenableLedger.Type],
         metricsKind: (any MetricsEndpoint.Type)?
     ) async -> Int32 {
-        let env = ProcessInfo.processInfo.environment
-        let levelText = logLevel ?? env["CHOREO_LOG_LEVEL"] ?? "info"
+        let levelText = logLevel ?? environmentValue("CHOREO_LOG_LEVEL") ?? "info"
         guard let level = Logger.Level(rawValue: levelText) else {
             return Self.fail("unknown --log-level '\(levelText)'", Self.usageError)
         }
@@ -271,4 +266,11 @@ struct RunnerOptions: ParsableCommand {
             return Self.fail("\(error)", Self.failed)
         }
     }
+}
+
+/// An environment variable's value; one set to the empty string counts as unset, since a deployment template
+/// often passes a variable empty rather than leaving it out.
+package func environmentValue(_ name: String) -> String? {
+    guard let value = ProcessInfo.processInfo.environment[name], !value.isEmpty else { return nil }
+    return value
 }

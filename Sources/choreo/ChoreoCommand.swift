@@ -27,9 +27,7 @@ struct ConnectionOptions: ParsableArguments {
     var url: String?
 
     var resolvedURL: String {
-        // An empty CHOREO_URL counts as unset, as in the handler executables.
-        url ?? ProcessInfo.processInfo.environment["CHOREO_URL"].flatMap { $0.isEmpty ? nil : $0 }
-            ?? "amqp://guest:guest@127.0.0.1:5672/"
+        url ?? environmentValue("CHOREO_URL") ?? "amqp://guest:guest@127.0.0.1:5672/"
     }
 
     func connect() async throws -> AMQPConnection {

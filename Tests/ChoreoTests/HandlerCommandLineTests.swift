@@ -252,6 +252,11 @@ final class HandlerCommandLineTests {
         let emptyURL = try await handler(["--url", ""])
         #expect(emptyURL.code == 2)
         #expect(emptyURL.err == "error: --url is empty: give amqp://user:password@host:port/vhost\n")
+        // Set to the empty string, a variable counts as unset: the defaults apply, nothing is refused.
+        let emptyVariables = try await handler(
+            ["--manifest"],
+            environment: ["CHOREO_URL": "", "CHOREO_LEDGER": "", "CHOREO_LOG_LEVEL": "", "CHOREO_METRICS": ""])
+        #expect(emptyVariables.code == 0, "\(emptyVariables.err)")
         let emptyLedger = try await handler(["--ledger", ""])
         #expect(emptyLedger.code == 2)
         #expect(emptyLedger.err == "error: --ledger is empty: give a SQLite file path or a ledger URL\n")
