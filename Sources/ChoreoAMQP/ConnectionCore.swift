@@ -254,14 +254,17 @@ final class ConnectionCore {
         default: break
         }
         let reason = choreo_tls_last_reason().map { String(cString: $0) } ?? String(cString: amqp_error_string2(status))
-        let greeting = ConnectDiagnosis.greeting(
-            host: config.host, port: config.port, timeout: min(config.connectTimeout, Self.diagnosisTimeout))
-        guard greeting == .amqp091 else { return reason }
+        guard askGreeting() == .amqp091 else { return reason }
         return "\(reason); port \(config.port) is a plain AMQP port, not TLS: use amqp://, or the broker's TLS port"
     }
 
-    /// How long a diagnosis after a failed connection waits for the server's answer.
-    static let diagnosisTimeout = Duration.seconds(2)
+    /// What the configured address answers to the AMQP 0-9-1 header, asked on a connection of its own after a
+    /// failure; waits at most the connect timeout, and 2 s.
+    private func askGreeting() -> ConnectDiagnosis.Greeting {
+        let config = configuration
+        return ConnectDiagnosis.greeting(
+            host: config.host, port: config.port, timeout: min(config.connectTimeout, .seconds(2)))
+    }
 
     /// Why the server at the configured address sent no `connection.start`, if it is not an AMQP 0-9-1 broker:
     /// a TLS port reached with amqp://, another protocol, another AMQP version. Nil for a broker that closed the
@@ -273,12 +276,7 @@ final class ConnectionCore {
             [5671, 5672].contains(config.port)
             ? "another service holds RabbitMQ's port \(config.port)"
             : "is \(config.port) the broker's AMQP port? RabbitMQ's is 5672, or 5671 for amqps://"
-        let greeting =
-            timedOut
-            ? .silent
-            : ConnectDiagnosis.greeting(
-                host: config.host, port: config.port, timeout: min(config.connectTimeout, Self.diagnosisTimeout))
-        switch greeting {
+        switch timedOut ? .silent : askGreeting() {
         case .tls: return "\(server) speaks TLS: connect with amqps://"
         case .otherAMQP(let version):
             return "\(server) speaks AMQP \(version), not 0-9-1: Choreo needs RabbitMQ or another AMQP 0-9-1 broker"
