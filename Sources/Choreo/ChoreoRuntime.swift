@@ -203,17 +203,14 @@ public final class ChoreoRuntime: Service, Sendable {
             if try await exists({ () throws(AMQPError) in
                 try await channel.declareExchangePassive(configuration.exchange)
             }) {
-                try await channel.declareExchange(configuration.exchange, type: .topic, durable: true)
+                try await topology.declareExchange(on: channel)
             }
             for h in handlers {
                 let queues = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
                 guard
                     try await exists({ () throws(AMQPError) in _ = try await channel.declareQueuePassive(queues.main) })
                 else { continue }
-                try await channel.declareQueue(
-                    queues.main,
-                    options: Topology.mainQueue(
-                        deadLetterQueue: queues.deadLetter, deliveryLimit: configuration.deliveryLimit))
+                try await topology.declareMainQueue(queues, on: channel)
             }
         } catch let error as AMQPError where error.replyCode == AMQPError.ReplyCode.preconditionFailed {
             throw TopologyConflict(cause: error, deliveryLimit: configuration.deliveryLimit)
@@ -244,6 +241,11 @@ public final class ChoreoRuntime: Service, Sendable {
     }
 
     private var isShuttingDown: Bool { shuttingDown.withLock { $0 } }
+
+    /// What this service declares on the broker, with its settings.
+    private var topology: Topology {
+        Topology(exchange: configuration.exchange, deliveryLimit: configuration.deliveryLimit)
+    }
 
     /// The wait between reconnects, which a shutdown ends at once: with the backoff at its 30 s maximum, a
     /// SIGTERM would otherwise wait for it, past an orchestrator's grace period.
@@ -283,7 +285,6 @@ public final class ChoreoRuntime: Service, Sendable {
         }
         let publisher = try await publisherConnection.openChannel()
         try await publisher.enableConfirms()
-        let topology = Topology(exchange: configuration.exchange, deliveryLimit: configuration.deliveryLimit)
         do {
             for h in handlers {
                 try await topology.declare(

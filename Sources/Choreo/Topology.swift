@@ -16,10 +16,9 @@ package struct Topology {
     var deliveryLimit: Int
 
     func declare(_ handler: HandlerDescriptor, queues: WireNames.HandlerQueues, on channel: AMQPChannel) async throws {
-        try await channel.declareExchange(exchange, type: .topic, durable: true)
+        try await declareExchange(on: channel)
         try await channel.declareQueue(queues.deadLetter, options: .quorum())
-        try await channel.declareQueue(
-            queues.main, options: Self.mainQueue(deadLetterQueue: queues.deadLetter, deliveryLimit: deliveryLimit))
+        try await declareMainQueue(queues, on: channel)
         try await channel.bindQueue(queues.main, exchange: exchange, routingKey: handler.inputType)
         for delay in handler.retryPolicy.tiers {
             var tier = QueueOptions.quorum()
@@ -30,6 +29,17 @@ package struct Topology {
             tier.overflow = .rejectPublish
             try await channel.declareQueue(queues.retry(delay: delay), options: tier)
         }
+    }
+
+    /// The mesh's exchange: the one declaration whose settings (type, durability) a restart could contradict.
+    func declareExchange(on channel: AMQPChannel) async throws(AMQPError) {
+        try await channel.declareExchange(exchange, type: .topic, durable: true)
+    }
+
+    /// The handler's own queue: the one whose arguments (the delivery limit) a restart could contradict.
+    func declareMainQueue(_ queues: WireNames.HandlerQueues, on channel: AMQPChannel) async throws(AMQPError) {
+        try await channel.declareQueue(
+            queues.main, options: Self.mainQueue(deadLetterQueue: queues.deadLetter, deliveryLimit: deliveryLimit))
     }
 
     /// A handler's queue: quorum, with a delivery limit and at-least-once dead-lettering to `deadLetterQueue`.
