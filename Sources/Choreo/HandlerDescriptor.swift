@@ -134,6 +134,20 @@ package struct HandlerDescriptor: Sendable {
         }
     }
 
+    /// Y of a decoder's "Expected to decode X but found Y instead.", with an article as ``jsonKind(_:)`` writes
+    /// it (Foundation's decoder gives none).
+    static func foundKind(in description: String) -> String? {
+        guard let start = description.range(of: " but found "),
+            let end = description[start.upperBound...].range(of: " instead")
+        else { return nil }
+        let words = String(description[start.upperBound..<end.lowerBound])
+        let named = [
+            "number": "a number", "string": "a string", "bool": "a boolean", "boolean": "a boolean",
+            "array": "an array", "dictionary": "an object", "object": "an object",
+        ]
+        return named[words] ?? words
+    }
+
     /// What is wrong with JSON that did not decode as `type`, for a person; `whole` names what was read.
     package static func describe(_ error: DecodingError, type: String, whole: String = "body") -> String {
         func path(_ c: [CodingKey]) -> String {
@@ -146,17 +160,7 @@ package struct HandlerDescriptor: Sendable {
         case .keyNotFound(let key, let c):
             return "JSON does not match '\(type)': missing key '\(path(c.codingPath + [key]))'"
         case .typeMismatch(let t, let c):
-            // Both JSON decoders say "Expected to decode X but found Y instead", Foundation's without an article.
-            let found = c.debugDescription.range(of: " but found ").flatMap { start in
-                c.debugDescription[start.upperBound...].range(of: " instead").map { end in
-                    let words = String(c.debugDescription[start.upperBound..<end.lowerBound])
-                    let named = [
-                        "number": "a number", "string": "a string", "bool": "a boolean", "boolean": "a boolean",
-                        "array": "an array", "dictionary": "an object", "object": "an object",
-                    ]
-                    return ", found " + (named[words] ?? words)
-                }
-            }
+            let found = Self.foundKind(in: c.debugDescription).map { ", found \($0)" }
             return "JSON does not match '\(type)': expected \(jsonKind(t)) at \(path(c.codingPath))\(found ?? "")"
         case .valueNotFound(let t, let c):
             return "JSON does not match '\(type)': null where \(jsonKind(t)) is required at \(path(c.codingPath))"
