@@ -30,6 +30,8 @@ public final class ChoreoRuntime: Service, Sendable {
     /// Resumed every time the runtime has declared its topology and started consuming.
     private let readiness = Mutex<[CheckedContinuation<Void, Never>]>([])
     private let ready = Mutex(false)
+    /// Set when ``IdempotencyLedger/verifyUsable()`` threw: `run()` then stops and throws it.
+    private let ledgerLost = Mutex<LedgerUnusable?>(nil)
 
     /// - Parameters:
     ///   - configuration: the settings; validated here.
@@ -104,6 +106,8 @@ public final class ChoreoRuntime: Service, Sendable {
             }
         }
         defer { pruning.cancel() }
+        let watching = Task { await watchLedger() }
+        defer { watching.cancel() }
         var backoff = configuration.reconnectBackoff.initial
         var conflict: TopologyConflict?
         await withGracefulShutdownHandler {
@@ -144,6 +148,26 @@ public final class ChoreoRuntime: Service, Sendable {
             self.beginShutdown()
         }
         if let conflict { throw conflict }
+        if let lost = ledgerLost.withLock({ $0 }) { throw lost }
+    }
+
+    /// Asks the ledger every second whether it can still be used; when it cannot, shuts the service down (the
+    /// events in flight finish, the others stay in the queue) and leaves the reason for `run()` to throw.
+    private func watchLedger() async {
+        while !Task.isCancelled {
+            do {
+                try ledger.verifyUsable()
+            } catch {
+                let lost = error as? LedgerUnusable ?? LedgerUnusable("\(error)")
+                ledgerLost.withLock { $0 = lost }
+                logger.error(
+                    "the ledger cannot be used any more; finishing the events in flight, then stopping",
+                    metadata: ["error": "\(lost)"])
+                beginShutdown()
+                return
+            }
+            try? await Task.sleep(for: .seconds(1))
+        }
     }
 
     /// How RabbitMQ 3.10 answers the manifest append to a stream that another client declared a moment ago

@@ -125,6 +125,20 @@ public protocol IdempotencyLedger: Sendable {
     func complete(_ requests: [CompletionRequest]) async throws -> [LedgerCompletion]
     /// Records several keys' confirmed outbox entries as one write where the store can.
     func markPublished(_ entries: [PublishedEntries]) async throws
+
+    /// Throws ``LedgerUnusable`` once the store can no longer keep what it promised to this process, such
+    /// as a SQLite file deleted or replaced while in use; the runtime asks every second and stops the
+    /// service when it throws. Must be cheap and must not wait on the store (no query, no round trip).
+    func verifyUsable() throws
+}
+
+/// The ledger cannot serve this process any more (its file was deleted or replaced while in use): no retry
+/// brings it back, so the runtime stops taking events, finishes those in flight and stops the service with
+/// this reason, instead of running on without the completed keys.
+public struct LedgerUnusable: Error, CustomStringConvertible {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
 }
 
 extension IdempotencyLedger {
@@ -147,6 +161,9 @@ extension IdempotencyLedger {
         }
         return results
     }
+
+    /// Nothing to check: a store that can become unusable for good overrides it.
+    public func verifyUsable() throws {}
 
     /// One call per key; stores that can batch writes override it.
     public func markPublished(_ entries: [PublishedEntries]) async throws {

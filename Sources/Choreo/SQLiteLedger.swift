@@ -48,6 +48,8 @@ public final class SQLiteLedger: IdempotencyLedger {
     /// process dies, however it dies): a second user of the file is refused instead of silently running
     /// handlers again for keys it does not know were completed.
     private let fileLock: Int32
+    /// The ledger's files as they were when opened, for ``verifyUsable()``.
+    private let files: [WatchedFile]
     public let path: String
 
     /// Opens (creating if needed) the ledger file and migrates its schema.
@@ -83,6 +85,53 @@ public final class SQLiteLedger: IdempotencyLedger {
         } catch {
             close(fileLock)
             throw ConfigurationError("cannot open the ledger \(path): \(Self.reason(error))")
+        }
+        var files: [WatchedFile] = []
+        // The log and its index exist while a connection is open (the pool keeps its writer's).
+        for file in [path, path + "-wal", path + "-shm"] {
+            var status = stat()
+            if stat(file, &status) == 0 { files.append(WatchedFile(path: file, status: status)) }
+        }
+        var lockStatus = stat()
+        if fstat(fileLock, &lockStatus) == 0 { files.append(WatchedFile(path: path + ".lock", status: lockStatus)) }
+        self.files = files
+    }
+
+    /// One of the ledger's files and the identity (device and inode) it had when the ledger opened it.
+    private struct WatchedFile {
+        var path: String
+        var device: UInt64
+        var inode: UInt64
+
+        init(path: String, status: stat) {
+            self.path = path
+            device = UInt64(status.st_dev)
+            inode = UInt64(status.st_ino)
+        }
+    }
+
+    /// Throws ``LedgerUnusable`` when one of the ledger's files (the database, its log, the log's index, the
+    /// lock) is no longer at its path, or another file is: SQLite goes on writing to what it opened, so
+    /// without this check a process whose ledger was deleted would run on, completing keys into a file that
+    /// vanishes at exit, and a second process could open the path meanwhile. Four `stat` calls.
+    public func verifyUsable() throws {
+        for file in files {
+            var status = stat()
+            let found = stat(file.path, &status) == 0
+            if !found && errno != ENOENT && errno != ENOTDIR { continue }  // cannot tell (a permission): not evidence
+            if found && UInt64(status.st_dev) == file.device && UInt64(status.st_ino) == file.inode { continue }
+            let what = found ? "was replaced by another file" : "was deleted or moved away"
+            if file.path.hasSuffix(".lock") {
+                throw LedgerUnusable(
+                    "the ledger \(path): its lock file \(what) while in use, so a second process could open the "
+                        + "ledger and run handlers again for keys this one completed; stopping")
+            }
+            let subject = file.path == path ? "the ledger file \(path)" : "the ledger \(path): its file \(file.path)"
+            throw LedgerUnusable(
+                "\(subject) \(what) while in use; stopping, since what this process writes would be lost at exit. "
+                    + "Put the file back, or restore the ledger from a backup, to keep the keys completed so far; "
+                    + "started without it, the service begins an empty ledger, and an event handled before would "
+                    + "run again if it were delivered again")
         }
     }
 

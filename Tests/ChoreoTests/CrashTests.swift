@@ -100,6 +100,42 @@ struct CrashTests {
             gateway.requests("ping") == n, "in-flight invocations finished and committed before exit: none ran twice")
     }
 
+    @Test("a ledger deleted under a running handler stops it (exit 1, the reason); restarted, nothing lost or doubled")
+    func ledgerDeletedWhileRunning() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        // Eight at a time for 0.1 s each: 2.5 s of work, and the ledger is checked every second.
+        let n = 200
+        let ids = try await mesh.publishPings((0..<n).map { Ping(n: $0, workMilliseconds: 100) }, on: channel)
+        let first = try mesh.start("ping")
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 16 })
+        // What an operator's `rm` does; SQLite itself would go on writing to the files it holds open.
+        let ledger = mesh.directory.appendingPathComponent("ping.ledger.sqlite").path
+        for suffix in ["", "-wal", "-shm", ".lock"] { try FileManager.default.removeItem(atPath: ledger + suffix) }
+        #expect(await first.waitForExit(seconds: 30), "the handler runs on without its ledger")
+        #expect(first.process.terminationReason == .exit && first.exitStatus == 1)
+        let last = first.output.split(separator: "\n").last.map(String.init) ?? ""
+        #expect(
+            last.hasPrefix("error: the ledger file \(ledger) was deleted or moved away while in use; stopping"),
+            "\(first.output)")
+        let stoppedAt = gateway.effects("ping")
+        #expect(stoppedAt < n, "the stop came while work was left")
+        // It finished and acked what it had begun, as at a graceful shutdown: the queue holds exactly the rest.
+        let left = await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.main).messageCount },
+            until: { ($0 ?? 0) >= n - stoppedAt })
+        #expect(left == UInt32(n - stoppedAt))
+
+        // Started again, it begins an empty ledger and handles the rest: each event once.
+        let second = try mesh.start("ping")
+        defer { second.terminate() }
+        await eventually(within: 60, { gateway.effects("ping") }, until: { $0 >= n })
+        #expect(gateway.effectKeys("ping") == Set(ids))
+        #expect(gateway.requests("ping") == n, "none ran twice")
+    }
+
     @Test("a broker restart mid-stream is survived and the stream completes")
     func brokerRestartMidStream() async throws {
         let mesh = try Mesh()

@@ -271,6 +271,70 @@ struct SQLiteLedgerTests {
         #expect(throws: Never.self) { _ = try SQLiteLedger(path: path.path) }
     }
 
+    @Test("a ledger file deleted, moved away or replaced while in use, or its lock file, makes the ledger unusable")
+    func filesChangedUnderIt() async throws {
+        let files = FileManager.default
+        let dir = files.temporaryDirectory.appendingPathComponent("ledger-files-\(UUID().uuidString.prefix(8))")
+        try files.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? files.removeItem(at: dir) }
+        /// A ledger in `dir` that has completed a key and passes the check.
+        func opened(_ name: String) async throws -> SQLiteLedger {
+            let l = try SQLiteLedger(path: dir.appendingPathComponent(name).path)
+            #expect(try await l.claim(handler: "h", key: "k", owner: "a", lease: .seconds(60)) == .claimed(attempts: 1))
+            #expect(try await l.complete(handler: "h", key: "k", owner: "a", outbox: []) == .committed)
+            #expect(throws: Never.self) { try l.verifyUsable() }
+            return l
+        }
+        func reason(_ l: SQLiteLedger) -> String? {
+            do { try l.verifyUsable() } catch {
+                return (error as? LedgerUnusable)?.reason ?? "not LedgerUnusable: \(error)"
+            }
+            return nil
+        }
+
+        // Deleted, as `rm ledger.sqlite*` does: SQLite would go on writing to the files it holds open.
+        let deleted = try await opened("deleted.sqlite")
+        for suffix in ["", "-wal", "-shm", ".lock"] { try files.removeItem(atPath: deleted.path + suffix) }
+        #expect(
+            reason(deleted)?.hasPrefix(
+                "the ledger file \(deleted.path) was deleted or moved away while in use; stopping, since what this "
+                    + "process writes would be lost at exit. Put the file back") == true, "\(reason(deleted) ?? "")")
+
+        let moved = try await opened("moved.sqlite")
+        try files.moveItem(atPath: moved.path, toPath: moved.path + ".old")
+        #expect(
+            reason(moved)?.hasPrefix("the ledger file \(moved.path) was deleted or moved away while in use") == true)
+
+        // A backup renamed over the file in use.
+        let replaced = try await opened("replaced.sqlite")
+        let backup = dir.appendingPathComponent("backup.sqlite").path
+        try files.copyItem(atPath: replaced.path, toPath: backup)
+        #expect(rename(backup, replaced.path) == 0)
+        #expect(
+            reason(replaced)?.hasPrefix("the ledger file \(replaced.path) was replaced by another file while in use")
+                == true)
+
+        // The log alone: its committed pages not yet copied back would be lost at exit.
+        let log = try await opened("log.sqlite")
+        try files.removeItem(atPath: log.path + "-wal")
+        #expect(
+            reason(log)?.hasPrefix("the ledger \(log.path): its file \(log.path)-wal was deleted or moved away") == true
+        )
+
+        // The lock alone: a second SQLiteLedger could open the file now, and it does.
+        let unlocked = try await opened("unlocked.sqlite")
+        try files.removeItem(atPath: unlocked.path + ".lock")
+        #expect(
+            reason(unlocked)
+                == "the ledger \(unlocked.path): its lock file was deleted or moved away while in use, so a second "
+                + "process could open the ledger and run handlers again for keys this one completed; stopping")
+        #expect(throws: Never.self) { _ = try SQLiteLedger(path: unlocked.path) }
+
+        // Untouched, a ledger stays usable.
+        let kept = try await opened("kept.sqlite")
+        #expect(reason(kept) == nil)
+    }
+
     @Test("claim, complete with outbox, then a duplicate sees the completed key and its unpublished outbox")
     func claimCompleteDuplicate() async throws {
         let l = try ledger()
@@ -628,6 +692,8 @@ struct SQLiteLedgerTests {
                 try await l.claim(handler: "h", key: key, owner: "b", lease: .seconds(60))
                     == .completed(unpublished: one))
         }
+        // Passes start the log over in place: its file, like the others, is still the one the ledger opened.
+        #expect(throws: Never.self) { try l.verifyUsable() }
     }
 
     @Test("under a steady stream of commits every pass starts the log over, so the file stays about a pass long")
@@ -653,6 +719,7 @@ struct SQLiteLedgerTests {
         let logBytes = try #require(
             try FileManager.default.attributesOfItem(atPath: path.path + "-wal")[.size] as? Int)
         #expect(logBytes < 12 * pass * 4_096, "the log held \(logBytes / 4_096) pages")
+        #expect(throws: Never.self) { try l.verifyUsable() }
     }
 
     /// The `claim` table as schema versions 1 to 3 had it.
