@@ -83,10 +83,18 @@ struct CrashTests {
         first.terminate()  // SIGTERM
         #expect(await first.waitForExit(seconds: 30))
         #expect(first.process.terminationReason == .exit && first.exitStatus == 0, "\(first.output)")
+        // Every event it finished was acked before it closed (held acks included).
+        try await expectRestHandledOnce(ids, mesh: mesh, channel: channel)
+    }
+
+    /// After a ping process stopped with work left: the queue holds exactly the events it did not handle (an
+    /// ack lost at the close would have put one more back), and a new process handles those, so that each
+    /// event ran once (an invocation begun before the stop was finished and committed, not run again).
+    private func expectRestHandledOnce(_ ids: [String], mesh: Mesh, channel: AMQPChannel) async throws {
+        let gateway = try mesh.gateway()
+        let n = ids.count
         let stoppedAt = gateway.effects("ping")
-        #expect(stoppedAt < n, "the shutdown came while work was left")
-        // Every event it finished was acked before it closed (held acks included): the queue holds exactly the
-        // rest, where an ack lost at the close would have put one more back.
+        #expect(stoppedAt < n, "the stop came while work was left")
         let left = await eventually(
             { try? await channel.declareQueuePassive(mesh.pingQueues.main).messageCount },
             until: { ($0 ?? 0) >= n - stoppedAt })
@@ -96,8 +104,7 @@ struct CrashTests {
         defer { second.terminate() }
         await eventually(within: 60, { gateway.effects("ping") }, until: { $0 >= n })
         #expect(gateway.effectKeys("ping") == Set(ids))
-        #expect(
-            gateway.requests("ping") == n, "in-flight invocations finished and committed before exit: none ran twice")
+        #expect(gateway.requests("ping") == n, "none ran twice")
     }
 
     @Test("a ledger deleted under a running handler stops it (exit 1, the reason); restarted, nothing lost or doubled")
@@ -120,20 +127,9 @@ struct CrashTests {
         #expect(
             last.hasPrefix("error: the ledger file \(ledger) was deleted or moved away while in use; stopping"),
             "\(first.output)")
-        let stoppedAt = gateway.effects("ping")
-        #expect(stoppedAt < n, "the stop came while work was left")
-        // It finished and acked what it had begun, as at a graceful shutdown: the queue holds exactly the rest.
-        let left = await eventually(
-            { try? await channel.declareQueuePassive(mesh.pingQueues.main).messageCount },
-            until: { ($0 ?? 0) >= n - stoppedAt })
-        #expect(left == UInt32(n - stoppedAt))
-
-        // Started again, it begins an empty ledger and handles the rest: each event once.
-        let second = try mesh.start("ping")
-        defer { second.terminate() }
-        await eventually(within: 60, { gateway.effects("ping") }, until: { $0 >= n })
-        #expect(gateway.effectKeys("ping") == Set(ids))
-        #expect(gateway.requests("ping") == n, "none ran twice")
+        // It finished and acked what it had begun, as at a graceful shutdown; started again, it begins an empty
+        // ledger and handles the rest.
+        try await expectRestHandledOnce(ids, mesh: mesh, channel: channel)
     }
 
     @Test("a broker restart mid-stream is survived and the stream completes")
