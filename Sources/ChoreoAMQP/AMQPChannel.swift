@@ -32,7 +32,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let n = try arena.convert { try arena.bytes(name) }
+            let n = try arena.convert { try arena.shortString(name, "exchange name") }
             let t = try arena.convert { try arena.bytes(type.rawValue) }
             let args = try arena.convert { try arena.table(arguments) }
             _ = try core.request("exchange.declare '\(name)'", channel: id) { state in
@@ -46,7 +46,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let n = try arena.convert { try arena.bytes(name) }
+            let n = try arena.convert { try arena.shortString(name, "exchange name") }
             let t = try arena.convert { try arena.bytes("topic") }
             _ = try core.request("exchange.declare passive '\(name)'", channel: id) { state in
                 amqp_exchange_declare(state, id, n, t, 1, 0, 0, 0, amqp_empty_table)
@@ -58,7 +58,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let n = try arena.convert { try arena.bytes(name) }
+            let n = try arena.convert { try arena.shortString(name, "exchange name") }
             _ = try core.request("exchange.delete '\(name)'", channel: id) { state in
                 amqp_exchange_delete(state, id, n, ifUnused ? 1 : 0)
             }
@@ -85,7 +85,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         return try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let n = try arena.convert { try arena.bytes(name) }
+            let n = try arena.convert { try arena.shortString(name, "queue name") }
             let args = try arena.convert { try arena.table(passive ? nil : options.table) }
             let what = passive ? "queue.declare passive '\(name)'" : "queue.declare '\(name)'"
             let info = try core.request(what, channel: id) { state -> QueueInfo? in
@@ -110,7 +110,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         return try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let n = try arena.convert { try arena.bytes(name) }
+            let n = try arena.convert { try arena.shortString(name, "queue name") }
             return try core.request("queue.delete '\(name)'", channel: id) { state in
                 amqp_queue_delete(state, id, n, ifUnused ? 1 : 0, ifEmpty ? 1 : 0)?.pointee.message_count ?? 0
             }
@@ -123,7 +123,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         return try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let n = try arena.convert { try arena.bytes(name) }
+            let n = try arena.convert { try arena.shortString(name, "queue name") }
             return try core.request("queue.purge '\(name)'", channel: id) { state in
                 amqp_queue_purge(state, id, n)?.pointee.message_count ?? 0
             }
@@ -148,9 +148,9 @@ public final class AMQPChannel: Sendable {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let q = try arena.convert { try arena.bytes(queue) }
-            let e = try arena.convert { try arena.bytes(exchange) }
-            let k = try arena.convert { try arena.bytes(routingKey) }
+            let q = try arena.convert { try arena.shortString(queue, "queue name") }
+            let e = try arena.convert { try arena.shortString(exchange, "exchange name") }
+            let k = try arena.convert { try arena.shortString(routingKey, "routing key") }
             let args = try arena.convert { try arena.table(arguments) }
             let what = "\(bind ? "queue.bind" : "queue.unbind") '\(queue)' to '\(exchange)' with '\(routingKey)'"
             _ = try core.request(what, channel: id) { state -> Bool in
@@ -234,8 +234,8 @@ public final class AMQPChannel: Sendable {
         let buffer = DeliveryBuffer()
         let tag = try await loop.perform { core throws(AMQPError) -> String in
             let arena = CArena()
-            let q = try arena.convert { try arena.bytes(queue) }
-            let t = try arena.convert { try arena.bytes(consumerTag) }
+            let q = try arena.convert { try arena.shortString(queue, "queue name") }
+            let t = try arena.convert { try arena.shortString(consumerTag, "consumer tag") }
             let args = try arena.convert { try arena.table(arguments) }
             let tag = try core.request("basic.consume '\(queue)'", channel: id) { state -> String in
                 guard let ok = amqp_basic_consume(state, id, q, t, 0, 0, exclusive ? 1 : 0, args) else { return "" }
@@ -262,7 +262,7 @@ public final class AMQPChannel: Sendable {
         let id = number
         try await loop.perform { core throws(AMQPError) in
             let arena = CArena()
-            let t = try arena.convert { try arena.bytes(consumerTag) }
+            let t = try arena.convert { try arena.shortString(consumerTag, "consumer tag") }
             _ = try core.request("basic.cancel '\(consumerTag)'", channel: id) { state in
                 amqp_basic_cancel(state, id, t)
             }

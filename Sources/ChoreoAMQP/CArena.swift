@@ -34,6 +34,19 @@ final class CArena {
         return try Array(string.utf8).withUnsafeBytes { try bytes($0) }
     }
 
+    /// A name, routing key or property: AMQP 0-9-1 sends it as a short string, at most 255 bytes of UTF-8.
+    /// Longer, it is refused here with what it is, where rabbitmq-c would say only "invalid AMQP data".
+    func shortString(_ string: String, _ what: String) throws -> amqp_bytes_t {
+        let count = string.utf8.count
+        guard count <= 255 else {
+            throw AMQPError(
+                .invalidArgument,
+                message: "the \(what) '\(string.prefix(32))...' is \(count) bytes long; AMQP 0-9-1 allows at most 255",
+                operation: "encode")
+        }
+        return try bytes(string)
+    }
+
     func bytes(_ array: [UInt8]) throws -> amqp_bytes_t {
         try array.withUnsafeBytes { try bytes($0) }
     }
@@ -73,12 +86,7 @@ final class CArena {
     }
 
     private func entry(_ name: String, _ value: AMQPFieldValue) throws -> amqp_table_entry_t {
-        guard name.utf8.count <= 255 else {
-            throw AMQPError(
-                .invalidArgument, message: "header name longer than 255 bytes: \(name.prefix(40))...",
-                operation: "encode headers")
-        }
-        return amqp_table_entry_t(key: try bytes(name), value: try fieldValue(value))
+        amqp_table_entry_t(key: try shortString(name, "header name"), value: try fieldValue(value))
     }
 
     /// Byte order of two names (memcmp, then the shorter first).
@@ -124,8 +132,12 @@ final class CArena {
     func properties(_ p: AMQPProperties) throws -> amqp_basic_properties_t {
         var props = amqp_basic_properties_t()
         var flags: amqp_flags_t = 0
-        if let x = p.contentType { props.content_type = try bytes(x); flags |= CHOREO_PROP_CONTENT_TYPE }
-        if let x = p.contentEncoding { props.content_encoding = try bytes(x); flags |= CHOREO_PROP_CONTENT_ENCODING }
+        if let x = p.contentType {
+            props.content_type = try shortString(x, "content type"); flags |= CHOREO_PROP_CONTENT_TYPE
+        }
+        if let x = p.contentEncoding {
+            props.content_encoding = try shortString(x, "content encoding"); flags |= CHOREO_PROP_CONTENT_ENCODING
+        }
         switch p.headerStorage {
         case .none: break
         case .table(let t): props.headers = try table(t); flags |= CHOREO_PROP_HEADERS
@@ -133,14 +145,16 @@ final class CArena {
         }
         if let x = p.deliveryMode { props.delivery_mode = x; flags |= CHOREO_PROP_DELIVERY_MODE }
         if let x = p.priority { props.priority = x; flags |= CHOREO_PROP_PRIORITY }
-        if let x = p.correlationID { props.correlation_id = try bytes(x); flags |= CHOREO_PROP_CORRELATION_ID }
-        if let x = p.replyTo { props.reply_to = try bytes(x); flags |= CHOREO_PROP_REPLY_TO }
-        if let x = p.expiration { props.expiration = try bytes(x); flags |= CHOREO_PROP_EXPIRATION }
-        if let x = p.messageID { props.message_id = try bytes(x); flags |= CHOREO_PROP_MESSAGE_ID }
+        if let x = p.correlationID {
+            props.correlation_id = try shortString(x, "correlation id"); flags |= CHOREO_PROP_CORRELATION_ID
+        }
+        if let x = p.replyTo { props.reply_to = try shortString(x, "reply-to"); flags |= CHOREO_PROP_REPLY_TO }
+        if let x = p.expiration { props.expiration = try shortString(x, "expiration"); flags |= CHOREO_PROP_EXPIRATION }
+        if let x = p.messageID { props.message_id = try shortString(x, "message id"); flags |= CHOREO_PROP_MESSAGE_ID }
         if let x = p.timestamp { props.timestamp = x; flags |= CHOREO_PROP_TIMESTAMP }
-        if let x = p.type { props.type = try bytes(x); flags |= CHOREO_PROP_TYPE }
-        if let x = p.userID { props.user_id = try bytes(x); flags |= CHOREO_PROP_USER_ID }
-        if let x = p.appID { props.app_id = try bytes(x); flags |= CHOREO_PROP_APP_ID }
+        if let x = p.type { props.type = try shortString(x, "type"); flags |= CHOREO_PROP_TYPE }
+        if let x = p.userID { props.user_id = try shortString(x, "user id"); flags |= CHOREO_PROP_USER_ID }
+        if let x = p.appID { props.app_id = try shortString(x, "app id"); flags |= CHOREO_PROP_APP_ID }
         props._flags = flags
         return props
     }

@@ -506,8 +506,8 @@ final class ConnectionCore {
         let status: Int32
         do {
             var props = try arena.properties(message.properties)
-            let exchange = try arena.bytes(message.exchange)
-            let routingKey = try arena.bytes(message.routingKey)
+            let exchange = try arena.shortString(message.exchange, "exchange name")
+            let routingKey = try arena.shortString(message.routingKey, "routing key")
             status = message.body.withUnsafeBytes { raw -> Int32 in
                 if directWrites {
                     return frames.appendPublish(

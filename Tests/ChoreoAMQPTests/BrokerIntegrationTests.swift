@@ -116,6 +116,57 @@ struct BrokerIntegrationTests {
         #expect(info.messageCount == 10_000)
     }
 
+    @Test("names, routing keys and properties over 255 bytes are refused saying so, and the channel goes on")
+    func shortStringsTooLong() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName("short")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false, exclusive: true))
+        // 128 two-byte characters: 128 characters, 256 bytes.
+        let long = String(repeating: "é", count: 128)
+        func refusal(_ what: String) -> String {
+            "encode failed: the \(what) '\(long.prefix(32))...' is 256 bytes long; AMQP 0-9-1 allows at most 255"
+        }
+        func expectRefused(_ what: String, _ operation: () async throws(AMQPError) -> Void) async {
+            let error = await #expect(throws: AMQPError.self) { try await operation() }
+            #expect(error?.code == .invalidArgument)
+            #expect(error?.description == refusal(what))
+        }
+        await expectRefused("exchange name") { () throws(AMQPError) in try await channel.declareExchange(long) }
+        await expectRefused("queue name") { () throws(AMQPError) in _ = try await channel.declareQueue(long) }
+        await expectRefused("routing key") { () throws(AMQPError) in
+            try await channel.bindQueue(queue, exchange: "amq.topic", routingKey: long)
+        }
+        await expectRefused("routing key") { () throws(AMQPError) in
+            try await channel.publish(AMQPOutgoingMessage(exchange: "", routingKey: long, body: Data("x".utf8)))
+        }
+        await expectRefused("message id") { () throws(AMQPError) in
+            try await channel.publish(
+                AMQPOutgoingMessage(
+                    exchange: "", routingKey: queue, body: Data("x".utf8), properties: AMQPProperties(messageID: long)))
+        }
+        await expectRefused("header name") { () throws(AMQPError) in
+            try await channel.publish(
+                AMQPOutgoingMessage(
+                    exchange: "", routingKey: queue, body: Data("x".utf8),
+                    properties: AMQPProperties(headers: [long: .string("v")])))
+        }
+
+        // 255 bytes pass, and the same channel and connection carry them.
+        let most = String(repeating: "a", count: 255)
+        try await channel.publish(
+            AMQPOutgoingMessage(
+                exchange: "", routingKey: queue, body: Data("x".utf8),
+                properties: AMQPProperties(headers: [most: .string("v")], messageID: most)))
+        let consumer = try await channel.consume(queue: queue)
+        var deliveries = consumer.makeAsyncIterator()
+        let delivery = try await nextDelivery(&deliveries)
+        #expect(delivery.properties.messageID == most)
+        #expect(delivery.properties.headers?[most] == .string("v"))
+    }
+
     @Test("a mandatory publish to an unbound routing key is reported as returned")
     func mandatoryPublishIsReturned() async throws {
         let connection = try await TestBroker.connect()
