@@ -50,7 +50,7 @@ public final class ChoreoRuntime: Service, Sendable {
         try configuration.validate()
         self.configuration = configuration
         self.handlers = handlers.map { HandlerDescriptor($0) }
-        for h in self.handlers { try h.validate() }
+        for h in self.handlers { try Self.validate(h, service: configuration.service) }
         let names = self.handlers.map(\.name)
         guard Set(names).count == names.count else {
             throw ConfigurationError("handler names must be unique: \(names)")
@@ -73,6 +73,18 @@ public final class ChoreoRuntime: Service, Sendable {
             label: "choreo_connections_lost_total", dimensions: [("service", configuration.service)], factory: metrics)
     }
 
+    /// The handler's own checks, and that the names of its queues fit AMQP's 255 bytes.
+    private static func validate(_ handler: HandlerDescriptor, service: String) throws {
+        try handler.validate()
+        let queues = WireNames.HandlerQueues(service: service, handler: handler.name)
+        let names = [queues.main, queues.deadLetter] + handler.retryPolicy.tiers.map(queues.retry(delay:))
+        if let long = names.first(where: { $0.utf8.count > 255 }) {
+            throw ConfigurationError(
+                "the queue name '\(long)' is \(long.utf8.count) bytes long, and AMQP allows at most 255: shorten the "
+                    + "service name '\(service)' or the handler name '\(handler.name)'")
+        }
+    }
+
     /// The manifests this runtime appends to the registry.
     public var manifests: [HandlerManifest] {
         (try? Self.manifests(configuration: configuration, handlers: handlers)) ?? []
@@ -80,7 +92,7 @@ public final class ChoreoRuntime: Service, Sendable {
 
     static func manifests(configuration: RunnerConfiguration, handlers: [HandlerDescriptor]) throws -> [HandlerManifest]
     {
-        for h in handlers { try h.validate() }
+        for h in handlers { try validate(h, service: configuration.service) }
         return handlers.map { h in
             let q = WireNames.HandlerQueues(service: configuration.service, handler: h.name)
             return HandlerManifest(

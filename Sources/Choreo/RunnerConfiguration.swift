@@ -61,6 +61,12 @@ public struct RunnerConfiguration: Sendable {
             throw ConfigurationError("--url is empty: give amqp://user:password@host:port/vhost")
         }
         do { try AMQPConfiguration(url: url).validate() } catch { throw ConfigurationError("--url: \(error)") }
+        guard !exchange.isEmpty else {
+            throw ConfigurationError("--exchange is empty: give the mesh's topic exchange (default choreo.events)")
+        }
+        guard exchange.utf8.count <= 255 else {
+            throw ConfigurationError("--exchange is \(exchange.utf8.count) bytes long; AMQP allows at most 255")
+        }
         if ledgerPath?.isEmpty == true {
             throw ConfigurationError("--ledger is empty: give a SQLite file path or a ledger URL")
         }

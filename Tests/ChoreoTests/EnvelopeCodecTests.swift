@@ -775,4 +775,22 @@ struct RuntimeStartupTests {
         // A prefetch under 8 holds at most one ack, which AMQPChannel.holdAcks takes as no hold at all.
         #expect(RunnerConfiguration.heldAcks(prefetch: 7) == 1)
     }
+
+    @Test("a service and handler whose queue names would pass AMQP's 255 bytes are refused before anything starts")
+    func queueNamesFit() throws {
+        // "choreo." + service + ".ping" + ".retry.200ms" (the fixture's tier, its longest queue name): 24 + service.
+        func runtime(service: String) throws -> ChoreoRuntime {
+            try ChoreoRuntime(
+                configuration: RunnerConfiguration(service: service), handlers: [PingTestHandler()],
+                ledger: InMemoryLedger())
+        }
+        let fits = String(repeating: "s", count: 255 - 24)
+        #expect(throws: Never.self) { _ = try runtime(service: fits) }
+        let long = fits + "s"
+        let error = #expect(throws: ConfigurationError.self) { _ = try runtime(service: long) }
+        #expect(
+            error?.message
+                == "the queue name 'choreo.\(long).ping.retry.200ms' is 256 bytes long, and AMQP allows at most 255: "
+                + "shorten the service name '\(long)' or the handler name 'ping'")
+    }
 }

@@ -260,6 +260,14 @@ final class HandlerCommandLineTests {
         let emptyLedger = try await handler(["--ledger", ""])
         #expect(emptyLedger.code == 2)
         #expect(emptyLedger.err == "error: --ledger is empty: give a SQLite file path or a ledger URL\n")
+        // The default exchange cannot route by topic; AMQP carries a name in at most 255 bytes.
+        let emptyExchange = try await handler(["--manifest", "--exchange", ""])
+        #expect(emptyExchange.code == 2)
+        #expect(
+            emptyExchange.err == "error: --exchange is empty: give the mesh's topic exchange (default choreo.events)\n")
+        let longExchange = try await handler(["--exchange", String(repeating: "x", count: 256)])
+        #expect(longExchange.code == 2)
+        #expect(longExchange.err == "error: --exchange is 256 bytes long; AMQP allows at most 255\n")
         // None of them got as far as the ledger.
         #expect(!FileManager.default.fileExists(atPath: dir.appendingPathComponent("ledger.sqlite").path))
     }
