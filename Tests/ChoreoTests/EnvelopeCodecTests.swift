@@ -776,7 +776,7 @@ struct RuntimeStartupTests {
         #expect(RunnerConfiguration.heldAcks(prefetch: 7) == 1)
     }
 
-    @Test("a service and handler whose queue names would pass AMQP's 255 bytes are refused before anything starts")
+    @Test("queue names and event types that would pass AMQP's 255 bytes are refused before anything starts")
     func queueNamesFit() throws {
         // "choreo." + service + ".ping" + ".retry.200ms" (the fixture's tier, its longest queue name): 24 + service.
         func runtime(service: String) throws -> ChoreoRuntime {
@@ -792,5 +792,26 @@ struct RuntimeStartupTests {
             error?.message
                 == "the queue name 'choreo.\(long).ping.retry.200ms' is 256 bytes long, and AMQP allows at most 255: "
                 + "shorten the service name '\(long)' or the handler name 'ping'")
+
+        // An emitted type is a routing key: one too long could never leave the outbox.
+        let emitting = #expect(throws: ConfigurationError.self) {
+            _ = try ChoreoRuntime(
+                configuration: RunnerConfiguration(service: "svc"), handlers: [EmitsLongType()],
+                ledger: InMemoryLedger())
+        }
+        #expect(
+            emitting?.message
+                == "emits-long: the event type '\(LongTypeEvent.eventType)' is 256 bytes long, and AMQP allows at most "
+                + "255 in a routing key")
+    }
+
+    struct LongTypeEvent: Event {
+        static let eventType = String(repeating: "t", count: 256)
+    }
+
+    struct EmitsLongType: EventHandler {
+        let name = "emits-long"
+        var emits: [any Event.Type] { [LongTypeEvent.self] }
+        func handle(_ event: Ping, context: HandlerContext) async throws {}
     }
 }
