@@ -96,20 +96,24 @@ struct RunnerOptions: ParsableCommand {
             "SQLite ledger file, or a ledger URL the executable supports such as postgres://user@host/db (env CHOREO_LEDGER; default ./<service>.ledger.sqlite)."
     )
     var ledger: String?
-    @Option(help: "Concurrent invocations per handler (default 16).")
+    @Option(parsing: .unconditional, help: "Concurrent invocations per handler (default 16).")
     var concurrency: Int?
-    @Option(help: "Unacknowledged deliveries per handler (default 2 x concurrency).")
+    @Option(parsing: .unconditional, help: "Unacknowledged deliveries per handler (default 2 x concurrency).")
     var prefetch: Int?
-    @Option(help: "Milliseconds a handled delivery's ack may wait to go out with others; 0 acks at once (default 20).")
+    @Option(
+        parsing: .unconditional,
+        help: "Milliseconds a handled delivery's ack may wait to go out with others; 0 acks at once (default 20).")
     var ackDelay: Int?
     @Option(help: "The mesh's topic exchange (default choreo.events).")
     var exchange: String?
     @Option(
+        parsing: .unconditional,
         help: "Deliveries after which the broker dead-letters a message that keeps crashing the process (default 10).")
     var deliveryLimit: Int?
-    @Option(help: "Larger bodies are dead-lettered unread (default 4194304).")
+    @Option(parsing: .unconditional, help: "Larger bodies are dead-lettered unread (default 4194304).")
     var maxBodyBytes: Int?
     @Option(
+        parsing: .unconditional,
         help:
             "Seconds a claimed key stays held without renewal; with a shared ledger, how long a replica that died holds its keys (default 60)."
     )

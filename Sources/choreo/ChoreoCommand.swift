@@ -70,7 +70,7 @@ struct FilterOptions: ParsableArguments {
     var error: String?
     @Option(help: "Only letters that failed since this time: RFC 3339, or an age such as 30m, 6h, 2d.")
     var since: String?
-    @Option(help: "At most this many letters.")
+    @Option(parsing: .unconditional, help: "At most this many letters.")
     var limit: Int?
 
     func filter(ids: [String] = []) throws -> DeadLetterFilter {

@@ -21,7 +21,7 @@ struct Publish: AsyncParsableCommand {
     var id: String?
     @Option(help: "CloudEvents source.")
     var source = "choreo-cli"
-    @Option(help: "Schema version of the data.")
+    @Option(parsing: .unconditional, help: "Schema version of the data.")
     var dataVersion = 1
     @Option(help: "The mesh's topic exchange.")
     var exchange = WireNames.defaultExchange

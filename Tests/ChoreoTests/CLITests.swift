@@ -311,6 +311,10 @@ struct CLITests {
         let emptyURL = try await Broker.choreo(["status", "--url", ""])
         #expect(emptyURL.code == 2)
         #expect(emptyURL.err == "error: --url is empty: give amqp://user:password@host:port/vhost\n")
+        // A negative number is a value out of range, not a missing value followed by an option '-1'.
+        let negativeLimit = try await Broker.choreo(["dlq", "list", "--limit", "-1"])
+        #expect(negativeLimit.code == 2)
+        #expect(negativeLimit.err == "error: --limit must be at least 1\n")
         let unknownHandler = try await Broker.choreo(["dlq", "list", "--handler", "no-such-handler"])
         #expect(unknownHandler.code == 1)
         #expect(unknownHandler.err.hasPrefix("error: no handler named 'no-such-handler' in the registry (known: "))

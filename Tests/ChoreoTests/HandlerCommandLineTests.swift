@@ -242,6 +242,10 @@ final class HandlerCommandLineTests {
         let outOfRange = try await handler(["--concurrency", "0"])
         #expect(outOfRange.code == 2)
         #expect(outOfRange.err == "error: --concurrency must be 1 to 10000\n")
+        // A negative number is a value out of range, not a missing value followed by an option '-1'.
+        let negative = try await handler(["--delivery-limit", "-1"])
+        #expect(negative.code == 2)
+        #expect(negative.err == "error: --delivery-limit must be at least 1\n")
         let level = try await handler([], environment: ["CHOREO_LOG_LEVEL": "loud"])
         #expect(level.code == 2)
         #expect(level.err == "error: unknown --log-level 'loud'\n")
