@@ -319,3 +319,17 @@ struct RecentStrings {
         }
     }
 }
+
+extension AMQPOutgoingMessage {
+    /// Encodes the message's names and properties without sending anything, and throws what a publish would
+    /// refuse (a routing key, a short-string property or a header name over 255 bytes): for messages read from
+    /// a file, so that all of them are checked before the first is published.
+    public func checkEncodable() throws(AMQPError) {
+        let arena = CArena()
+        try arena.convert {
+            _ = try arena.shortString(exchange, "exchange name")
+            _ = try arena.shortString(routingKey, "routing key")
+            _ = try arena.properties(properties)
+        }
+    }
+}

@@ -46,7 +46,9 @@ struct ExportedLetter: Codable {
             deliveryMode: p.deliveryMode, priority: p.priority, correlationID: p.correlationID, replyTo: p.replyTo,
             expiration: p.expiration, messageID: p.messageID, timestamp: p.timestamp, type: p.type, userID: p.userID,
             appID: p.appID)
-        return AMQPOutgoingMessage(exchange: "", routingKey: queue, body: bytes, properties: props)
+        let message = AMQPOutgoingMessage(exchange: "", routingKey: queue, body: bytes, properties: props)
+        try message.checkEncodable()
+        return message
     }
 }
 

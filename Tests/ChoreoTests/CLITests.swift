@@ -362,6 +362,18 @@ struct CLITests {
             badImport.err
                 == "error: \(notExported.path):3: not an exported dead letter: JSON does not match 'choreo dlq export': expected a string at queue, found a number\n"
         )
+        // A line AMQP could not carry (a message id over 255 bytes), after a good one: nothing is sent.
+        let longID = String(repeating: "i", count: 300)
+        let good =
+            #"{"queue":"q.dlq","id":"a","handler":"h","errorType":"E","errorMessage":"m","properties":{},"body":""}"#
+        try Data((good + "\n" + good.replacingOccurrences(of: "{}", with: "{\"messageID\":\"\(longID)\"}")).utf8)
+            .write(to: notExported)
+        let tooLong = try await Broker.choreo(["dlq", "import", notExported.path], environment: nowhere)
+        #expect(tooLong.code == 1)
+        #expect(
+            tooLong.err
+                == "error: \(notExported.path):2: not an exported dead letter: encode failed: the message id "
+                + "'\(longID.prefix(32))...' is 300 bytes long; AMQP 0-9-1 allows at most 255\n")
         let help = try await Broker.choreo(["--help"], environment: ["CHOREO_URL": "amqp://guest:s3cret@127.0.0.1:1/"])
         #expect(help.code == 0 && help.out.contains("USAGE: choreo <subcommand>") && !help.out.contains("s3cret"))
         for r in [unreachable, badLogin] { #expect(!r.err.contains("s3cret") && !r.out.contains("s3cret")) }
