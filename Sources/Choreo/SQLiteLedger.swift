@@ -84,7 +84,13 @@ public final class SQLiteLedger: IdempotencyLedger {
             firstUnpublishedRow = Mutex(firstUnpublished)
         } catch {
             close(fileLock)
-            throw ConfigurationError("cannot open the ledger \(path): \(Self.reason(error))")
+            var message = "cannot open the ledger \(path): \(Self.reason(error))"
+            if let e = error as? DatabaseError, e.resultCode == .SQLITE_CORRUPT || e.resultCode == .SQLITE_NOTADB {
+                message +=
+                    "; restore the file from a backup, or move it aside to begin an empty ledger (an event handled "
+                    + "before would then run again if it were delivered again)"
+            }
+            throw ConfigurationError(message)
         }
         var files: [WatchedFile] = []
         // The log and its index exist while a connection is open (the pool keeps its writer's).

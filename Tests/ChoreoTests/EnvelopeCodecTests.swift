@@ -335,6 +335,46 @@ struct SQLiteLedgerTests {
         #expect(reason(kept) == nil)
     }
 
+    @Test("a file that is not a ledger, or a damaged one, is refused at open with what to do")
+    func damagedFile() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("ledger-\(UUID().uuidString).sqlite")
+        defer {
+            for suffix in ["", "-wal", "-shm", ".lock"] {
+                try? FileManager.default.removeItem(atPath: path.path + suffix)
+            }
+        }
+        let advice =
+            "; restore the file from a backup, or move it aside to begin an empty ledger (an event handled before "
+            + "would then run again if it were delivered again)"
+        try Data(String(repeating: "not a database\n", count: 100).utf8).write(to: path)
+        let notADatabase = #expect(throws: ConfigurationError.self) { _ = try SQLiteLedger(path: path.path) }
+        #expect(
+            notADatabase?.message
+                == "cannot open the ledger \(path.path): file is not a database (SQLite error 26)\(advice)")
+
+        // A real ledger whose pages after the first were overwritten.
+        try FileManager.default.removeItem(at: path)
+        do {
+            let l = try SQLiteLedger(path: path.path)
+            for i in 0..<200 {
+                #expect(
+                    try await l.claim(handler: "h", key: "k\(i)", owner: "a", lease: .seconds(60))
+                        == .claimed(attempts: 1))
+                #expect(try await l.complete(handler: "h", key: "k\(i)", owner: "a", outbox: []) == .committed)
+            }
+        }
+        // Closed, the ledger copied its log into the file and removed it: the file alone holds every page.
+        try #require(!FileManager.default.fileExists(atPath: path.path + "-wal"))
+        let file = try FileHandle(forWritingTo: path)
+        try file.seek(toOffset: 4096)
+        try file.write(contentsOf: Data(repeating: 0xFF, count: 8192))
+        try file.close()
+        let damaged = #expect(throws: ConfigurationError.self) { _ = try SQLiteLedger(path: path.path) }
+        #expect(
+            damaged?.message
+                == "cannot open the ledger \(path.path): database disk image is malformed (SQLite error 11)\(advice)")
+    }
+
     @Test("claim, complete with outbox, then a duplicate sees the completed key and its unpublished outbox")
     func claimCompleteDuplicate() async throws {
         let l = try ledger()
