@@ -22,6 +22,8 @@ public final class ChoreoRuntime: Service, Sendable {
     /// Each handler's metrics, by handler name.
     private let metrics: [String: RunnerMetrics]
     private let connectionsLost: Counter
+    /// 1 while the broker blocks this service's publishing connection (a resource alarm), else 0.
+    private let publishingBlocked: Meter
     private let tracing: EventTracing?
     private let shuttingDown = Mutex(false)
     /// The wait before the next reconnect, if one is under way; cancelled by ``beginShutdown()``.
@@ -71,6 +73,8 @@ public final class ChoreoRuntime: Service, Sendable {
         tracing = EventTracing(tracer)
         connectionsLost = Counter(
             label: "choreo_connections_lost_total", dimensions: [("service", configuration.service)], factory: metrics)
+        publishingBlocked = Meter(
+            label: "choreo_publishing_blocked", dimensions: [("service", configuration.service)], factory: metrics)
     }
 
     /// The handler's own checks, and that its event types (routing keys) and the names of its queues fit AMQP's
@@ -318,8 +322,12 @@ public final class ChoreoRuntime: Service, Sendable {
             await consumerConnection.close()
             throw CannotConnect(cause: error)
         }
+        // The connection logs the block and its reason; the meter lets an alert see it.
+        publisherConnection.onBlockedChange { [publishingBlocked] reason in publishingBlocked.set(reason == nil ? 0 : 1)
+        }
         defer {
             ready.withLock { $0 = false }
+            publishingBlocked.set(0)
             Task {
                 await consumerConnection.close()
                 await publisherConnection.close()

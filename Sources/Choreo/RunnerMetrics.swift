@@ -13,7 +13,8 @@ import CoreMetrics
 /// | `choreo_ledger_errors_total` | counter, dimension `step` | failed ledger calls: `claim`, `commit`, `record`, `release`, `renew` |
 ///
 /// The runtime itself adds `choreo_connections_lost_total` (dimension `service`): connections to the broker
-/// lost or refused, each followed by a reconnect.
+/// lost or refused, each followed by a reconnect; and `choreo_publishing_blocked` (a meter, dimension `service`):
+/// 1 while the broker blocks the service's publishing connection for a resource alarm (low on disk or memory).
 struct RunnerMetrics: Sendable {
     /// How a delivery left the runner; its raw value indexes the counters.
     enum Outcome: Int, CaseIterable, Sendable {

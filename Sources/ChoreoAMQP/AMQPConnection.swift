@@ -29,6 +29,7 @@ public final class AMQPConnection: Sendable {
     public let executor: ConnectionExecutor
     let logger: Logger
     private let ending = Mutex<(reason: AMQPError?, waiters: [CheckedContinuation<AMQPError, Never>])>((nil, []))
+    private let blocking = Mutex<(reason: String?, handlers: [@Sendable (String?) -> Void])>((nil, []))
 
     private init(configuration: AMQPConfiguration, loop: IOLoop, logger: Logger) {
         self.configuration = configuration
@@ -54,6 +55,7 @@ public final class AMQPConnection: Sendable {
         let connection = AMQPConnection(configuration: configuration, loop: loop, logger: logger)
         let core = ThreadBox(ConnectionCore(configuration: configuration, logger: logger, loop: loop))
         core.value.onClose = { [weak connection] reason in connection?.ended(reason) }
+        core.value.onBlocked = { [weak connection] reason in connection?.blockChanged(reason) }
         let result: Result<Void, AMQPError> = await withCheckedContinuation { continuation in
             let thread = Thread {
                 do throws(AMQPError) {
@@ -99,6 +101,29 @@ public final class AMQPConnection: Sendable {
 
     /// True until the connection has ended.
     public var isOpen: Bool { ending.withLock { $0.reason == nil } }
+
+    /// While the broker blocks publishing on this connection (a resource alarm: RabbitMQ stops reading from a
+    /// publishing connection when its disk or memory runs low), the reason it gave, such as "low on disk";
+    /// nil otherwise. Publishes and their confirms wait meanwhile; nothing fails.
+    public var blockedReason: String? { blocking.withLock { $0.reason } }
+
+    /// Calls `handler` each time the broker blocks publishing on this connection (with its reason) and lifts the
+    /// block (nil), on the connection's thread: it must return quickly. Called at once if blocked already.
+    public func onBlockedChange(_ handler: @escaping @Sendable (_ reason: String?) -> Void) {
+        let current = blocking.withLock { state -> String? in
+            state.handlers.append(handler)
+            return state.reason
+        }
+        if let current { handler(current) }
+    }
+
+    private func blockChanged(_ reason: String?) {
+        let handlers = blocking.withLock { state in
+            state.reason = reason
+            return state.handlers
+        }
+        for handler in handlers { handler(reason) }
+    }
 
     private func ended(_ reason: AMQPError) {
         let waiters = ending.withLock { state -> [CheckedContinuation<AMQPError, Never>] in

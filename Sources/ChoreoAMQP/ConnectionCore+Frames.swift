@@ -61,11 +61,16 @@ extension ConnectionCore {
             }
             fail(with: error)
         case CHOREO_CONNECTION_BLOCKED:
-            blocked = true
-            logger.info("the broker blocked publishing on this connection (resource alarm)")
+            let b = method.decoded.assumingMemoryBound(to: amqp_connection_blocked_t.self).pointee
+            let reason = CDecode.string(b.reason)
+            let why = reason.isEmpty ? "a resource alarm" : reason
+            logger.warning(
+                "the broker blocks publishing on this connection: \(why); publishes wait until the alarm clears (see the broker's log)"
+            )
+            onBlocked?(reason)
         case CHOREO_CONNECTION_UNBLOCKED:
-            blocked = false
-            logger.info("the broker unblocked publishing on this connection")
+            logger.notice("the broker accepts publishes on this connection again")
+            onBlocked?(nil)
         case CHOREO_CHANNEL_FLOW:
             let f = method.decoded.assumingMemoryBound(to: amqp_channel_flow_t.self).pointee
             var ok = amqp_channel_flow_ok_t(active: f.active)

@@ -56,7 +56,9 @@ final class ConnectionCore {
     var recentStrings = RecentStrings()
     /// Called once, on the I/O thread, when the connection ends for any reason.
     var onClose: (@Sendable (AMQPError) -> Void)?
-    var blocked = false
+    /// Called on the I/O thread when the broker blocks publishing on this connection (with its reason, such
+    /// as "low on disk") and when it lifts the block (nil).
+    var onBlocked: (@Sendable (String?) -> Void)?
 
     init(configuration: AMQPConfiguration, logger: Logger, loop: IOLoop) {
         self.configuration = configuration

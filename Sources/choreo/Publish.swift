@@ -71,6 +71,17 @@ struct Publish: AsyncParsableCommand {
         }
         var message = EnvelopeCodec.encode(envelope, exchange: exchange)
         message.mandatory = true
+        // A blocked publish waits, and one given up on may still reach the broker when the alarm clears: say so,
+        // with the id that makes a second attempt a copy the handlers drop.
+        let idOption = id == nil ? " --id \(eventID)" : ""
+        amqp.onBlockedChange { reason in
+            guard reason != nil else { return }
+            FileHandle.standardError.write(
+                Data(
+                    ("waiting for the broker to accept event \(eventID); stopped now, it may still be published when "
+                        + "the alarm clears: to try again without a duplicate, publish again with the same "
+                        + "arguments\(idOption)\n").utf8))
+        }
         do {
             try await channel.publish(message)
         } catch {

@@ -1,5 +1,6 @@
 import ChoreoAMQP
 import Foundation
+import Synchronization
 import Testing
 
 @Suite("AMQP layer against a real broker", .serialized, .timeLimit(.minutes(2)))
@@ -165,6 +166,45 @@ struct BrokerIntegrationTests {
         let delivery = try await nextDelivery(&deliveries)
         #expect(delivery.properties.messageID == most)
         #expect(delivery.properties.headers?[most] == .string("v"))
+    }
+
+    @Test("a resource alarm blocks publishing: the connection tells why, the publish waits and is confirmed after it")
+    func blockedByResourceAlarm() async throws {
+        let connection = try await TestBroker.connect()
+        defer { Task { await connection.close() } }
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName("alarm")
+        try await channel.declareQueue(queue, options: QueueOptions(durable: false))
+        defer { Task { _ = try? await channel.deleteQueue(queue) } }
+        let changes = Mutex<[String?]>([])
+        connection.onBlockedChange { reason in changes.withLock { $0.append(reason) } }
+        #expect(connection.blockedReason == nil)
+
+        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
+        try TestBroker.ctl("set_disk_free_limit", "mem_relative", "1000")
+        var cleared = false
+        defer { if !cleared { try? TestBroker.ctl("set_disk_free_limit", "50MB") } }
+        let publish = Task {
+            try await channel.publish(AMQPOutgoingMessage(exchange: "", routingKey: queue, body: Data("x".utf8)))
+        }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while connection.blockedReason == nil, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(connection.blockedReason == "low on disk")
+        #expect(changes.withLock { $0 } == ["low on disk"])
+        // Blocked, the message has not reached the queue.
+        let other = try await TestBroker.connect()
+        defer { Task { await other.close() } }
+        #expect(try await other.openChannel().declareQueuePassive(queue).messageCount == 0)
+
+        try TestBroker.ctl("set_disk_free_limit", "50MB")
+        cleared = true
+        try await publish.value
+        #expect(try await channel.declareQueuePassive(queue).messageCount == 1)
+        #expect(connection.blockedReason == nil)
+        #expect(changes.withLock { $0 } == ["low on disk", nil])
     }
 
     @Test("a mandatory publish to an unbound routing key is reported as returned")

@@ -28,6 +28,37 @@ struct CLITests {
         _ = await ping.waitForExit(seconds: 30)
     }
 
+    @Test("a publish held by a resource alarm says that it waits, and which id avoids a duplicate; then it goes out")
+    func publishWhileBlocked() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
+        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
+        var cleared = false
+        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        let publish = Task {
+            try await Broker.choreo(["publish", Ping.eventType, "--data", #"{"n": 1}"#, "--exchange", mesh.exchange])
+        }
+        // The broker marks the CLI's connection blocked once it has published.
+        let state = await eventually(
+            { (try? Broker.connections(named: "choreo cli", column: "state")) ?? [] }, until: { $0 == ["blocked"] })
+        #expect(state == ["blocked"])
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == 0)
+
+        try Broker.ctl("set_disk_free_limit", "50MB")
+        cleared = true
+        let run = try await publish.value
+        #expect(run.code == 0, "\(run.err)")
+        let id = run.out.trimmingCharacters(in: .newlines)
+        #expect(run.err.contains("the broker blocks publishing on this connection: low on disk;"))
+        #expect(
+            run.err.hasSuffix(
+                "waiting for the broker to accept event \(id); stopped now, it may still be published when the alarm "
+                    + "clears: to try again without a duplicate, publish again with the same arguments --id \(id)\n"))
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == 1)
+    }
+
     @Test("list is non-destructive, show explains, replay reaches only the failed handler, exactly once")
     func listShowReplay() async throws {
         let mesh = try Mesh()

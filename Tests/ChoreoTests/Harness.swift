@@ -84,17 +84,21 @@ enum Broker {
     /// Closes, from the broker's side, the connections whose client named them `name`; returns how many.
     @discardableResult
     static func closeConnections(named name: String) throws -> Int {
+        let pids = try connections(named: name, column: "pid")
+        for pid in pids { _ = try ctlOutput(["close_connection", pid, "closed by a test"]) }
+        return pids.count
+    }
+
+    /// A column of `rabbitmqctl list_connections` (`pid`, `state`, ...) for each connection its client named `name`.
+    static func connections(named name: String, column: String) throws -> [String] {
         // RabbitMQ 3.10 has no `user_provided_name` column; the name is among the client properties, printed
         // as `{"connection_name","NAME"}`.
-        let out = try ctlOutput(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
-        var closed = 0
-        for line in out.split(separator: "\n") {
+        let out = try ctlOutput(["list_connections", "-q", "--no-table-headers", column, "client_properties"])
+        return out.split(separator: "\n").compactMap { line in
             let fields = line.split(separator: "\t", maxSplits: 1)
-            guard fields.count == 2, fields[1].contains("{\"connection_name\",\"\(name)\"}") else { continue }
-            _ = try ctlOutput(["close_connection", String(fields[0]), "closed by a test"])
-            closed += 1
+            guard fields.count == 2, fields[1].contains("{\"connection_name\",\"\(name)\"}") else { return nil }
+            return String(fields[0])
         }
-        return closed
     }
 
     private static func ctlOutput(_ args: [String]) throws -> String {

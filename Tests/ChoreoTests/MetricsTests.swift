@@ -92,6 +92,42 @@ struct MetricsTests {
         try await running.value
     }
 
+    @Test("while a resource alarm blocks publishing the meter shows it and events wait; after it, each is handled once")
+    func blockedPublishingIsShown() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let n = 5
+        try await mesh.publishPings((0..<n).map { Ping(n: $0) }, on: channel)
+        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
+        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
+        var cleared = false
+        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        let metrics = TestMetrics()
+        let runs = RunCounts()
+        let runtime = try ChoreoRuntime(
+            configuration: mesh.pingConfiguration(), handlers: [ScriptedPing(runs: runs)], metrics: metrics)
+        let running = Task { try await runtime.run() }
+        func blocked() -> Double? {
+            try? metrics.expectMeter("choreo_publishing_blocked", [("service", mesh.pingService)]).lastValue
+        }
+        // Its first publish (the manifest) is held: it cannot start consuming, and says why.
+        #expect(await eventually({ blocked() }, until: { $0 == 1 }) == 1)
+        #expect(Self.outcomes(metrics, service: mesh.pingService)["handled"] == 0)
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == UInt32(n))
+
+        try Broker.ctl("set_disk_free_limit", "50MB")
+        cleared = true
+        let handled = await eventually(
+            { Self.outcomes(metrics, service: mesh.pingService)["handled"] ?? 0 }, until: { $0 >= n })
+        #expect(handled == Int64(n))
+        #expect(blocked() == 0)
+        #expect(runs.snapshot == Dictionary(uniqueKeysWithValues: (0..<n).map { ($0, 1) }))
+
+        runtime.beginShutdown()
+        try await running.value
+    }
+
     @Test("a connection the broker closes is counted; the runtime reconnects and handles what comes next")
     func connectionLossIsCounted() async throws {
         let mesh = try Mesh()
