@@ -101,7 +101,11 @@ final class HandlerCommandLineTests {
         try Data(String(repeating: "not a database\n", count: 400).utf8).write(to: URL(fileURLWithPath: garbage))
         let notSQLite = try await handler(["--check", "--ledger", garbage])
         #expect(notSQLite.code == 1)
-        #expect(notSQLite.err == "error: cannot open the ledger \(garbage): file is not a database (SQLite error 26)\n")
+        #expect(
+            notSQLite.err
+                == "error: cannot open the ledger \(garbage): file is not a database (SQLite error 26); restore the file "
+                + "from a backup, or move it aside to begin an empty ledger (an event handled before would then run "
+                + "again if it were delivered again)\n")
 
         // A ledger another process has open: this test process holds it.
         let held = dir.appendingPathComponent("held.sqlite").path
