@@ -323,7 +323,8 @@ public final class ChoreoRuntime: Service, Sendable {
             throw CannotConnect(cause: error)
         }
         // The connection logs the block and its reason; the meter lets an alert see it.
-        publisherConnection.onBlockedChange { [publishingBlocked] reason in publishingBlocked.set(reason == nil ? 0 : 1)
+        publisherConnection.onBlockedChange { [publishingBlocked] reason in
+            publishingBlocked.set(reason == nil ? 0 : 1)
         }
         defer {
             ready.withLock { $0 = false }

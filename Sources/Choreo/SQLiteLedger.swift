@@ -127,7 +127,7 @@ public final class SQLiteLedger: IdempotencyLedger {
             if !found && errno != ENOENT && errno != ENOTDIR { continue }  // cannot tell (a permission): not evidence
             if found && UInt64(status.st_dev) == file.device && UInt64(status.st_ino) == file.inode { continue }
             let what = found ? "was replaced by another file" : "was deleted or moved away"
-            if file.path.hasSuffix(".lock") {
+            if file.path == path + ".lock" {
                 throw LedgerUnusable(
                     "the ledger \(path): its lock file \(what) while in use, so a second process could open the "
                         + "ledger and run handlers again for keys this one completed; stopping")

@@ -320,16 +320,24 @@ struct RecentStrings {
     }
 }
 
+extension CArena {
+    /// What a publish of `message` sends besides its body, each part checked against AMQP's limits.
+    func publishFields(_ message: AMQPOutgoingMessage) throws -> (
+        properties: amqp_basic_properties_t, exchange: amqp_bytes_t, routingKey: amqp_bytes_t
+    ) {
+        (
+            try properties(message.properties), try shortString(message.exchange, "exchange name"),
+            try shortString(message.routingKey, "routing key")
+        )
+    }
+}
+
 extension AMQPOutgoingMessage {
     /// Encodes the message's names and properties without sending anything, and throws what a publish would
     /// refuse (a routing key, a short-string property or a header name over 255 bytes): for messages read from
     /// a file, so that all of them are checked before the first is published.
     public func checkEncodable() throws(AMQPError) {
         let arena = CArena()
-        try arena.convert {
-            _ = try arena.shortString(exchange, "exchange name")
-            _ = try arena.shortString(routingKey, "routing key")
-            _ = try arena.properties(properties)
-        }
+        _ = try arena.convert { try arena.publishFields(self) }
     }
 }

@@ -507,9 +507,8 @@ final class ConnectionCore {
         }
         let status: Int32
         do {
-            var props = try arena.properties(message.properties)
-            let exchange = try arena.shortString(message.exchange, "exchange name")
-            let routingKey = try arena.shortString(message.routingKey, "routing key")
+            let (properties, exchange, routingKey) = try arena.publishFields(message)
+            var props = properties
             status = message.body.withUnsafeBytes { raw -> Int32 in
                 if directWrites {
                     return frames.appendPublish(
