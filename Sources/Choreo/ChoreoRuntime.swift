@@ -29,6 +29,9 @@ public final class ChoreoRuntime: Service, Sendable {
     /// The wait before the next reconnect, if one is under way; cancelled by ``beginShutdown()``.
     private let backoffWait = Mutex<Task<Void, Never>?>(nil)
     private let consumers = Mutex<[AMQPConsumer]>([])
+    /// The current incarnation's two connections, for ``beginShutdown()`` to cut off what would wait on the broker
+    /// past the shutdown's bound (see there).
+    private let connections = Mutex<[AMQPConnection]>([])
     /// Resumed every time the runtime has declared its topology and started consuming.
     private let readiness = Mutex<[CheckedContinuation<Void, Never>]>([])
     private let ready = Mutex(false)
@@ -283,7 +286,17 @@ public final class ChoreoRuntime: Service, Sendable {
         shuttingDown.withLock { $0 = true }
         backoffWait.withLock { $0?.cancel() }
         let current = consumers.withLock { $0 }
-        Task { for c in current { try? await c.cancel() } }
+        let open = connections.withLock { $0 }
+        let consuming = ready.withLock { $0 }
+        Task { [bound = configuration.shutdownTimeout] in
+            for c in current { try? await c.cancel() }
+            // What waits on the broker for as long as a resource alarm lasts (a start-up's publishes, confirms of
+            // in-flight work) is cut off: a start-up at once, in-flight work after the drain's bound. Closing the
+            // connections fails those waits; the broker requeues what was not acked, and the ledger keeps what
+            // was committed, for the next start to publish.
+            if consuming { try? await Task.sleep(for: bound + .seconds(1)) }
+            for c in open where c.isOpen { await c.close() }
+        }
     }
 
     private var isShuttingDown: Bool { shuttingDown.withLock { $0 } }
@@ -326,7 +339,10 @@ public final class ChoreoRuntime: Service, Sendable {
         publisherConnection.onBlockedChange { [publishingBlocked] reason in
             publishingBlocked.set(reason == nil ? 0 : 1)
         }
+        // Stored before the flag is read: a shutdown that began meanwhile either finds them or is seen here.
+        connections.withLock { $0 = [consumerConnection, publisherConnection] }
         defer {
+            connections.withLock { $0 = [] }
             ready.withLock { $0 = false }
             publishingBlocked.set(0)
             Task {
@@ -334,6 +350,7 @@ public final class ChoreoRuntime: Service, Sendable {
                 await publisherConnection.close()
             }
         }
+        if isShuttingDown { throw CancellationError() }
         let publisher = try await publisherConnection.openChannel()
         try await publisher.enableConfirms()
         do {

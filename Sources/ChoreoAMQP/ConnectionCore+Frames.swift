@@ -67,8 +67,10 @@ extension ConnectionCore {
             logger.warning(
                 "the broker blocks publishing on this connection: \(why); publishes wait until the alarm clears (see the broker's log)"
             )
+            blocked = true
             onBlocked?(reason)
         case CHOREO_CONNECTION_UNBLOCKED:
+            blocked = false
             logger.notice("the broker accepts publishes on this connection again")
             onBlocked?(nil)
         case CHOREO_CHANNEL_FLOW:

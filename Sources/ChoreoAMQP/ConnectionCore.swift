@@ -59,6 +59,8 @@ final class ConnectionCore {
     /// Called on the I/O thread when the broker blocks publishing on this connection (with its reason, such
     /// as "low on disk") and when it lifts the block (nil).
     var onBlocked: (@Sendable (String?) -> Void)?
+    /// While the broker blocks publishing here it reads nothing from this connection, a close included.
+    var blocked = false
 
     init(configuration: AMQPConfiguration, logger: Logger, loop: IOLoop) {
         self.configuration = configuration
@@ -652,6 +654,14 @@ final class ConnectionCore {
         guard let state, failure == nil else { return }
         let reason = AMQPError(.closed, message: "the connection was closed", operation: "connection")
         for channel in channels.values { abandon(channel, reason: reason) }
+        if blocked {
+            // A resource alarm: the broker would read neither the close nor anything before it until the alarm
+            // clears, so the close would wait out the request timeout. Closing the socket gives the broker the
+            // same news (its unacknowledged deliveries go back to their queues) at once.
+            logger.debug("closing without connection.close: the broker blocks this connection")
+            finishFailure(reason)
+            return
+        }
         let reply = amqp_connection_close(state, Int32(AMQP_REPLY_SUCCESS))
         if let error = Self.error(reply: reply, operation: "connection.close") {
             logger.debug("connection.close did not complete cleanly", metadata: ["amqp.error": "\(error)"])

@@ -1,6 +1,8 @@
 import ChoreoAMQP
 import Foundation
 import GRDB
+import MetricsTestKit
+import Synchronization
 import TestEvents
 import Testing
 
@@ -132,6 +134,91 @@ struct CrashTests {
         try await expectRestHandledOnce(ids, mesh: mesh, channel: channel)
     }
 
+    @Test("SIGTERM while a resource alarm holds the start-up ends the process at once, exit 0, and loses nothing")
+    func shutdownWhileBlocked() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        let ids = try await mesh.publishPings((0..<5).map { Ping(n: $0) }, on: channel)
+        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
+        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
+        var cleared = false
+        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        let first = try mesh.start("ping")
+        // Its first publish (the manifest) is held, so it never begins to consume.
+        let state = await eventually(
+            { (try? Broker.connections(named: "\(mesh.pingService) publisher", column: "state")) ?? [] },
+            until: { $0 == ["blocked"] })
+        try #require(state == ["blocked"], "\(first.output)")
+        first.terminate()  // SIGTERM
+        // Its start-up would wait for the alarm; with the connection blocked, so would a clean close.
+        #expect(await first.waitForExit(seconds: 10), "SIGTERM waits for the alarm")
+        #expect(first.process.terminationReason == .exit && first.exitStatus == 0, "\(first.output)")
+
+        try Broker.ctl("set_disk_free_limit", "50MB")
+        cleared = true
+        #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == UInt32(ids.count))
+        let second = try mesh.start("ping")
+        defer { second.terminate() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= ids.count })
+        #expect(gateway.effectKeys("ping") == Set(ids))
+        #expect(gateway.requests("ping") == ids.count)
+    }
+
+    @Test("a shutdown while a resource alarm holds in-flight confirms ends after its bound; nothing lost or doubled")
+    func shutdownWhileConfirmsBlocked() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect()
+        defer { Task { await connection.close() } }
+        // Four at a time for 0.2 s each: 10 s of work, and rabbitmqctl takes a second or two to raise the alarm.
+        let ids = try await mesh.publishPings((0..<200).map { Ping(n: $0) }, on: channel)
+        var config = mesh.pingConfiguration()
+        config.concurrency = 4
+        config.shutdownTimeout = .seconds(2)
+        let runs = RunCounts()
+        let metrics = TestMetrics()
+        // One ledger for both incarnations of this process.
+        let ledger = try SQLiteLedger(path: config.resolvedLedgerPath)
+        let first = try ChoreoRuntime(
+            configuration: config, handlers: [SlowPing(runs: runs)], ledger: ledger, metrics: metrics)
+        let running = await started(first)
+        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
+        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
+        var cleared = false
+        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        let blocked = await eventually(
+            { try? metrics.expectMeter("choreo_publishing_blocked", [("service", mesh.pingService)]).lastValue },
+            until: { $0 == 1 })
+        try #require(blocked == 1, "no pong was held by the alarm")
+
+        let stop = ContinuousClock.now
+        first.beginShutdown()
+        // The drain's 2 s, then the connections are cut off; without that, until the alarm clears.
+        let ended = Mutex(false)
+        Task {
+            _ = try? await running.value
+            ended.withLock { $0 = true }
+        }
+        #expect(
+            await eventually(within: 20, { ended.withLock { $0 } }, until: { $0 }), "the shutdown waited for the alarm")
+        #expect(ContinuousClock.now - stop < .seconds(10))
+
+        try Broker.ctl("set_disk_free_limit", "50MB")
+        cleared = true
+        _ = try? await running.value
+        let second = try ChoreoRuntime(configuration: config, handlers: [SlowPing(runs: runs)], ledger: ledger)
+        let again = await started(second)
+        let done = await eventually({ runs.snapshot.count }, until: { $0 >= ids.count })
+        #expect(done == ids.count)
+        // Settled: the queue is empty, so no run can come later.
+        await eventually(
+            { try? await channel.declareQueuePassive(mesh.pingQueues.main).messageCount }, until: { $0 == 0 })
+        #expect(runs.snapshot == Dictionary(uniqueKeysWithValues: (0..<ids.count).map { ($0, 1) }), "each ran once")
+        second.beginShutdown()
+        try await again.value
+    }
+
     @Test("a broker restart mid-stream is survived and the stream completes")
     func brokerRestartMidStream() async throws {
         let mesh = try Mesh()
@@ -189,5 +276,19 @@ struct CrashTests {
         let gateway = try mesh.gateway()
         await eventually({ gateway.effects("ping") }, until: { $0 >= 1 })
         #expect(gateway.effectKeys("ping") == [ids[1]])
+    }
+}
+
+/// A ping handler that works 0.2 s, records the ping once that work is done (its effect), then emits a pong.
+struct SlowPing: EventHandler {
+    let name = "ping"
+    let runs: RunCounts
+    var emits: [any Event.Type] { [Pong.self] }
+    var retryPolicy: RetryPolicy { PingTestHandler().retryPolicy }
+
+    func handle(_ ping: Ping, context: HandlerContext) async throws {
+        try await Task.sleep(for: .milliseconds(200))
+        runs.record(ping.n)
+        try context.emit(Pong(n: ping.n))
     }
 }
