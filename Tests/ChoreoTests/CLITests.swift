@@ -33,10 +33,8 @@ struct CLITests {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
-        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
-        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
-        var cleared = false
-        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        try Broker.raiseDiskAlarm()
+        defer { try? Broker.clearDiskAlarm() }
         let publish = Task {
             try await Broker.choreo(["publish", Ping.eventType, "--data", #"{"n": 1}"#, "--exchange", mesh.exchange])
         }
@@ -46,8 +44,7 @@ struct CLITests {
         #expect(state == ["blocked"])
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == 0)
 
-        try Broker.ctl("set_disk_free_limit", "50MB")
-        cleared = true
+        try Broker.clearDiskAlarm()
         let run = try await publish.value
         #expect(run.code == 0, "\(run.err)")
         let id = run.out.trimmingCharacters(in: .newlines)

@@ -140,10 +140,8 @@ struct CrashTests {
         let (connection, channel) = try await mesh.connect()
         defer { Task { await connection.close() } }
         let ids = try await mesh.publishPings((0..<5).map { Ping(n: $0) }, on: channel)
-        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
-        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
-        var cleared = false
-        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        try Broker.raiseDiskAlarm()
+        defer { try? Broker.clearDiskAlarm() }
         let first = try mesh.start("ping")
         // Its first publish (the manifest) is held, so it never begins to consume.
         let state = await eventually(
@@ -155,8 +153,7 @@ struct CrashTests {
         #expect(await first.waitForExit(seconds: 10), "SIGTERM waits for the alarm")
         #expect(first.process.terminationReason == .exit && first.exitStatus == 0, "\(first.output)")
 
-        try Broker.ctl("set_disk_free_limit", "50MB")
-        cleared = true
+        try Broker.clearDiskAlarm()
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == UInt32(ids.count))
         let second = try mesh.start("ping")
         defer { second.terminate() }
@@ -181,12 +178,11 @@ struct CrashTests {
         // One ledger for both incarnations of this process.
         let ledger = try SQLiteLedger(path: config.resolvedLedgerPath)
         let first = try ChoreoRuntime(
-            configuration: config, handlers: [SlowPing(runs: runs)], ledger: ledger, metrics: metrics)
+            configuration: config, handlers: [RecordingPing(runs: runs, work: .milliseconds(200))], ledger: ledger,
+            metrics: metrics)
         let running = await started(first)
-        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
-        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
-        var cleared = false
-        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        try Broker.raiseDiskAlarm()
+        defer { try? Broker.clearDiskAlarm() }
         let blocked = await eventually(
             { try? metrics.expectMeter("choreo_publishing_blocked", [("service", mesh.pingService)]).lastValue },
             until: { $0 == 1 })
@@ -204,10 +200,10 @@ struct CrashTests {
             await eventually(within: 20, { ended.withLock { $0 } }, until: { $0 }), "the shutdown waited for the alarm")
         #expect(ContinuousClock.now - stop < .seconds(10))
 
-        try Broker.ctl("set_disk_free_limit", "50MB")
-        cleared = true
+        try Broker.clearDiskAlarm()
         _ = try? await running.value
-        let second = try ChoreoRuntime(configuration: config, handlers: [SlowPing(runs: runs)], ledger: ledger)
+        let second = try ChoreoRuntime(
+            configuration: config, handlers: [RecordingPing(runs: runs, work: .milliseconds(200))], ledger: ledger)
         let again = await started(second)
         let done = await eventually({ runs.snapshot.count }, until: { $0 >= ids.count })
         #expect(done == ids.count)
@@ -276,19 +272,5 @@ struct CrashTests {
         let gateway = try mesh.gateway()
         await eventually({ gateway.effects("ping") }, until: { $0 >= 1 })
         #expect(gateway.effectKeys("ping") == [ids[1]])
-    }
-}
-
-/// A ping handler that works 0.2 s, records the ping once that work is done (its effect), then emits a pong.
-struct SlowPing: EventHandler {
-    let name = "ping"
-    let runs: RunCounts
-    var emits: [any Event.Type] { [Pong.self] }
-    var retryPolicy: RetryPolicy { PingTestHandler().retryPolicy }
-
-    func handle(_ ping: Ping, context: HandlerContext) async throws {
-        try await Task.sleep(for: .milliseconds(200))
-        runs.record(ping.n)
-        try context.emit(Pong(n: ping.n))
     }
 }

@@ -70,6 +70,13 @@ enum Broker {
         _ = try ctlOutput(args)
     }
 
+    /// Raises the broker's disk alarm (free disk below 1,000 times the RAM), which blocks every connection that
+    /// publishes; the tests run one at a time, so no other test meets it. Pair with ``clearDiskAlarm()`` in a `defer`.
+    static func raiseDiskAlarm() throws { try ctl("set_disk_free_limit", "mem_relative", "1000") }
+
+    /// Puts the disk limit back to RabbitMQ's default (50 MB); harmless when no alarm was raised.
+    static func clearDiskAlarm() throws { try ctl("set_disk_free_limit", "50MB") }
+
     /// Ready and unacknowledged messages of a queue, as rabbitmqctl counts them (a passive declare counts only
     /// the ready ones); nil when there is no such queue.
     static func messages(in queue: String) throws -> Int? {

@@ -71,14 +71,17 @@ final class RunCounts: Sendable {
     var snapshot: [Int: Int] { counts.withLock { $0 } }
 }
 
-/// Counts invocations and emits a pong per ping; the retry policy of the fixture's ping handler.
+/// Counts invocations and emits a pong per ping; the retry policy of the fixture's ping handler. With `work`, it
+/// works that long first and counts an invocation only once the work is done (its effect).
 struct RecordingPing: EventHandler {
     let name = "ping"
     let runs: RunCounts
+    var work: Duration?
     var emits: [any Event.Type] { [Pong.self] }
     var retryPolicy: RetryPolicy { PingTestHandler().retryPolicy }
 
     func handle(_ ping: Ping, context: HandlerContext) async throws {
+        if let work { try await Task.sleep(for: work) }
         runs.record(ping.n)
         try context.emit(Pong(n: ping.n))
     }

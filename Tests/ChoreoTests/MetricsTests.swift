@@ -99,10 +99,8 @@ struct MetricsTests {
         defer { Task { await connection.close() } }
         let n = 5
         try await mesh.publishPings((0..<n).map { Ping(n: $0) }, on: channel)
-        // Free disk below 1,000 times the RAM: the broker raises its disk alarm (the tests run one at a time).
-        try Broker.ctl("set_disk_free_limit", "mem_relative", "1000")
-        var cleared = false
-        defer { if !cleared { try? Broker.ctl("set_disk_free_limit", "50MB") } }
+        try Broker.raiseDiskAlarm()
+        defer { try? Broker.clearDiskAlarm() }
         let metrics = TestMetrics()
         let runs = RunCounts()
         let runtime = try ChoreoRuntime(
@@ -116,8 +114,7 @@ struct MetricsTests {
         #expect(Self.outcomes(metrics, service: mesh.pingService)["handled"] == 0)
         #expect(try await channel.declareQueuePassive(mesh.pingQueues.main).messageCount == UInt32(n))
 
-        try Broker.ctl("set_disk_free_limit", "50MB")
-        cleared = true
+        try Broker.clearDiskAlarm()
         let handled = await eventually(
             { Self.outcomes(metrics, service: mesh.pingService)["handled"] ?? 0 }, until: { $0 >= n })
         #expect(handled == Int64(n))
