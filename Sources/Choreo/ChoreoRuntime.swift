@@ -81,20 +81,21 @@ public final class ChoreoRuntime: Service, Sendable {
     }
 
     /// The handler's own checks, and that its event types (routing keys) and the names of its queues fit AMQP's
-    /// 255 bytes: an emitted event that could never be published would stay in the outbox for good.
+    /// short strings: an emitted event that could never be published would stay in the outbox for good.
     private static func validate(_ handler: HandlerDescriptor, service: String) throws {
         try handler.validate()
-        if let long = ([handler.inputType] + handler.emitTypes).first(where: { $0.utf8.count > 255 }) {
+        let limit = AMQPLimits.shortStringBytes
+        if let long = ([handler.inputType] + handler.emitTypes).first(where: { $0.utf8.count > limit }) {
             throw ConfigurationError(
                 "\(handler.name): the event type '\(long)' is \(long.utf8.count) bytes long, and AMQP allows at most "
-                    + "255 in a routing key")
+                    + "\(limit) in a routing key")
         }
         let queues = WireNames.HandlerQueues(service: service, handler: handler.name)
         let names = [queues.main, queues.deadLetter] + handler.retryPolicy.tiers.map(queues.retry(delay:))
-        if let long = names.first(where: { $0.utf8.count > 255 }) {
+        if let long = names.first(where: { $0.utf8.count > limit }) {
             throw ConfigurationError(
-                "the queue name '\(long)' is \(long.utf8.count) bytes long, and AMQP allows at most 255: shorten the "
-                    + "service name '\(service)' or the handler name '\(handler.name)'")
+                "the queue name '\(long)' is \(long.utf8.count) bytes long, and AMQP allows at most \(limit): shorten "
+                    + "the service name '\(service)' or the handler name '\(handler.name)'")
         }
     }
 

@@ -64,8 +64,9 @@ public struct RunnerConfiguration: Sendable {
         guard !exchange.isEmpty else {
             throw ConfigurationError("--exchange is empty: give the mesh's topic exchange (default choreo.events)")
         }
-        guard exchange.utf8.count <= 255 else {
-            throw ConfigurationError("--exchange is \(exchange.utf8.count) bytes long; AMQP allows at most 255")
+        guard exchange.utf8.count <= AMQPLimits.shortStringBytes else {
+            throw ConfigurationError(
+                "--exchange is \(exchange.utf8.count) bytes long; AMQP allows at most \(AMQPLimits.shortStringBytes)")
         }
         if ledgerPath?.isEmpty == true {
             throw ConfigurationError("--ledger is empty: give a SQLite file path or a ledger URL")

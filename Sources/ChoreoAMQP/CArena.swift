@@ -34,14 +34,16 @@ final class CArena {
         return try Array(string.utf8).withUnsafeBytes { try bytes($0) }
     }
 
-    /// A name, routing key or property: AMQP 0-9-1 sends it as a short string, at most 255 bytes of UTF-8.
-    /// Longer, it is refused here with what it is, where rabbitmq-c would say only "invalid AMQP data".
+    /// A name, routing key or property: AMQP 0-9-1 sends it as a short string, at most
+    /// ``AMQPLimits/shortStringBytes`` of UTF-8. Longer, it is refused here with what it is, where rabbitmq-c
+    /// would say only "invalid AMQP data".
     func shortString(_ string: String, _ what: String) throws -> amqp_bytes_t {
         let count = string.utf8.count
-        guard count <= 255 else {
+        guard count <= AMQPLimits.shortStringBytes else {
             throw AMQPError(
                 .invalidArgument,
-                message: "the \(what) '\(string.prefix(32))...' is \(count) bytes long; AMQP 0-9-1 allows at most 255",
+                message:
+                    "the \(what) '\(string.prefix(32))...' is \(count) bytes long; AMQP 0-9-1 allows at most \(AMQPLimits.shortStringBytes)",
                 operation: "encode")
         }
         return try bytes(string)
@@ -318,6 +320,13 @@ struct RecentStrings {
             return memcmp(q, p, utf8.count) == 0
         }
     }
+}
+
+/// Limits of the AMQP 0-9-1 wire format that callers may check before they reach the wire.
+public enum AMQPLimits {
+    /// Exchange and queue names, routing keys, header names and most properties are short strings: a length byte,
+    /// then at most this many bytes of UTF-8.
+    public static let shortStringBytes = 255
 }
 
 extension CArena {
