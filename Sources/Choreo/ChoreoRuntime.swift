@@ -163,6 +163,11 @@ public final class ChoreoRuntime: Service, Sendable {
                         // Never connected, or not again yet: the broker is down, not there yet, or refuses the
                         // login (a user can be created after the services start, so this too is retried).
                         logger.warning("cannot connect to the broker; retrying", metadata: metadata)
+                    } else if (error as? AMQPError)?.code == .consumerCancelled {
+                        // Its queue was deleted (or its node went away): declaring the topology again brings it back.
+                        logger.warning(
+                            "the broker cancelled a consumer (was its queue deleted?); declaring the queues again",
+                            metadata: metadata)
                     } else {
                         logger.warning("broker connection lost; reconnecting", metadata: metadata)
                     }
@@ -385,7 +390,7 @@ public final class ChoreoRuntime: Service, Sendable {
             let consumer = try await channel.consume(queue: queues.main)
             let runner = HandlerRunner(
                 service: configuration.service, handler: h, queues: queues, exchange: configuration.exchange,
-                ledger: ledger, publisher: publisher, owner: owner,
+                topology: topology, ledger: ledger, publisher: publisher, owner: owner,
                 leaseDuration: configuration.leaseDuration, maxBodyBytes: configuration.maxBodyBytes,
                 leases: leases, logger: Self.logger(logger, handler: h.name), metrics: metrics[h.name]!,
                 tracing: tracing)

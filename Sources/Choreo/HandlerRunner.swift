@@ -15,6 +15,8 @@ struct HandlerRunner: Sendable {
     let handler: HandlerDescriptor
     let queues: WireNames.HandlerQueues
     let exchange: String
+    /// Declares the handler's queues again when a retry or dead letter finds its queue missing.
+    let topology: Topology
     let ledger: any IdempotencyLedger
     let publisher: AMQPChannel
     let owner: String
@@ -415,7 +417,7 @@ struct HandlerRunner: Sendable {
                 exchange: "", routingKey: queues.retry(delay: delay), body: delivery.body,
                 properties: properties)
             do {
-                try await publisher.publish(copy)
+                try await publishToOwnQueue(copy, logger: logger)
                 do { try await ledger.release(handler: handler.name, key: key, owner: owner) } catch {
                     metrics.ledgerFailed(.release)
                     throw error
@@ -499,7 +501,7 @@ struct HandlerRunner: Sendable {
         let letter = AMQPOutgoingMessage(
             exchange: "", routingKey: queues.deadLetter, body: delivery.body, properties: properties)
         do {
-            try await publisher.publish(letter)
+            try await publishToOwnQueue(letter, logger: logger)
         } catch {
             await giveBack(delivery, because: "could not dead-letter: \(error)", logger: logger)
             return
@@ -507,6 +509,32 @@ struct HandlerRunner: Sendable {
         logger.info("dead-lettered", metadata: ["error.type": "\(errorType)", "error": "\(message)"])
         ack(delivery, logger: logger)
         metrics.count(.deadLettered)
+    }
+
+    /// Publishes to one of the handler's own queues (a retry tier, the dead-letter queue) through the default
+    /// exchange, as mandatory. A queue deleted while the service runs would otherwise swallow the message, and the
+    /// broker would still confirm it, so the delivery would be acked and lost. Returned, the message goes out once
+    /// more after the handler's queues are declared again; a failure of either is thrown.
+    private func publishToOwnQueue(_ message: AMQPOutgoingMessage, logger: Logger) async throws {
+        var message = message
+        message.mandatory = true
+        let returned: AMQPError
+        do throws(AMQPError) {
+            try await publisher.publish(message)
+            return
+        } catch {
+            returned = error
+        }
+        guard returned.code == .unroutable else { throw returned }
+        logger.warning(
+            "the queue '\(message.routingKey)' is missing (deleted while the service runs?); declaring it again")
+        let channel = try await publisher.connection.openChannel()
+        do { try await topology.declare(handler, queues: queues, on: channel) } catch {
+            await channel.close()
+            throw error
+        }
+        await channel.close()
+        try await publisher.publish(message)
     }
 
     /// Headers of the delivery as flat strings, keeping every string header and dropping broker tables (x-death).

@@ -46,7 +46,9 @@ struct ExportedLetter: Codable {
             deliveryMode: p.deliveryMode, priority: p.priority, correlationID: p.correlationID, replyTo: p.replyTo,
             expiration: p.expiration, messageID: p.messageID, timestamp: p.timestamp, type: p.type, userID: p.userID,
             appID: p.appID)
-        let message = AMQPOutgoingMessage(exchange: "", routingKey: queue, body: bytes, properties: props)
+        // Mandatory: a dead-letter queue deleted after import checked it fails the import instead of dropping letters.
+        let message = AMQPOutgoingMessage(
+            exchange: "", routingKey: queue, body: bytes, properties: props, mandatory: true)
         try message.checkEncodable()
         return message
     }

@@ -113,6 +113,60 @@ struct DeliveryProtocolTests {
         #expect(try mesh.gateway().effects("ping") == 0)
     }
 
+    @Test(
+        "a handler's queues deleted under its running service are declared again: what reaches them is not lost")
+    func ownQueuesDeletedWhileRunning() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect(declaring: false)
+        defer { Task { await connection.close() } }
+        let ping = try mesh.start("ping")
+        defer { ping.terminate() }
+        try await waitForConsumer(mesh.pingQueues.main, channel: channel)
+        // An operator deletes the handler's dead-letter queue, later its only retry tier, while it runs. The broker
+        // confirms a publish to a queue that does not exist: unless the runtime notices, the dead letter and the
+        // retried event are acked and gone.
+        let dlq = mesh.pingQueues.deadLetter
+        let tier = mesh.pingQueues.retry(delay: .milliseconds(200))
+        try await channel.deleteQueue(dlq)
+        #expect(try Broker.messages(in: dlq) == nil)
+        let poisoned = try await mesh.publishPings([Ping(n: 1, poison: true)], on: channel)
+        let first = await eventually({ try? Broker.messages(in: dlq) }, until: { $0 == 1 })
+        #expect(first == 1, "the dead letter is kept: \(ping.output)")
+
+        try await channel.deleteQueue(tier)
+        #expect(try Broker.messages(in: tier) == nil)
+        // Fails on every attempt: two retries through the tier, then a dead letter.
+        let failing = try await mesh.publishPings([Ping(n: 2, failTimes: 99)], on: channel)
+        let count = await eventually({ try? Broker.messages(in: dlq) }, until: { $0 == 2 })
+        #expect(count == 2, "the retried event is kept and ends as a dead letter: \(ping.output)")
+        let ids = poisoned + failing
+        let letters = try await peek(queue: mesh.pingQueues.deadLetter, expecting: 2, connection: connection)
+        var attempts: [String: String] = [:]
+        for letter in letters {
+            let h = letter.properties.headers ?? [:]
+            if let id = h["cloudEvents_id"]?.stringValue {
+                attempts[id] = h[WireNames.Headers.deadLetterAttempts]?.stringValue
+            }
+        }
+        #expect(attempts == [ids[0]: "1", ids[1]: "3"], "the failing event went through both retries")
+        #expect(try Broker.messages(in: tier) == 0, "the tier was declared again and is empty")
+        // Acks may be held for a moment (--ack-delay): the last one settles shortly after the dead letter.
+        #expect(await eventually({ try? Broker.messages(in: mesh.pingQueues.main) }, until: { $0 == 0 }) == 0)
+        let warnings = ping.output.components(separatedBy: "is missing (deleted while the service runs?)").count - 1
+        #expect(warnings == 2, "one warning for each queue found missing: \(ping.output)")
+
+        // The handler's own queue deleted: the broker cancels the consumer, and the service declares its queues
+        // again, binding included, and consumes what is published next.
+        try await channel.deleteQueue(mesh.pingQueues.main)
+        try await waitForConsumer(mesh.pingQueues.main, channel: channel)
+        let later = try await mesh.publishPings([Ping(n: 3)], on: channel)
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effectKeys("ping") }, until: { $0.contains(later[0]) })
+        #expect(gateway.effectKeys("ping") == Set(later))
+        #expect(ping.output.contains("the broker cancelled a consumer (was its queue deleted?)"), "\(ping.output)")
+        #expect(ping.process.isRunning, "the service goes on")
+    }
+
     /// Waits until a queue exists and has a consumer.
     private func waitForConsumer(_ queue: String, channel: AMQPChannel) async throws {
         let info = await eventually(
