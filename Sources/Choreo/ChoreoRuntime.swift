@@ -409,6 +409,8 @@ public final class ChoreoRuntime: Service, Sendable {
             await leases.run(ledger: ledger, lease: lease, metrics: metrics, logger: logger)
         }
         defer { keeper.cancel() }
+        let bindings = Task { await keepBindings(on: consumerConnection) }
+        defer { bindings.cancel() }
         // A lone delivery is handled on the consumer connection's thread, which read it, and its confirm
         // recorded and acknowledged on the publisher connection's thread, which read that (see
         // `ConnectionExecutor`): no thread wake-up between the socket and the handler, nor for the record.
@@ -443,6 +445,43 @@ public final class ChoreoRuntime: Service, Sendable {
                 throw ConfigurationError("the broker cancelled the consumers (were the queues deleted?)")
             }
         }
+    }
+
+    /// How often a running service checks that the mesh's exchange exists and binds its queues to it again.
+    static let bindingCheckInterval = Duration.seconds(10)
+
+    /// Every ``bindingCheckInterval``, declares the mesh's exchange again if it is gone, and binds each handler's
+    /// queue to it again (idempotent). Deleting the exchange deletes every binding to it, and nothing tells a
+    /// consumer: a service whose connections never broke would otherwise wait, for good, for events the broker
+    /// no longer routes to it. On the consumer connection, which a resource alarm never blocks.
+    private func keepBindings(on connection: AMQPConnection) async {
+        var channel: AMQPChannel?
+        while !Task.isCancelled {
+            try? await Task.sleep(for: Self.bindingCheckInterval)
+            if Task.isCancelled || isShuttingDown { break }
+            do throws(AMQPError) {
+                let c: AMQPChannel
+                if let channel { c = channel } else { c = try await connection.openChannel() }
+                channel = c
+                do throws(AMQPError) {
+                    try await c.declareExchangePassive(configuration.exchange)
+                } catch {
+                    // A 404 closes the channel; its next use opens it again.
+                    guard error.replyCode == AMQPError.ReplyCode.notFound else { throw error }
+                    logger.warning(
+                        "the exchange '\(configuration.exchange)' was missing (deleted while the service runs?); declaring it and this service's bindings again"
+                    )
+                    try await topology.declareExchange(on: c)
+                }
+                for h in handlers {
+                    let queue = WireNames.HandlerQueues(service: configuration.service, handler: h.name).main
+                    try await c.bindQueue(queue, exchange: configuration.exchange, routingKey: h.inputType)
+                }
+            } catch {
+                logger.debug("could not check the bindings", metadata: ["error": "\(error)"])
+            }
+        }
+        await channel?.close()
     }
 
     private static func logger(_ base: Logger, handler: String) -> Logger {

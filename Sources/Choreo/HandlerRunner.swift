@@ -391,6 +391,14 @@ struct HandlerRunner: Sendable {
             metrics.count(.duplicate, toAck.count - handled)
         }
         if let error = publishFailure.values.first {
+            if (error as? AMQPError)?.replyCode == AMQPError.ReplyCode.notFound {
+                // Only the mesh's exchange can be missing here. Publishing on would fail the same way until the
+                // deliveries reached their delivery limit: reconnect instead, which declares it and the bindings.
+                logger.warning(
+                    "the exchange '\(exchange)' is missing (deleted while the service runs?); reconnecting to declare it again"
+                )
+                await publisher.connection.close()
+            }
             await giveBack(unconfirmed, because: "outbox publish failed: \(error)")
         }
     }

@@ -167,6 +167,58 @@ struct DeliveryProtocolTests {
         #expect(ping.process.isRunning, "the service goes on")
     }
 
+    @Test(
+        "the mesh's exchange deleted under running services: it and every binding come back, nothing is dead-lettered"
+    )
+    func exchangeDeletedWhileRunning() async throws {
+        let mesh = try Mesh()
+        let (connection, channel) = try await mesh.connect(declaring: false)
+        defer { Task { await connection.close() } }
+        let ping = try mesh.start("ping")
+        let sink = try mesh.start("sink")
+        defer { ping.terminate(); sink.terminate() }
+        let sinkQueue = "choreo.\(mesh.sinkService).sink"
+        try await waitForConsumer(mesh.pingQueues.main, channel: channel)
+        try await waitForConsumer(sinkQueue, channel: channel)
+        #expect(try Broker.exchanges(boundTo: sinkQueue) == [mesh.exchange])
+
+        // Deleting the exchange deletes its bindings; neither service's connections notice.
+        try await channel.deleteExchange(mesh.exchange)
+        #expect(try Broker.exchanges(boundTo: mesh.pingQueues.main).isEmpty)
+        #expect(try Broker.exchanges(boundTo: sinkQueue).isEmpty)
+        // Pings sent straight to the ping handler's queue: each emits a pong to the missing exchange.
+        var direct: [AMQPOutgoingMessage] = []
+        var directIDs: [String] = []
+        for n in 0..<5 {
+            let envelope = try EventEnvelope(Ping(n: n), source: "test")
+            var message = EnvelopeCodec.encode(envelope, exchange: "")
+            message.routingKey = mesh.pingQueues.main
+            direct.append(message)
+            directIDs.append(envelope.id)
+        }
+        for r in await channel.publish(contentsOf: direct) { try r.get() }
+        let gateway = try mesh.gateway()
+        await eventually({ gateway.effects("ping") }, until: { $0 >= 5 })
+        #expect(gateway.effectKeys("ping") == Set(directIDs))
+
+        // The ping service reconnects and declares the exchange and its binding; the sink binds its queue again
+        // at its next check. Then events flow end to end again.
+        let bound = await eventually(
+            within: 45, { try? Broker.exchanges(boundTo: sinkQueue) }, until: { $0 == [mesh.exchange] })
+        #expect(bound == [mesh.exchange], "the sink's queue is bound again: \(sink.output)")
+        #expect(try Broker.exchanges(boundTo: mesh.pingQueues.main) == [mesh.exchange])
+        let later = try await mesh.publishPings((5..<10).map { Ping(n: $0) }, on: channel)
+        let laterPongs = Set(later.map { HandlerContext.derivedID(input: $0, handler: "ping", index: 0) })
+        await eventually({ gateway.effectKeys("sink") }, until: { $0.isSuperset(of: laterPongs) })
+        #expect(gateway.effectKeys("sink").isSuperset(of: laterPongs))
+        #expect(gateway.effectKeys("ping") == Set(directIDs + later))
+        #expect(gateway.requests("ping") == 10, "no ping ran twice")
+        #expect(gateway.requests("sink") == gateway.effects("sink"), "no pong ran twice")
+        #expect(try Broker.messages(in: mesh.pingQueues.deadLetter) == 0, "nothing was dead-lettered: \(ping.output)")
+        #expect(ping.output.contains("the exchange '\(mesh.exchange)' is missing"), "\(ping.output)")
+        #expect(ping.process.isRunning && sink.process.isRunning)
+    }
+
     /// Waits until a queue exists and has a consumer.
     private func waitForConsumer(_ queue: String, channel: AMQPChannel) async throws {
         let info = await eventually(

@@ -108,6 +108,17 @@ enum Broker {
         }
     }
 
+    /// The exchanges a queue is bound to (the default exchange, which binds every queue by name, left out).
+    static func exchanges(boundTo queue: String) throws -> Set<String> {
+        let out = try ctlOutput(["list_bindings", "-q", "--no-table-headers", "source_name", "destination_name"])
+        return Set(
+            out.split(separator: "\n").compactMap { line in
+                let fields = line.split(separator: "\t", omittingEmptySubsequences: false)
+                guard fields.count == 2, fields[1] == queue, !fields[0].isEmpty else { return nil }
+                return String(fields[0])
+            })
+    }
+
     private static func ctlOutput(_ args: [String]) throws -> String {
         try runScript("broker.sh", ["ctl", nodeName] + args)
     }
