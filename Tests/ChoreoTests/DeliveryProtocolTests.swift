@@ -13,12 +13,8 @@ struct DeliveryProtocolTests {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect(declaring: false)
         defer { Task { await connection.close() } }
-        let ping = try mesh.start("ping")
-        let sink = try mesh.start("sink")
+        let (ping, sink) = try await startPingAndSink(mesh, channel: channel)
         defer { ping.terminate(); sink.terminate() }
-        // The services declare their queues on start; wait until the ping queue has its consumer.
-        try await waitForConsumer(mesh.pingQueues.main, channel: channel)
-        try await waitForConsumer("choreo.\(mesh.sinkService).sink", channel: channel)
 
         let ids = try await mesh.publishPings((0..<20).map { Ping(n: $0) }, on: channel)
         // The same event (same id) published again: a broker-level duplicate.
@@ -174,12 +170,9 @@ struct DeliveryProtocolTests {
         let mesh = try Mesh()
         let (connection, channel) = try await mesh.connect(declaring: false)
         defer { Task { await connection.close() } }
-        let ping = try mesh.start("ping")
-        let sink = try mesh.start("sink")
+        let (ping, sink) = try await startPingAndSink(mesh, channel: channel)
         defer { ping.terminate(); sink.terminate() }
         let sinkQueue = "choreo.\(mesh.sinkService).sink"
-        try await waitForConsumer(mesh.pingQueues.main, channel: channel)
-        try await waitForConsumer(sinkQueue, channel: channel)
         #expect(try Broker.exchanges(boundTo: sinkQueue) == [mesh.exchange])
 
         // Deleting the exchange deletes its bindings; neither service's connections notice.
@@ -217,6 +210,24 @@ struct DeliveryProtocolTests {
         #expect(try Broker.messages(in: mesh.pingQueues.deadLetter) == 0, "nothing was dead-lettered: \(ping.output)")
         #expect(ping.output.contains("the exchange '\(mesh.exchange)' is missing"), "\(ping.output)")
         #expect(ping.process.isRunning && sink.process.isRunning)
+    }
+
+    /// Starts the ping and sink services and waits until each consumes from the queue it declares on start.
+    private func startPingAndSink(_ mesh: Mesh, channel: AMQPChannel) async throws -> (ServiceProcess, ServiceProcess) {
+        let ping = try mesh.start("ping")
+        let sink: ServiceProcess
+        do { sink = try mesh.start("sink") } catch {
+            ping.terminate()
+            throw error
+        }
+        do {
+            try await waitForConsumer(mesh.pingQueues.main, channel: channel)
+            try await waitForConsumer("choreo.\(mesh.sinkService).sink", channel: channel)
+        } catch {
+            ping.terminate(); sink.terminate()
+            throw error
+        }
+        return (ping, sink)
     }
 
     /// Waits until a queue exists and has a consumer.
