@@ -474,8 +474,7 @@ public final class ChoreoRuntime: Service, Sendable {
                     try await topology.declareExchange(on: c)
                 }
                 for h in handlers {
-                    let queue = WireNames.HandlerQueues(service: configuration.service, handler: h.name).main
-                    try await c.bindQueue(queue, exchange: configuration.exchange, routingKey: h.inputType)
+                    try await topology.bind(h, queues: .init(service: configuration.service, handler: h.name), on: c)
                 }
             } catch {
                 logger.debug("could not check the bindings", metadata: ["error": "\(error)"])

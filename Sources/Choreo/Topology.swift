@@ -19,7 +19,7 @@ package struct Topology {
         try await declareExchange(on: channel)
         try await channel.declareQueue(queues.deadLetter, options: .quorum())
         try await declareMainQueue(queues, on: channel)
-        try await channel.bindQueue(queues.main, exchange: exchange, routingKey: handler.inputType)
+        try await bind(handler, queues: queues, on: channel)
         for delay in handler.retryPolicy.tiers {
             var tier = QueueOptions.quorum()
             tier.messageTTL = delay
@@ -34,6 +34,13 @@ package struct Topology {
     /// The mesh's exchange: the one declaration whose settings (type, durability) a restart could contradict.
     func declareExchange(on channel: AMQPChannel) async throws(AMQPError) {
         try await channel.declareExchange(exchange, type: .topic, durable: true)
+    }
+
+    /// The handler's queue bound to the mesh's exchange for its input type: the one binding a handler has.
+    func bind(_ handler: HandlerDescriptor, queues: WireNames.HandlerQueues, on channel: AMQPChannel)
+        async throws(AMQPError)
+    {
+        try await channel.bindQueue(queues.main, exchange: exchange, routingKey: handler.inputType)
     }
 
     /// The handler's own queue: the one whose arguments (the delivery limit) a restart could contradict.
